@@ -1,0 +1,118 @@
+//! Command-line interface: subcommands, logging set-up, and the one place that maps errors to
+//! messages and exit codes (0 success, 1 runtime failure, 2 usage or settings, 3 bad input file,
+//! 4 device or memory).
+
+mod bench;
+mod image;
+mod model;
+mod progress;
+mod score;
+
+use clap::{Parser, Subcommand};
+use impasto::Error;
+
+/// impasto: turns images and videos into paintings (Gatys, Ecker & Bethge), steady from frame to frame.
+#[derive(Parser, Debug)]
+#[command(name = "impasto", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (e.g. `info`, `impasto=debug`); also IMPASTO_LOG.
+    #[arg(long, global = true, env = "IMPASTO_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stylize a still image.
+    Image(image::ImageArgs),
+    /// Measure an output's style and content distances (plain VGG, max pooling).
+    Score(score::ScoreArgs),
+    /// Time optimisation iterations at several sizes; prints JSON.
+    Bench(bench::BenchArgs),
+    /// Manage model weights.
+    Model(model::ModelArgs),
+}
+
+/// Exit codes.
+pub mod exit {
+    /// Runtime failure.
+    pub const FAILURE: i32 = 1;
+    /// Usage or settings error.
+    pub const USAGE: i32 = 2;
+    /// Bad input file (image, weights, video).
+    pub const BAD_INPUT: i32 = 3;
+    /// Device unavailable or out of memory.
+    pub const DEVICE: i32 = 4;
+}
+
+/// Exit code for an error.
+fn exit_code(error: &anyhow::Error) -> i32 {
+    match error.downcast_ref::<Error>() {
+        Some(Error::Settings(_)) => exit::USAGE,
+        Some(Error::Image { .. } | Error::Weights { .. } | Error::NoModel(_) | Error::Io { .. }) => exit::BAD_INPUT,
+        Some(Error::Device { .. } | Error::OutOfMemory { .. }) => exit::DEVICE,
+        _ => exit::FAILURE,
+    }
+}
+
+/// Runs the program; returns the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    install_logging(&cli.log);
+    quiet_torch_panics();
+    let result = match cli.command {
+        Command::Image(args) => image::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Model(args) => model::run(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            exit_code(&error)
+        }
+    }
+}
+
+fn install_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// libtorch errors surface as panics inside tch; `catch_torch` turns them into errors, so the default
+/// hook's backtrace noise is kept for real bugs only.
+fn quiet_torch_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = panic_text(info.payload());
+        if !text.contains("Torch(") && !text.contains("TchError") {
+            default_hook(info);
+        }
+    }));
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// Runs libtorch work, turning its panics (out of memory, shape errors) into typed errors.
+pub fn catch_torch<T>(device: &str, work: impl FnOnce() -> impasto::Result<T>) -> impasto::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let text = panic_text(payload.as_ref());
+            let first = text.lines().next().unwrap_or("libtorch failed").to_string();
+            if text.contains("out of memory") {
+                Err(Error::OutOfMemory { device: device.to_string(), detail: first })
+            } else {
+                Err(Error::Torch(first))
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Devices and precisions: parsing `cpu`, `cuda:N` and `auto`, loading libtorch's CUDA backend at
+//! start so that a GPU is seen at all (the linker drops `libtorch_cuda.so` otherwise), and the
+//! network precision (f32 or bf16; the optimised image always stays f32).
+
+use std::str::FromStr;
+use std::sync::Once;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use crate::error::{Error, Result};
+
+/// Where the work runs, as the user asks for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    /// The first CUDA device if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |problem: &str| Error::Device { device: text.to_string(), problem: problem.to_string() };
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => {
+                let index = other
+                    .strip_prefix("cuda:")
+                    .ok_or_else(|| bad("expected 'auto', 'cpu' or 'cuda:N'"))?;
+                index.parse().map(DeviceChoice::Cuda).map_err(|_| bad("expected 'cuda:N' with N a number"))
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(choice: DeviceChoice) -> String {
+        choice.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Resolves the choice to a libtorch device, checking that it exists.
+    pub fn resolve(&self) -> Result<Device> {
+        load_cuda_backend();
+        match *self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceChoice::Cuda(n) => {
+                let count = tch::Cuda::device_count() as usize;
+                if n < count {
+                    Ok(Device::Cuda(n))
+                } else {
+                    Err(Error::Device {
+                        device: self.to_string(),
+                        problem: format!("{count} CUDA device(s) available here"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// A short name for a resolved device (`cpu`, `cuda:0`).
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
+/// The precision the network runs in. The image and the loss sums stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats throughout.
+    #[default]
+    F32,
+    /// bfloat16 network weights and activations; f32 image, Gram matrices and losses.
+    Bf16,
+}
+
+impl Precision {
+    /// The libtorch kind of the network's weights and activations.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(Error::Settings(format!("precision '{text}': expected 'f32' or 'bf16'"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Loads `libtorch_cuda.so` once with RTLD_GLOBAL so libtorch registers its CUDA backend.
+/// Where the CUDA libraries are missing (a CPU-only install) this quietly leaves the CPU alone.
+pub fn load_cuda_backend() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let built_dir = env!("IMPASTO_LIBTORCH_LIB");
+        let mut candidates = vec!["libtorch_cuda.so".to_string()];
+        if !built_dir.is_empty() {
+            candidates.insert(0, format!("{built_dir}/libtorch_cuda.so"));
+        }
+        for name in candidates {
+            let Ok(c_name) = std::ffi::CString::new(name.clone()) else { continue };
+            // SAFETY: dlopen with a valid C string; the handle is intentionally never closed.
+            let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !handle.is_null() {
+                tracing::debug!(library = %name, "loaded the CUDA backend");
+                return;
+            }
+        }
+        tracing::debug!("no CUDA backend loaded (CPU-only libtorch or missing CUDA libraries)");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("cuda:3".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(3));
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert!(err.contains("tpu") && err.contains("cuda:N"), "{err}");
+    }
+
+    #[test]
+    fn missing_cuda_device_is_an_error_naming_it() {
+        let count = tch::Cuda::device_count() as usize;
+        let err = DeviceChoice::Cuda(count + 7).resolve().unwrap_err().to_string();
+        assert!(err.contains(&format!("cuda:{}", count + 7)), "{err}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Typed errors of the engine. Each variant says what was expected, what was found and, where a file
+//! is involved, which file. The binary maps them to messages and exit codes in one place (`cli`).
+
+use std::path::{Path, PathBuf};
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// An image file is missing, corrupt or of an unsupported format.
+    #[error("image '{path}': {problem}", path = .path.display())]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A weight file is of an unknown format, lacks tensors or has tensors of the wrong shape.
+    #[error("model weights '{path}': {problem}", path = .path.display())]
+    Weights {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// No model weights were found, or they could not be fetched.
+    #[error("no model weights: {0}")]
+    NoModel(String),
+    /// A setting is out of range or inconsistent with another.
+    #[error("invalid setting: {0}")]
+    Settings(String),
+    /// A device was asked for that does not exist here.
+    #[error("device '{device}': {problem}")]
+    Device {
+        /// The device as the user wrote it.
+        device: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The device ran out of memory.
+    #[error("out of memory on {device}: {detail} (try a smaller --size, bf16 precision or another device)")]
+    OutOfMemory {
+        /// The device.
+        device: String,
+        /// libtorch's message, first line.
+        detail: String,
+    },
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+/// The engine's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the file it concerns.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+
+    /// An image error for `path`.
+    pub fn image(path: impl AsRef<Path>, problem: impl Into<String>) -> Self {
+        Error::Image { path: path.as_ref().to_path_buf(), problem: problem.into() }
+    }
+
+    /// A weight-file error for `path`.
+    pub fn weights(path: impl AsRef<Path>, problem: impl Into<String>) -> Self {
+        Error::Weights { path: path.as_ref().to_path_buf(), problem: problem.into() }
+    }
+}
+
+impl From<tch::TchError> for Error {
+    fn from(err: tch::TchError) -> Self {
+        let text = err.to_string();
+        let first = text.lines().next().unwrap_or_default().to_string();
+        if text.contains("out of memory") || text.contains("CUDA error: out of memory") {
+            Error::OutOfMemory { device: "the device".into(), detail: first }
+        } else {
+            Error::Torch(first)
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Small file-system habits: outputs are written under a temporary name beside their destination
+//! and renamed into place, so a crash never leaves a half-written file under the real name.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A hidden temporary name in the same directory as `path` (same file system, so rename is atomic).
+pub fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    let extension = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.partial{extension}", std::process::id()))
+}
+
+/// Writes through `write` to a temporary file, then renames it to `path`; removes it on failure.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist")));
+        }
+    }
+    let temp = temp_path_for(path);
+    let result = write(&temp).and_then(|()| std::fs::rename(&temp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}

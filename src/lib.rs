@@ -1,0 +1,17 @@
+//! impasto turns images and videos into paintings with the optimisation method of Gatys, Ecker and
+//! Bethge, keeping videos steady from frame to frame. This crate is the engine (model, losses,
+//! optimisers) and, behind the `media` feature, the FFmpeg side.
+
+pub mod bench;
+pub mod device;
+pub mod error;
+pub mod flow;
+pub mod fsutil;
+pub mod imageio;
+#[cfg(feature = "media")]
+pub mod media;
+pub mod model;
+pub mod profile;
+pub mod style;
+
+pub use error::{Error, Result};

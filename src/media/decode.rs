@@ -1,0 +1,287 @@
+//! Reading a video as a sequence of RGB24 frames in presentation order, scaled to a working size.
+//! An iterator, so memory stays bounded by one frame plus FFmpeg's decoder delay however long the
+//! video is. Damaged data is reported as it is met (with the frame number) and decoding goes on.
+
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next::format::context::Input;
+use ffmpeg_next::{Packet, Rational, codec, decoder, frame};
+
+use super::convert::{Scaler, YuvColorimetry, buffer_from_rgb_frame};
+use super::error::MediaError;
+use super::geometry::{WorkingSize, fit_long_side};
+use super::probe::{discard_other_streams, open_video_input, pair, stream_frame_rate};
+
+/// One decoded picture as packed RGB24.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Pixels, `width * 3` bytes a row, rows top to bottom, in the stored orientation (players apply
+    /// the stream's rotation on top; the writer carries it).
+    pub rgb: Vec<u8>,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Presentation timestamp in `time_base` units.
+    pub pts: i64,
+    /// How long the frame is shown, in `time_base` units: as the stream says, else one frame at the
+    /// stream's nominal rate.
+    pub duration: i64,
+    /// Unit of `pts` and `duration` (`num`, `den`) seconds.
+    pub time_base: (i32, i32),
+    /// Position among the frames yielded, from 0.
+    pub index: u64,
+}
+
+/// How far the reader has got with the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Packets are still being read.
+    Reading,
+    /// The file has ended; the decoder is giving out the frames it still holds.
+    Draining,
+    /// Everything has been yielded.
+    Done,
+}
+
+/// What asking the decoder for a frame gave.
+enum Decoded {
+    /// A frame.
+    Frame(frame::Video),
+    /// It needs another packet first.
+    NeedsInput,
+    /// It has nothing more, ever.
+    End,
+    /// It failed on the data it had.
+    Failed(ffmpeg_next::Error),
+}
+
+/// Decodes the main video stream of a file into [`Frame`]s. Iterate it; each item is a frame or a
+/// [`MediaError::Damaged`] report (after which iteration goes on), and the last item may be a
+/// [`MediaError::Truncated`] or [`MediaError::ZeroFrames`] error.
+pub struct VideoReader {
+    path: PathBuf,
+    input: Input,
+    stream_index: usize,
+    decoder: decoder::Video,
+    time_base: Rational,
+    nominal_frame_duration: i64,
+    frame_size: (u32, u32),
+    yuv: YuvColorimetry,
+    scaler: Option<Scaler>,
+    progress: Progress,
+    frames_yielded: u64,
+    previous_end_pts: Option<i64>,
+    packets_read: u64,
+    packets_indexed: u64,
+    unreadable_packets: u64,
+    truncated: bool,
+}
+
+impl VideoReader {
+    /// Opens `path` and prepares to decode its main video stream at `size`.
+    pub fn open(path: impl AsRef<Path>, size: WorkingSize) -> Result<Self, MediaError> {
+        let path = path.as_ref();
+        let (mut input, stream_index) = open_video_input(path)?;
+        discard_other_streams(&mut input, stream_index);
+        let stream = input.stream(stream_index).expect("index from this input");
+        let time_base = stream.time_base();
+        let frame_rate = stream_frame_rate(&stream);
+        let packets_indexed = stream.frames().max(0) as u64;
+        let decoder = open_decoder(path, &stream)?;
+        let frame_size = working_frame_size(&decoder, size);
+        let yuv = YuvColorimetry {
+            matrix: decoder.color_space(),
+            full_range: decoder.color_range() == ffmpeg_next::color::Range::JPEG,
+        };
+        tracing::debug!(path = %path.display(), stream = stream_index, width = frame_size.0, height = frame_size.1, "opened video for decoding");
+        Ok(VideoReader {
+            path: path.to_path_buf(),
+            input,
+            stream_index,
+            nominal_frame_duration: nominal_frame_duration(frame_rate, time_base),
+            decoder,
+            time_base,
+            frame_size,
+            yuv,
+            scaler: None,
+            progress: Progress::Reading,
+            frames_yielded: 0,
+            previous_end_pts: None,
+            packets_read: 0,
+            packets_indexed,
+            unreadable_packets: 0,
+            truncated: false,
+        })
+    }
+
+    /// The (`width`, `height`) of the frames this reader yields.
+    pub fn frame_size(&self) -> (u32, u32) {
+        self.frame_size
+    }
+
+    /// The time base (`num`, `den`) of the frames' timestamps: the stream's own.
+    pub fn time_base(&self) -> (i32, i32) {
+        pair(self.time_base)
+    }
+
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Asks the decoder for its next frame.
+    fn receive(&mut self) -> Decoded {
+        let mut decoded = frame::Video::empty();
+        match self.decoder.receive_frame(&mut decoded) {
+            Ok(()) => Decoded::Frame(decoded),
+            Err(ffmpeg_next::Error::Eof) => Decoded::End,
+            Err(ffmpeg_next::Error::Other { errno }) if errno == libc::EAGAIN => Decoded::NeedsInput,
+            Err(error) => Decoded::Failed(error),
+        }
+    }
+
+    /// Reads packets until one of the video stream can be given to the decoder, or the file ends.
+    /// Returns a report when the data was damaged.
+    fn feed(&mut self) -> Option<MediaError> {
+        loop {
+            let mut packet = Packet::empty();
+            match packet.read(&mut self.input) {
+                Ok(()) if packet.stream() == self.stream_index => {
+                    self.packets_read += 1;
+                    return self.send(&packet);
+                }
+                Ok(()) => continue,
+                Err(ffmpeg_next::Error::InvalidData) => self.unreadable_packets += 1,
+                Err(error) => return self.end_of_input(error),
+            }
+        }
+    }
+
+    /// Gives a packet to the decoder; reports damage met before it or in it.
+    fn send(&mut self, packet: &Packet) -> Option<MediaError> {
+        let skipped = std::mem::take(&mut self.unreadable_packets);
+        let sent = self.decoder.send_packet(packet);
+        if skipped > 0 {
+            return Some(self.damaged(format!("{skipped} unreadable packets skipped")));
+        }
+        sent.err().map(|error| self.damaged(error.to_string()))
+    }
+
+    /// The file has ended (cleanly or not): starts draining the decoder. The data ended early if the
+    /// last reads failed, reading stopped on an error, or fewer packets came than the index lists.
+    fn end_of_input(&mut self, error: ffmpeg_next::Error) -> Option<MediaError> {
+        self.progress = Progress::Draining;
+        let index_unmet = self.packets_read < self.packets_indexed;
+        self.truncated = self.unreadable_packets > 0 || error != ffmpeg_next::Error::Eof || index_unmet;
+        if self.truncated {
+            tracing::debug!(path = %self.path.display(), read = self.packets_read, indexed = self.packets_indexed,
+                unreadable = self.unreadable_packets, %error, "video data ends early");
+        }
+        let _ = self.decoder.send_eof();
+        None
+    }
+
+    /// The report that ends iteration, if the stream ended badly.
+    fn final_report(&mut self) -> Option<MediaError> {
+        self.progress = Progress::Done;
+        if self.truncated {
+            return Some(MediaError::Truncated { path: self.path.clone(), frames: self.frames_yielded });
+        }
+        (self.frames_yielded == 0).then(|| MediaError::ZeroFrames { path: self.path.clone() })
+    }
+
+    /// A damage report at the current frame.
+    fn damaged(&self, detail: String) -> MediaError {
+        tracing::warn!(path = %self.path.display(), frame = self.frames_yielded, %detail, "damaged video data");
+        MediaError::Damaged { path: self.path.clone(), frame: self.frames_yielded, detail }
+    }
+
+    /// Converts a decoded frame to RGB at the working size and numbers it.
+    fn rgb_frame_from(&mut self, decoded: &frame::Video) -> Result<Frame, MediaError> {
+        let scaler = self.scaler_for(decoded)?;
+        let rgb =
+            scaler.convert(decoded).map_err(|e| MediaError::ffmpeg(&self.path, "converting a frame to RGB", e))?;
+        let (pts, duration) = self.timing_of(decoded);
+        let frame = Frame {
+            rgb: buffer_from_rgb_frame(&rgb),
+            width: self.frame_size.0,
+            height: self.frame_size.1,
+            pts,
+            duration,
+            time_base: pair(self.time_base),
+            index: self.frames_yielded,
+        };
+        self.frames_yielded += 1;
+        Ok(frame)
+    }
+
+    /// The scaler for frames like `decoded`, built on first use and whenever the stream changes size
+    /// or format mid-way.
+    fn scaler_for(&mut self, decoded: &frame::Video) -> Result<&mut Scaler, MediaError> {
+        if !self.scaler.as_ref().is_some_and(|scaler| scaler.accepts(decoded)) {
+            let source_size = (decoded.width(), decoded.height());
+            let scaler = Scaler::to_rgb(decoded.format(), source_size, self.frame_size, self.yuv)
+                .map_err(|e| MediaError::ffmpeg(&self.path, "setting up the RGB conversion", e))?;
+            self.scaler = Some(scaler);
+        }
+        Ok(self.scaler.as_mut().expect("set just above"))
+    }
+
+    /// Presentation timestamp and duration of a decoded frame; guessed from the previous frame when
+    /// the stream does not say.
+    fn timing_of(&mut self, decoded: &frame::Video) -> (i64, i64) {
+        let stated_duration = decoded.packet().duration;
+        let duration = if stated_duration > 0 { stated_duration } else { self.nominal_frame_duration };
+        let pts = decoded.timestamp().or(self.previous_end_pts).unwrap_or(0);
+        self.previous_end_pts = Some(pts + duration.max(1));
+        (pts, duration)
+    }
+}
+
+impl Iterator for VideoReader {
+    type Item = Result<Frame, MediaError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.progress != Progress::Done {
+            match self.receive() {
+                Decoded::Frame(decoded) => return Some(self.rgb_frame_from(&decoded)),
+                Decoded::Failed(error) => return Some(Err(self.damaged(error.to_string()))),
+                Decoded::NeedsInput if self.progress == Progress::Reading => {
+                    if let Some(report) = self.feed() {
+                        return Some(Err(report));
+                    }
+                }
+                Decoded::NeedsInput | Decoded::End => return self.final_report().map(Err),
+            }
+        }
+        None
+    }
+}
+
+/// Opens the decoder for `stream`.
+fn open_decoder(path: &Path, stream: &ffmpeg_next::Stream) -> Result<decoder::Video, MediaError> {
+    let context = codec::Context::from_parameters(stream.parameters())
+        .map_err(|e| MediaError::ffmpeg(path, "reading the codec parameters", e))?;
+    context.decoder().video().map_err(|e| MediaError::ffmpeg(path, "opening the video decoder", e))
+}
+
+/// The frame size for `size`, from the decoder's stored size and pixel aspect.
+fn working_frame_size(decoder: &decoder::Video, size: WorkingSize) -> (u32, u32) {
+    match size {
+        WorkingSize::Source => (decoder.width(), decoder.height()),
+        WorkingSize::LongSide(long_side) => {
+            let aspect = decoder.aspect_ratio();
+            fit_long_side(decoder.width(), decoder.height(), (aspect.numerator(), aspect.denominator()), long_side)
+        }
+    }
+}
+
+/// One frame's duration at `frame_rate`, in `time_base` units (1 when the rate is unknown).
+fn nominal_frame_duration(frame_rate: Rational, time_base: Rational) -> i64 {
+    if frame_rate.numerator() <= 0 || frame_rate.denominator() <= 0 || time_base.numerator() <= 0 {
+        return 1;
+    }
+    let ticks = f64::from(frame_rate.invert()) / f64::from(time_base);
+    (ticks.round() as i64).max(1)
+}

@@ -1,0 +1,489 @@
+//! Writing painted frames back into a video: encoding (libx264 by default) with each frame's
+//! timestamp kept exactly, so variable frame rates stay variable and frame counts match, while the
+//! source's audio and subtitles are copied alongside and its rotation and colour tags carried over.
+//! The file appears under its name only when `finish` succeeds.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use ffmpeg_next::format::Pixel;
+use ffmpeg_next::format::context::Output;
+use ffmpeg_next::{Codec, Dictionary, Packet, Rational, Rescale, codec, encoder, ffi, format};
+
+use super::color::ColorInfo;
+use super::convert::{Scaler, YuvColorimetry, rgb_frame_from_buffer};
+use super::copy::{SourceStreamRole, StreamCopier};
+use super::decode::Frame;
+use super::error::MediaError;
+use super::geometry::{even_size, fit_long_side};
+use super::partial::{PartialOutput, check_output_directory, directory_error};
+use super::probe::VideoInfo;
+use super::settings::{EncodeSettings, OutputSize};
+
+/// What the writer needs to know about the frames it will get and the video they came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoWriterSpec {
+    /// Size (`width`, `height`) of every frame that will be written.
+    pub frame_size: (u32, u32),
+    /// Time base (`num`, `den`) of the frames' timestamps.
+    pub time_base: (i32, i32),
+    /// Nominal frame rate (`num`, `den`), a hint for rate control and players; `None` if unknown.
+    pub frame_rate: Option<(i32, i32)>,
+    /// Pixel aspect ratio of the frames; (1, 1) for square pixels.
+    pub sample_aspect_ratio: (i32, i32),
+    /// Display matrix (rotation) to store with the video.
+    pub display_matrix: Option<[i32; 9]>,
+    /// Colour description to store; its matrix and range also govern the RGB → YUV conversion.
+    pub color: ColorInfo,
+    /// A file whose audio and subtitle streams are copied into the output.
+    pub source: Option<PathBuf>,
+    /// The source's stored size, for [`OutputSize::Source`].
+    pub source_size: Option<(u32, u32)>,
+}
+
+impl VideoWriterSpec {
+    /// Frames of `frame_size` timed in `time_base`, with nothing else to carry.
+    pub fn new(frame_size: (u32, u32), time_base: (i32, i32)) -> Self {
+        VideoWriterSpec {
+            frame_size,
+            time_base,
+            frame_rate: None,
+            sample_aspect_ratio: (1, 1),
+            display_matrix: None,
+            color: ColorInfo::default(),
+            source: None,
+            source_size: None,
+        }
+    }
+
+    /// Frames of `frame_size` decoded from the video `info` describes: its time base, rate,
+    /// rotation and colour, with its audio and subtitles copied.
+    pub fn from_source(info: &VideoInfo, frame_size: (u32, u32)) -> Self {
+        let source_size = (info.coded_width, info.coded_height);
+        let keeps_source_pixels = frame_size == source_size;
+        VideoWriterSpec {
+            frame_size,
+            time_base: info.time_base,
+            frame_rate: (info.frame_rate.0 > 0 && info.frame_rate.1 > 0).then_some(info.frame_rate),
+            sample_aspect_ratio: if keeps_source_pixels && info.sample_aspect_ratio.0 > 0 {
+                info.sample_aspect_ratio
+            } else {
+                (1, 1)
+            },
+            display_matrix: info.display_matrix,
+            color: info.color.clone(),
+            source: Some(info.path.clone()),
+            source_size: Some(source_size),
+        }
+    }
+}
+
+/// Encodes RGB24 frames into a video file. Create it, [`write`](Self::write) every frame in
+/// presentation order, then [`finish`](Self::finish); dropping it unfinished removes the partial file.
+pub struct VideoWriter {
+    muxer: Output,
+    encoder: encoder::video::Encoder,
+    scaler: Scaler,
+    copier: Option<StreamCopier>,
+    path: PathBuf,
+    video_stream: usize,
+    encoder_time_base: Rational,
+    stream_time_base: Rational,
+    frame_size: (u32, u32),
+    output_size: (u32, u32),
+    nominal_frame_duration: i64,
+    durations_in_flight: HashMap<i64, i64>,
+    last_pts: Option<i64>,
+    frames_written: u64,
+    partial: PartialOutput,
+}
+
+impl VideoWriter {
+    /// Prepares to write `output` (container from its extension) with `settings`, for frames as
+    /// `spec` describes. Checks everything it can before creating a file.
+    pub fn create(
+        output: impl AsRef<Path>,
+        settings: &EncodeSettings,
+        spec: VideoWriterSpec,
+    ) -> Result<Self, MediaError> {
+        let output = output.as_ref();
+        super::init();
+        let plan = plan_output(output, settings, &spec)?;
+        check_output_directory(output)?;
+        let temporary = crate::fsutil::temp_path_for(output);
+        let mut muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
+        let partial = PartialOutput::new(temporary, output);
+        let encoder = open_encoder(output, settings, &plan, &spec, &muxer)?;
+        let mut copier = spec.source.as_deref().map(|source| StreamCopier::open(source, output)).transpose()?;
+        let video_stream = add_streams(output, &mut muxer, &encoder, plan.codec, copier.as_mut(), &spec)?;
+        muxer.write_header().map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
+        if let Some(copier) = copier.as_mut() {
+            copier.start(&muxer);
+        }
+        let stream_time_base = muxer.stream(video_stream).expect("added above").time_base();
+        let scaler = rgb_to_encoder_scaler(output, &spec, &plan)?;
+        let output_size = plan.size;
+        tracing::debug!(path = %output.display(), codec = plan.codec.name(), width = output_size.0, height = output_size.1,
+            container = %plan.container, "writing video");
+        Ok(VideoWriter {
+            muxer,
+            encoder,
+            scaler,
+            copier,
+            path: output.to_path_buf(),
+            video_stream,
+            encoder_time_base: rational(spec.time_base),
+            stream_time_base,
+            frame_size: spec.frame_size,
+            output_size,
+            nominal_frame_duration: nominal_frame_duration(&spec),
+            durations_in_flight: HashMap::new(),
+            last_pts: None,
+            frames_written: 0,
+            partial,
+        })
+    }
+
+    /// Encodes one frame. Frames must have the spec's size and strictly increasing timestamps.
+    pub fn write(&mut self, frame: &Frame) -> Result<(), MediaError> {
+        self.check_frame(frame)?;
+        let pts = frame.pts.rescale(rational(frame.time_base), self.encoder_time_base);
+        self.check_pts_increase(pts)?;
+        let rgb = rgb_frame_from_buffer(&frame.rgb, frame.width, frame.height);
+        let mut yuv = self.scaler.convert(&rgb).map_err(|e| self.failed("converting a frame to YUV", e))?;
+        yuv.set_pts(Some(pts));
+        self.durations_in_flight.insert(pts, self.duration_of(frame));
+        self.encoder.send_frame(&yuv).map_err(|e| self.failed("encoding a frame", e))?;
+        self.mux_encoded_packets()?;
+        if let Some(copier) = self.copier.as_mut() {
+            copier.copy_until(&mut self.muxer, pts, self.encoder_time_base)?;
+        }
+        self.last_pts = Some(pts);
+        self.frames_written += 1;
+        Ok(())
+    }
+
+    /// How many frames have been written.
+    pub fn frames_written(&self) -> u64 {
+        self.frames_written
+    }
+
+    /// The size (`width`, `height`) of the encoded video.
+    pub fn output_size(&self) -> (u32, u32) {
+        self.output_size
+    }
+
+    /// Flushes the encoder, copies the rest of the source's streams, completes the file and renames
+    /// it into place. Fails (and leaves nothing) if no frame was written.
+    pub fn finish(mut self) -> Result<(), MediaError> {
+        if self.frames_written == 0 {
+            return Err(MediaError::EmptyOutput { path: self.path.clone() });
+        }
+        self.encoder.send_eof().map_err(|e| self.failed("flushing the encoder", e))?;
+        self.mux_encoded_packets()?;
+        if let Some(copier) = self.copier.as_mut() {
+            copier.copy_rest(&mut self.muxer)?;
+        }
+        self.muxer.write_trailer().map_err(|e| self.failed("completing the file", e))?;
+        tracing::debug!(path = %self.path.display(), frames = self.frames_written, "video complete");
+        let VideoWriter { muxer, partial, .. } = self;
+        drop(muxer);
+        partial.commit()
+    }
+
+    /// Rejects frames of the wrong size or without a usable time base.
+    fn check_frame(&self, frame: &Frame) -> Result<(), MediaError> {
+        let (num, den) = frame.time_base;
+        if num <= 0 || den <= 0 {
+            return Err(self.bad_frame(format!("time base {num}/{den} is not a positive fraction")));
+        }
+        let expected_bytes = frame.width as usize * frame.height as usize * 3;
+        if (frame.width, frame.height) != self.frame_size {
+            let (width, height) = self.frame_size;
+            return Err(self.bad_frame(format!(
+                "size {}×{} differs from the stream's {width}×{height}",
+                frame.width, frame.height
+            )));
+        }
+        if frame.rgb.len() != expected_bytes {
+            return Err(
+                self.bad_frame(format!("{} bytes of RGB where {expected_bytes} were expected", frame.rgb.len()))
+            );
+        }
+        Ok(())
+    }
+
+    /// Rejects timestamps that do not increase (encoders and muxers need them strictly increasing).
+    fn check_pts_increase(&self, pts: i64) -> Result<(), MediaError> {
+        match self.last_pts {
+            Some(last) if pts <= last => Err(self.bad_frame(format!("timestamp {pts} does not come after {last}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A frame's duration in the encoder's time base.
+    fn duration_of(&self, frame: &Frame) -> i64 {
+        if frame.duration > 0 {
+            frame.duration.rescale(rational(frame.time_base), self.encoder_time_base).max(1)
+        } else {
+            self.nominal_frame_duration
+        }
+    }
+
+    /// Passes every packet the encoder has ready to the muxer.
+    fn mux_encoded_packets(&mut self) -> Result<(), MediaError> {
+        loop {
+            let mut packet = Packet::empty();
+            match self.encoder.receive_packet(&mut packet) {
+                Ok(()) => self.mux_video_packet(packet)?,
+                Err(ffmpeg_next::Error::Eof) => return Ok(()),
+                Err(ffmpeg_next::Error::Other { errno }) if errno == libc::EAGAIN => return Ok(()),
+                Err(error) => return Err(self.failed("encoding a frame", error)),
+            }
+        }
+    }
+
+    /// Gives an encoded packet its frame's duration and writes it.
+    fn mux_video_packet(&mut self, mut packet: Packet) -> Result<(), MediaError> {
+        let duration = packet.pts().and_then(|pts| self.durations_in_flight.remove(&pts));
+        packet.set_duration(duration.unwrap_or(self.nominal_frame_duration));
+        packet.set_stream(self.video_stream);
+        packet.rescale_ts(self.encoder_time_base, self.stream_time_base);
+        packet.write_interleaved(&mut self.muxer).map_err(|e| self.failed("writing a video packet", e))
+    }
+
+    /// A frame error at the current position.
+    fn bad_frame(&self, problem: String) -> MediaError {
+        MediaError::BadFrame { path: self.path.clone(), frame: self.frames_written, problem }
+    }
+
+    /// An FFmpeg failure on this output.
+    fn failed(&self, operation: &'static str, error: ffmpeg_next::Error) -> MediaError {
+        MediaError::ffmpeg(&self.path, operation, error)
+    }
+}
+
+/// What the settings resolve to in this FFmpeg build, checked before any file is created.
+struct OutputPlan {
+    container: String,
+    codec: Codec,
+    pixel_format: Pixel,
+    size: (u32, u32),
+}
+
+/// Resolves and checks container, codec, pixel format and size.
+fn plan_output(output: &Path, settings: &EncodeSettings, spec: &VideoWriterSpec) -> Result<OutputPlan, MediaError> {
+    let container = guess_container(output)?;
+    let codec = find_video_encoder(&settings.codec)?;
+    check_container_takes_codec(output, &container, codec)?;
+    let pixel_format = choose_pixel_format(output, settings, codec)?;
+    Ok(OutputPlan { container, codec, pixel_format, size: encoded_size(settings.output_size, spec) })
+}
+
+/// The RGB → encoder-format scaler, with the spec's YUV matrix and range.
+fn rgb_to_encoder_scaler(output: &Path, spec: &VideoWriterSpec, plan: &OutputPlan) -> Result<Scaler, MediaError> {
+    let yuv = YuvColorimetry { matrix: spec.color.av_matrix(), full_range: spec.color.is_full_range() };
+    Scaler::from_rgb(spec.frame_size, plan.pixel_format, plan.size, yuv)
+        .map_err(|e| MediaError::ffmpeg(output, "setting up the YUV conversion", e))
+}
+
+/// The muxer FFmpeg picks for `output`'s extension.
+fn guess_container(output: &Path) -> Result<String, MediaError> {
+    let unknown = || MediaError::UnknownContainer {
+        path: output.to_path_buf(),
+        extension: output.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let file_name = output.file_name().ok_or_else(unknown)?;
+    let file_name = CString::new(file_name.to_string_lossy().as_bytes()).map_err(|_| unknown())?;
+    // SAFETY: a valid C string; null short name and MIME type are allowed. The result is static.
+    let format = unsafe { ffi::av_guess_format(std::ptr::null(), file_name.as_ptr(), std::ptr::null()) };
+    if format.is_null() || output.extension().is_none() {
+        return Err(unknown());
+    }
+    // SAFETY: a non-null AVOutputFormat has a static NUL-terminated name.
+    Ok(unsafe { std::ffi::CStr::from_ptr((*format).name) }.to_string_lossy().into_owned())
+}
+
+/// The video encoder named `name`.
+fn find_video_encoder(name: &str) -> Result<Codec, MediaError> {
+    encoder::find_by_name(name)
+        .filter(|codec| codec.is_video())
+        .ok_or_else(|| MediaError::UnknownCodec { codec: name.to_string() })
+}
+
+/// Fails when the container cannot hold the codec's output.
+fn check_container_takes_codec(output: &Path, container: &str, codec: Codec) -> Result<(), MediaError> {
+    let container_name = CString::new(container).expect("FFmpeg names have no NUL");
+    // SAFETY: valid C string; the returned format (checked for null) is static and only read.
+    let answer = unsafe {
+        let format = ffi::av_guess_format(container_name.as_ptr(), std::ptr::null(), std::ptr::null());
+        if format.is_null() {
+            return Ok(());
+        }
+        ffi::avformat_query_codec(format, codec.id().into(), ffi::FF_COMPLIANCE_NORMAL)
+    };
+    if answer == 0 {
+        let detail = format!("the '{container}' container cannot hold {} video", codec.name());
+        return Err(MediaError::Unsupported { path: output.to_path_buf(), detail });
+    }
+    Ok(())
+}
+
+/// The settings' pixel format, checked against what the encoder accepts.
+fn choose_pixel_format(output: &Path, settings: &EncodeSettings, codec: Codec) -> Result<Pixel, MediaError> {
+    let format: Pixel = settings
+        .pixel_format
+        .parse()
+        .map_err(|_| MediaError::Settings(format!("unknown pixel format '{}'", settings.pixel_format)))?;
+    let accepted: Option<Vec<Pixel>> = codec.video().ok().and_then(|video| video.formats()).map(Iterator::collect);
+    match accepted {
+        Some(formats) if !formats.contains(&format) => {
+            let names: Vec<&str> = formats.iter().map(|f| f.descriptor().map_or("?", |d| d.name())).collect();
+            let detail = format!(
+                "{} cannot encode pixel format {}; it takes {}",
+                codec.name(),
+                settings.pixel_format,
+                names.join(", ")
+            );
+            Err(MediaError::Unsupported { path: output.to_path_buf(), detail })
+        }
+        _ => Ok(format),
+    }
+}
+
+/// Classifies a failure to create the output file.
+fn open_failure(output: &Path, error: ffmpeg_next::Error) -> MediaError {
+    match error {
+        ffmpeg_next::Error::Other { errno } => directory_error(output, std::io::Error::from_raw_os_error(errno)),
+        other => MediaError::ffmpeg(output, "creating the output file", other),
+    }
+}
+
+/// The encoded size for the policy, even on both sides.
+fn encoded_size(policy: OutputSize, spec: &VideoWriterSpec) -> (u32, u32) {
+    let (width, height) = spec.frame_size;
+    let size = match policy {
+        OutputSize::Frames => spec.frame_size,
+        OutputSize::Source => spec.source_size.unwrap_or(spec.frame_size),
+        OutputSize::LongSide(long_side) => fit_long_side(width, height, (1, 1), long_side),
+    };
+    even_size(size)
+}
+
+/// Sets up and opens the video encoder.
+fn open_encoder(
+    output: &Path,
+    settings: &EncodeSettings,
+    plan: &OutputPlan,
+    spec: &VideoWriterSpec,
+    muxer: &Output,
+) -> Result<encoder::video::Encoder, MediaError> {
+    let (width, height) = plan.size;
+    let context = codec::Context::new_with_codec(plan.codec);
+    let mut video =
+        context.encoder().video().map_err(|e| MediaError::ffmpeg(output, "creating the video encoder", e))?;
+    video.set_width(width);
+    video.set_height(height);
+    video.set_format(plan.pixel_format);
+    video.set_time_base(rational(spec.time_base));
+    video.set_frame_rate(spec.frame_rate.map(rational));
+    video.set_aspect_ratio(rational(spec.sample_aspect_ratio));
+    video.set_colorspace(spec.color.av_matrix());
+    video.set_color_range(spec.color.av_range());
+    video.set_color_primaries(spec.color.av_primaries());
+    video.set_color_transfer_characteristic(spec.color.av_transfer());
+    if muxer.format().flags().contains(format::Flags::GLOBAL_HEADER) {
+        video.set_flags(codec::Flags::GLOBAL_HEADER);
+    }
+    let mut options = Dictionary::new();
+    options.set("crf", &settings.crf.to_string());
+    options.set("preset", &settings.preset);
+    video.open_with(options).map_err(|error| {
+        MediaError::Settings(format!(
+            "{} would not open with crf {}, preset '{}', pixel format {} at {width}×{height}: {error}",
+            settings.codec, settings.crf, settings.preset, settings.pixel_format
+        ))
+    })
+}
+
+/// Adds the output streams in the source's order (the encoded video where the source's video was),
+/// or the video stream alone. Returns the video stream's index.
+fn add_streams(
+    output: &Path,
+    muxer: &mut Output,
+    encoder: &encoder::video::Encoder,
+    codec: Codec,
+    copier: Option<&mut StreamCopier>,
+    spec: &VideoWriterSpec,
+) -> Result<usize, MediaError> {
+    let Some(copier) = copier else {
+        return add_video_stream(output, muxer, encoder, codec, spec, Dictionary::new());
+    };
+    let mut video_stream = None;
+    for (index, role) in copier.roles(muxer)?.into_iter().enumerate() {
+        match role {
+            SourceStreamRole::Video => {
+                video_stream = Some(add_video_stream(output, muxer, encoder, codec, spec, copier.video_metadata())?)
+            }
+            SourceStreamRole::Copy => copier.add_copy(muxer, index)?,
+            SourceStreamRole::Skip => {}
+        }
+    }
+    muxer.set_metadata(copier.container_metadata());
+    match video_stream {
+        Some(index) => Ok(index),
+        None => add_video_stream(output, muxer, encoder, codec, spec, Dictionary::new()),
+    }
+}
+
+/// Adds the encoded video stream with its timing, pixel aspect and display matrix.
+fn add_video_stream(
+    output: &Path,
+    muxer: &mut Output,
+    encoder: &encoder::video::Encoder,
+    codec: Codec,
+    spec: &VideoWriterSpec,
+    metadata: Dictionary,
+) -> Result<usize, MediaError> {
+    let mut stream = muxer.add_stream(codec).map_err(|e| MediaError::ffmpeg(output, "adding the video stream", e))?;
+    stream.set_parameters(encoder);
+    stream.set_time_base(rational(spec.time_base));
+    if let Some(rate) = spec.frame_rate {
+        stream.set_avg_frame_rate(rational(rate));
+    }
+    stream.set_metadata(metadata);
+    // SAFETY: the stream is valid and not yet written; the side data buffer FFmpeg allocates has the
+    // 36 bytes asked for, and the pixel aspect is a plain field.
+    unsafe {
+        let raw = stream.as_mut_ptr();
+        (*raw).sample_aspect_ratio = rational(spec.sample_aspect_ratio).into();
+        if let Some(matrix) = spec.display_matrix {
+            let data = ffi::av_stream_new_side_data(raw, ffi::AVPacketSideDataType::AV_PKT_DATA_DISPLAYMATRIX, 36);
+            if data.is_null() {
+                return Err(MediaError::ffmpeg(
+                    output,
+                    "storing the rotation",
+                    ffmpeg_next::Error::Other { errno: libc::ENOMEM },
+                ));
+            }
+            std::ptr::copy_nonoverlapping(matrix.as_ptr().cast::<u8>(), data, 36);
+        }
+    }
+    Ok(stream.index())
+}
+
+/// One frame at the spec's nominal rate, in its time base (1 tick when the rate is unknown).
+fn nominal_frame_duration(spec: &VideoWriterSpec) -> i64 {
+    match spec.frame_rate {
+        Some((num, den)) if num > 0 && den > 0 => {
+            1i64.rescale(Rational::new(den, num), rational(spec.time_base)).max(1)
+        }
+        _ => 1,
+    }
+}
+
+/// A (`num`, `den`) pair as FFmpeg's rational.
+fn rational((num, den): (i32, i32)) -> Rational {
+    Rational::new(num, den)
+}

@@ -1,0 +1,109 @@
+//! The loss terms of Gatys et al. (2015), exactly as the paper writes them, plus total variation.
+//! Features are ReLU outputs `[1, N, h, w]` (N filters, M = h·w positions), f32.
+//! - content: ½ Σ (F − P)²
+//! - Gram: G = F Fᵀ (`[N, N]`, not divided by anything)
+//! - style layer: E_l = Σ (G − A)² / (4 N² M²)
+//! - total variation: Σ of squared differences between neighbouring pixels.
+
+use tch::{Kind, Tensor};
+
+/// Features `[1, N, h, w]` as the matrix F `[N, M]`.
+fn as_matrix(features: &Tensor) -> Tensor {
+    let size = features.size();
+    let channels = size[1];
+    features.reshape([channels, -1])
+}
+
+/// The Gram matrix G = F Fᵀ of features `[1, N, h, w]`, computed in f32.
+pub fn gram(features: &Tensor) -> Tensor {
+    let f = as_matrix(&features.to_kind(Kind::Float));
+    f.matmul(&f.tr())
+}
+
+/// ½ Σ (F − P)².
+pub fn content_loss(features: &Tensor, target: &Tensor) -> Tensor {
+    (features - target).square().sum(Kind::Float) * 0.5
+}
+
+/// E_l = Σ (G − A)² / (4 N² M²) for features `[1, N, h, w]` and target Gram A.
+pub fn style_layer_loss(features: &Tensor, target_gram: &Tensor) -> Tensor {
+    let size = features.size();
+    style_layer_loss_of_gram(&gram(features), target_gram, size[2] * size[3])
+}
+
+/// E_l = Σ (G − A)² / (4 N² M²) from the Gram G itself, with M feature positions.
+pub fn style_layer_loss_of_gram(gram: &Tensor, target_gram: &Tensor, positions: i64) -> Tensor {
+    let filters = gram.size()[0] as f64;
+    let positions = positions as f64;
+    (gram - target_gram).square().sum(Kind::Float) / (4.0 * filters * filters * positions * positions)
+}
+
+/// Σ over the image of squared differences between horizontal and vertical neighbours.
+pub fn total_variation(image: &Tensor) -> Tensor {
+    let (_, _, h, w) = image.size4().expect("image [1, 3, H, W]");
+    let dx = image.narrow(3, 1, w - 1) - image.narrow(3, 0, w - 1);
+    let dy = image.narrow(2, 1, h - 1) - image.narrow(2, 0, h - 1);
+    dx.square().sum(Kind::Float) + dy.square().sum(Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn features(seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::rand([1, 3, 2, 2], (Kind::Float, Device::Cpu))
+    }
+
+    #[test]
+    fn gram_matches_hand_computation() {
+        // two filters, three positions
+        let f = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0, 1.0, 4.0]).view([1, 2, 1, 3]);
+        let g = gram(&f);
+        let expected = [[14.0, 14.0], [14.0, 17.0]];
+        for i in 0..2 {
+            for j in 0..2 {
+                assert_eq!(g.double_value(&[i as i64, j as i64]), expected[i][j]);
+            }
+        }
+    }
+
+    #[test]
+    fn style_layer_loss_matches_hand_computation() {
+        let f = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0, 1.0, 4.0]).view([1, 2, 1, 3]);
+        let a = Tensor::from_slice(&[10.0f32, 14.0, 14.0, 20.0]).view([2, 2]);
+        // G − A = [[4, 0], [0, −3]] → Σ = 25; N = 2, M = 3 → 25 / (4·4·9)
+        let e = style_layer_loss(&f, &a).double_value(&[]);
+        assert!((e - 25.0 / 144.0).abs() < 1e-6, "{e}");
+    }
+
+    #[test]
+    fn content_gradient_is_the_difference() {
+        let f = features(1).set_requires_grad(true);
+        let p = features(2);
+        content_loss(&f, &p).backward();
+        let expected = &f.detach() - &p;
+        assert!(f.grad().allclose(&expected, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn style_gradient_matches_the_paper() {
+        // ∂E_l/∂F = (Fᵀ (G − A))ᵀ / (N² M²) for F ≥ 0 (Gatys et al. 2015, Methods)
+        let f = features(3).set_requires_grad(true);
+        let a = gram(&features(4));
+        style_layer_loss(&f, &a).backward();
+        let matrix = f.detach().reshape([3, 4]);
+        let g = matrix.matmul(&matrix.tr());
+        let expected = (matrix.tr().matmul(&(g - &a))).tr() / (9.0 * 16.0);
+        assert!(f.grad().reshape([3, 4]).allclose(&expected, 1e-5, 1e-6, false));
+    }
+
+    #[test]
+    fn total_variation_of_a_step() {
+        let image = Tensor::zeros([1, 3, 2, 3], (Kind::Float, Device::Cpu));
+        let _ = image.narrow(3, 2, 1).fill_(1.0);
+        // each channel: two rows with one step of 1 → 2; three channels → 6
+        assert_eq!(total_variation(&image).double_value(&[]), 6.0);
+    }
+}

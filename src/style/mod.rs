@@ -1,0 +1,12 @@
+//! Stylization: the paper's losses, the optimisers, colour preservation, settings, the `Stylizer`
+//! that runs them, and the quality score that measures the result.
+
+pub mod color;
+pub mod loss;
+pub mod optim;
+pub mod score;
+pub mod settings;
+pub mod stylizer;
+
+pub use settings::{Init, LayerBalance, ScaleStep, StyleSettings};
+pub use stylizer::{Losses, Progress, StyleImage, Stylized, Stylizer, Targets};

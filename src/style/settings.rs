@@ -1,0 +1,196 @@
+//! Every knob of the image stylization (the `[style]` table of a profile), with the defaults that
+//! turn photos into clear paintings on any supported network (thanks to the network normalisation).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::color::ColorMode;
+use super::optim::OptimizerKind;
+use crate::error::{Error, Result};
+use crate::model::LayerId;
+
+/// Where the optimisation starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// The content photo.
+    #[default]
+    Content,
+    /// Uniform white noise (seeded).
+    Noise,
+    /// The image in `init_image`.
+    Image,
+}
+
+impl std::str::FromStr for Init {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "content" => Ok(Init::Content),
+            "noise" | "random" => Ok(Init::Noise),
+            "image" => Ok(Init::Image),
+            _ => Err(Error::Settings(format!("init '{text}': expected 'content', 'noise' or 'image'"))),
+        }
+    }
+}
+
+/// How the content and style layers' terms are weighed against each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerBalance {
+    /// Each layer's paper term divided by its target's own scale (½ΣP² for content, ΣA²/(4N²M²)
+    /// for style): every layer then counts by its relative error, whatever its activations' size.
+    #[default]
+    Relative,
+    /// The paper's terms as they are (w_l = style_layer_weights, α = ratio·β).
+    Paper,
+}
+
+impl std::str::FromStr for LayerBalance {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "relative" => Ok(LayerBalance::Relative),
+            "paper" => Ok(LayerBalance::Paper),
+            _ => Err(Error::Settings(format!("layer balance '{text}': expected 'relative' or 'paper'"))),
+        }
+    }
+}
+
+/// One step of a coarse-to-fine schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleStep {
+    /// Long side in pixels.
+    pub size: u32,
+    /// Iterations at this size.
+    pub iterations: u32,
+}
+
+/// Settings of one stylization.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StyleSettings {
+    /// Output long side in pixels (aspect kept).
+    pub size: u32,
+    /// Optimisation iterations (one loss and gradient evaluation each).
+    pub iterations: u32,
+    /// Coarse-to-fine schedule; when set it replaces `size` and `iterations` (last step = output size).
+    pub scales: Vec<ScaleStep>,
+    /// Content layers (the paper: conv4_2).
+    pub content_layers: Vec<LayerId>,
+    /// Style layers (the paper: conv1_1 … conv5_1).
+    pub style_layers: Vec<LayerId>,
+    /// Weight w_l of each style layer; empty = 1/(number of layers) each, as in the paper.
+    pub style_layer_weights: Vec<f64>,
+    /// α/β, the content-to-style ratio (the paper used 1e-3 … 1e-4 with `layer_balance = "paper"`).
+    pub ratio: f64,
+    /// `relative` (each layer by its relative error; default) or `paper` (the raw terms).
+    pub layer_balance: LayerBalance,
+    /// β, the style weight; α = ratio · β.
+    pub style_weight: f64,
+    /// Weight of the total-variation smoothness term (0 = off).
+    pub tv_weight: f64,
+    /// `lbfgs` (the reference tools' choice) or `adam`.
+    pub optimizer: OptimizerKind,
+    /// Curvature pairs L-BFGS keeps.
+    pub lbfgs_history: usize,
+    /// Adam's learning rate (image in 0..1); L-BFGS uses 1.
+    pub learning_rate: f64,
+    /// Stop early when the relative loss change stays below this for `patience` iterations (0 = never).
+    pub tolerance: f64,
+    /// Iterations the change must stay below `tolerance`.
+    pub patience: u32,
+    /// Start from `content`, `noise` or `image` (`init_image`).
+    pub init: Init,
+    /// Starting image for `init = "image"`.
+    pub init_image: Option<PathBuf>,
+    /// Seed for noise initialisation.
+    pub seed: u64,
+    /// Style image long side relative to the output's.
+    pub style_scale: f64,
+    /// Blend weights of several style images (empty = equal).
+    pub style_blend: Vec<f64>,
+    /// `style`, `luminance` (keep the content's colours) or `histogram` (match them).
+    pub color: ColorMode,
+}
+
+impl Default for StyleSettings {
+    fn default() -> Self {
+        StyleSettings {
+            size: 512,
+            iterations: 300,
+            scales: Vec::new(),
+            content_layers: vec![LayerId::new(4, 2)],
+            style_layers: (1..=5).map(|b| LayerId::new(b, 1)).collect(),
+            style_layer_weights: Vec::new(),
+            ratio: 1.0,
+            layer_balance: LayerBalance::Relative,
+            style_weight: 1.0,
+            tv_weight: 0.0,
+            optimizer: OptimizerKind::Lbfgs,
+            lbfgs_history: 100,
+            learning_rate: 0.02,
+            tolerance: 0.0,
+            patience: 10,
+            init: Init::Content,
+            init_image: None,
+            seed: 0,
+            style_scale: 1.0,
+            style_blend: Vec::new(),
+            color: ColorMode::Style,
+        }
+    }
+}
+
+impl StyleSettings {
+    /// The coarse-to-fine schedule in effect (a single step unless `scales` is set).
+    pub fn schedule(&self) -> Vec<ScaleStep> {
+        if self.scales.is_empty() {
+            vec![ScaleStep { size: self.size, iterations: self.iterations }]
+        } else {
+            self.scales.clone()
+        }
+    }
+
+    /// The weight of each style layer.
+    pub fn layer_weights(&self) -> Vec<f64> {
+        if self.style_layer_weights.is_empty() {
+            vec![1.0 / self.style_layers.len().max(1) as f64; self.style_layers.len()]
+        } else {
+            self.style_layer_weights.clone()
+        }
+    }
+
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |problem: String| Err(Error::Settings(problem));
+        if self.schedule().iter().any(|s| s.size < 16 || s.size > 16384) {
+            return bad("size must be between 16 and 16384 pixels".into());
+        }
+        if self.style_layers.is_empty() && self.content_layers.is_empty() {
+            return bad("no content or style layers".into());
+        }
+        if !self.style_layer_weights.is_empty() && self.style_layer_weights.len() != self.style_layers.len() {
+            return bad(format!(
+                "style_layer_weights has {} entries for {} style layers",
+                self.style_layer_weights.len(),
+                self.style_layers.len()
+            ));
+        }
+        if !(self.ratio >= 0.0 && self.style_weight >= 0.0 && self.tv_weight >= 0.0) {
+            return bad("ratio, style_weight and tv_weight must be non-negative".into());
+        }
+        if self.style_scale <= 0.0 || self.style_scale > 8.0 {
+            return bad(format!("style_scale {} must be in (0, 8]", self.style_scale));
+        }
+        if self.init == Init::Image && self.init_image.is_none() {
+            return bad("init = \"image\" needs init_image".into());
+        }
+        if self.style_blend.iter().any(|w| !(*w >= 0.0)) {
+            return bad("style blend weights must be non-negative".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,355 @@
+//! The `Stylizer`: one network and one set of settings, turning a content image and style images
+//! into a painting. `stylize` is the whole still-image path (coarse-to-fine schedule, colour modes,
+//! initialisation); `optimise` is the inner loop that video frames reuse with their own targets,
+//! starting points and temporal term.
+
+use std::time::Instant;
+
+use image::RgbImage;
+use tch::{Kind, Tensor};
+
+use super::color::{self, ColorMode};
+use super::loss;
+use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind};
+use super::settings::{Init, LayerBalance, StyleSettings};
+use crate::error::{Error, Result};
+use crate::imageio;
+use crate::model::{LayerId, Vgg};
+
+/// A style image with its blend weight.
+pub struct StyleImage {
+    /// The painting, full resolution.
+    pub image: RgbImage,
+    /// Relative weight among several styles.
+    pub weight: f64,
+}
+
+/// What the optimisation matches at one working size.
+pub struct Targets {
+    /// Content features P at each content layer.
+    pub content: Vec<Tensor>,
+    /// Blended style Gram matrices A at each style layer.
+    pub style: Vec<Tensor>,
+    /// Optional temporal term: previous output warped to this frame, its reliability mask, weight γ.
+    pub temporal: Option<(Tensor, Tensor, f64)>,
+}
+
+/// Loss values of one evaluation, each as it enters the total: `content` = α·L_content,
+/// `style` = β·Σ_l w_l·E_l (with the paper's w_l, or divided by each target's own scale under
+/// `layer_balance = "relative"`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Losses {
+    /// Weighted content term.
+    pub content: f64,
+    /// Weighted style term.
+    pub style: f64,
+    /// Weighted total variation.
+    pub tv: f64,
+    /// Weighted temporal term.
+    pub temporal: f64,
+    /// α·L_content + β·L_style + tv + temporal.
+    pub total: f64,
+}
+
+/// Where the optimisation is, for progress bars and intermediate saves.
+pub struct Progress<'a> {
+    /// 1-based index of the current scale and the number of scales.
+    pub scale: (usize, usize),
+    /// Iterations done so far over all scales, and the planned total.
+    pub iteration: (usize, usize),
+    /// Losses at the last evaluation.
+    pub losses: Losses,
+    /// The current image, `[1, 3, H, W]` RGB (not yet clamped).
+    pub image: &'a Tensor,
+    /// Seconds since the stylization started.
+    pub elapsed: f64,
+}
+
+/// The result of a stylization.
+pub struct Stylized {
+    /// RGB 0..1 `[1, 3, H, W]`, clamped.
+    pub image: Tensor,
+    /// Losses at the last iteration.
+    pub losses: Losses,
+    /// Iterations run (fewer than planned after an early stop).
+    pub iterations: usize,
+}
+
+/// Runs Gatys-style optimisation with one network.
+pub struct Stylizer<'m> {
+    vgg: &'m Vgg,
+    settings: StyleSettings,
+    layers: Vec<LayerId>,
+}
+
+impl<'m> Stylizer<'m> {
+    /// Checks the settings against the network.
+    pub fn new(vgg: &'m Vgg, settings: StyleSettings) -> Result<Self> {
+        settings.validate()?;
+        let layers: Vec<LayerId> = settings.content_layers.iter().chain(&settings.style_layers).copied().collect();
+        vgg.check_layers(&layers)?;
+        Ok(Stylizer { vgg, settings, layers })
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &StyleSettings {
+        &self.settings
+    }
+
+    /// Content features of `content` (`[1, 3, H, W]` on the network's device).
+    pub fn content_targets(&self, content: &Tensor) -> Vec<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.vgg.features(content, &self.settings.content_layers)
+    }
+
+    /// Blended Gram matrices of the styles, each resized to `style_scale` × `long_side`.
+    pub fn style_targets(&self, styles: &[StyleImage], long_side: u32) -> Vec<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let side = ((long_side as f64 * self.settings.style_scale).round() as u32).max(16);
+        let weights = blend_weights(styles, &self.settings.style_blend);
+        let mut blended: Option<Vec<Tensor>> = None;
+        for (style, weight) in styles.iter().zip(weights) {
+            let image = self.prepare(&imageio::resize_long_side(&style.image, side));
+            let grams: Vec<Tensor> =
+                self.vgg.features(&image, &self.settings.style_layers).iter().map(|f| loss::gram(f) * weight).collect();
+            blended = Some(match blended {
+                None => grams,
+                Some(sum) => sum.iter().zip(&grams).map(|(a, b)| a + b).collect(),
+            });
+        }
+        blended.unwrap_or_default()
+    }
+
+    /// An RGB image as a network-device tensor, in luminance when the colour mode asks for it.
+    fn prepare(&self, image: &RgbImage) -> Tensor {
+        let tensor = imageio::rgb_to_tensor(image).to_device(self.vgg.device());
+        match self.settings.color {
+            ColorMode::Luminance => color::luminance_as_rgb(&tensor),
+            _ => tensor,
+        }
+    }
+
+    /// Per-layer multipliers of the paper's terms under the chosen balance (computed once per run).
+    fn balance(&self, targets: &Targets, image: &Tensor) -> Balance {
+        let (_, _, height, width) = image.size4().expect("image [1, 3, H, W]");
+        let layer_weights = self.settings.layer_weights();
+        match self.settings.layer_balance {
+            LayerBalance::Paper => Balance { content: vec![1.0; targets.content.len()], style: layer_weights },
+            LayerBalance::Relative => Balance {
+                content: targets.content.iter().map(|p| 1.0 / loss::content_loss(p, &p.zeros_like()).double_value(&[]).max(f64::MIN_POSITIVE)).collect(),
+                style: targets
+                    .style
+                    .iter()
+                    .zip(&self.settings.style_layers)
+                    .zip(layer_weights)
+                    .map(|((gram, layer), weight)| {
+                        let positions = layer_positions(*layer, height, width);
+                        weight / loss::style_layer_loss_of_gram(&gram.zeros_like(), gram, positions).double_value(&[]).max(f64::MIN_POSITIVE)
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// The total loss at `image` and its parts (content, style, tv, temporal), each as it enters the total.
+    /// The loss is taken on the image clamped to 0..1, as it will be saved: pixels pushed out of
+    /// range stop pulling, and the final clamp cannot undo what the optimisation achieved.
+    fn evaluate(&self, image: &Tensor, targets: &Targets, balance: &Balance) -> (Tensor, [Tensor; 4]) {
+        let image = &image.clamp(0.0, 1.0);
+        let features = self.vgg.features(image, &self.layers);
+        let (content_features, style_features) = features.split_at(self.settings.content_layers.len());
+        let zero = || Tensor::zeros([], (Kind::Float, image.device()));
+        let content = content_features
+            .iter()
+            .zip(&targets.content)
+            .zip(&balance.content)
+            .fold(zero(), |sum, ((f, p), weight)| sum + loss::content_loss(f, p) * *weight);
+        let style = style_features
+            .iter()
+            .zip(&targets.style)
+            .zip(&balance.style)
+            .fold(zero(), |sum, ((f, a), weight)| sum + loss::style_layer_loss(f, a) * *weight);
+        let tv = if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
+        let temporal = match &targets.temporal {
+            Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(image, warped, mask) * *weight,
+            _ => zero(),
+        };
+        let content = content * (self.settings.ratio * self.settings.style_weight);
+        let style = style * self.settings.style_weight;
+        let total = &content + &style + &tv + &temporal;
+        (total, [content, style, tv, temporal])
+    }
+
+    /// Runs `iterations` optimisation steps from `start` towards `targets`.
+    /// `observer` sees every iteration; `first_iteration`/`total_iterations` place it in a longer run.
+    pub fn optimise(
+        &self,
+        targets: &Targets,
+        start: &Tensor,
+        iterations: usize,
+        observer: &mut dyn FnMut(usize, Losses, &Tensor),
+    ) -> (Tensor, Losses, usize) {
+        let mut optimizer: Box<dyn Optimizer> = match self.settings.optimizer {
+            OptimizerKind::Lbfgs => Box::new(Lbfgs::new(self.settings.lbfgs_history, 1.0)),
+            OptimizerKind::Adam => Box::new(Adam::new(self.settings.learning_rate)),
+        };
+        let mut image = start.detach().to_kind(Kind::Float).to_device(self.vgg.device());
+        let balance = self.balance(targets, &image);
+        let mut accepted: Option<(Tensor, Losses)> = None;
+        let mut losses = Losses::default();
+        let mut calm_iterations = 0;
+        let mut done = 0;
+        for iteration in 0..iterations {
+            let point = image.detach().set_requires_grad(true);
+            let (total, parts) = self.evaluate(&point, targets, &balance);
+            total.backward();
+            let previous_total = losses.total;
+            losses = read_losses(&total, &parts);
+            done = iteration + 1;
+            observer(done, losses, &point);
+            if let Some((good, good_losses)) = accepted.as_ref().filter(|(_, good)| diverged(good.total, losses.total)) {
+                // without a line search a step can overshoot: go back and rebuild the curvature memory
+                tracing::debug!(iteration = done, loss = losses.total, "step diverged; restarting from the last good point");
+                image = good.shallow_clone();
+                losses = *good_losses;
+                optimizer.reset();
+                continue;
+            }
+            accepted = Some((point.detach(), losses));
+            if self.converged(previous_total, losses.total, iteration, &mut calm_iterations) {
+                break;
+            }
+            let Some(step) = optimizer.propose(&point.grad()) else { break };
+            image = point.detach() + step;
+        }
+        let image = accepted.map_or(image, |(good, _)| good);
+        (image.detach(), losses, done)
+    }
+
+    fn converged(&self, previous: f64, current: f64, iteration: usize, calm_iterations: &mut u32) -> bool {
+        if self.settings.tolerance <= 0.0 || iteration == 0 {
+            return false;
+        }
+        let change = (previous - current).abs() / current.abs().max(f64::MIN_POSITIVE);
+        if change < self.settings.tolerance { *calm_iterations += 1 } else { *calm_iterations = 0 }
+        *calm_iterations >= self.settings.patience.max(1)
+    }
+
+    /// Stylizes a still image: the whole coarse-to-fine schedule, colour handling and initialisation.
+    pub fn stylize(
+        &self,
+        content: &RgbImage,
+        styles: &[StyleImage],
+        observer: &mut dyn FnMut(&Progress<'_>),
+    ) -> Result<Stylized> {
+        if styles.is_empty() {
+            return Err(Error::Settings("at least one style image is needed".into()));
+        }
+        let schedule = self.settings.schedule();
+        let total_iterations: usize = schedule.iter().map(|s| s.iterations as usize).sum();
+        let started = Instant::now();
+        let mut current: Option<Tensor> = None;
+        let mut iterations_done = 0;
+        let mut losses = Losses::default();
+        for (scale_index, step) in schedule.iter().enumerate() {
+            let content_at_size = self.prepare(&imageio::resize_long_side(content, step.size));
+            let targets = Targets {
+                content: self.content_targets(&content_at_size),
+                style: self.style_targets(styles, step.size),
+                temporal: None,
+            };
+            let start = match current.take() {
+                Some(previous) => resize_to(&previous, &content_at_size),
+                None => self.initial_image(&content_at_size)?,
+            };
+            let before = iterations_done;
+            let mut report = |done: usize, losses: Losses, image: &Tensor| {
+                observer(&Progress {
+                    scale: (scale_index + 1, schedule.len()),
+                    iteration: (before + done, total_iterations),
+                    losses,
+                    image,
+                    elapsed: started.elapsed().as_secs_f64(),
+                });
+            };
+            let (image, scale_losses, done) = self.optimise(&targets, &start, step.iterations as usize, &mut report);
+            iterations_done += done;
+            losses = scale_losses;
+            current = Some(image);
+        }
+        let image = current.expect("schedule has at least one step");
+        let image = self.finish_colours(&image, content);
+        Ok(Stylized { image, losses, iterations: iterations_done })
+    }
+
+    fn initial_image(&self, content: &Tensor) -> Result<Tensor> {
+        match self.settings.init {
+            Init::Content => Ok(content.copy()),
+            Init::Noise => {
+                tch::manual_seed(self.settings.seed as i64);
+                Ok(Tensor::rand_like(&content.to_device(tch::Device::Cpu)).to_device(content.device()))
+            }
+            Init::Image => {
+                let path = self.settings.init_image.as_deref().expect("validated");
+                let image = imageio::read_rgb(path)?;
+                Ok(resize_to(&self.prepare(&image), content))
+            }
+        }
+    }
+
+    fn finish_colours(&self, image: &Tensor, content: &RgbImage) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let (_, _, h, w) = image.size4().expect("image [1, 3, H, W]");
+        let content = imageio::rgb_to_tensor(&image::imageops::resize(content, w as u32, h as u32, image::imageops::FilterType::Lanczos3))
+            .to_device(image.device());
+        let coloured = match self.settings.color {
+            ColorMode::Style => image.shallow_clone(),
+            ColorMode::Luminance => color::with_content_chrominance(image, &content),
+            ColorMode::Histogram => color::match_histogram(image, &content),
+        };
+        coloured.clamp(0.0, 1.0)
+    }
+}
+
+/// Resizes `image` (bilinear) to the spatial size of `like`.
+pub fn resize_to(image: &Tensor, like: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let size = like.size();
+    if image.size() == size {
+        return image.copy();
+    }
+    image.upsample_bilinear2d([size[2], size[3]], false, None, None)
+}
+
+/// Multipliers of each content and style layer's term.
+struct Balance {
+    content: Vec<f64>,
+    style: Vec<f64>,
+}
+
+/// Feature positions M of a layer for an input of `height` × `width` (floor at each 2×2 pooling).
+fn layer_positions(layer: LayerId, height: i64, width: i64) -> i64 {
+    let shrink = |side: i64| (0..layer.block - 1).fold(side, |s, _| s / 2);
+    shrink(height) * shrink(width)
+}
+
+/// A loss that is not finite or more than doubled means the last step overshot.
+fn diverged(previous: f64, current: f64) -> bool {
+    !current.is_finite() || current > 2.0 * previous.abs()
+}
+
+fn blend_weights(styles: &[StyleImage], blend: &[f64]) -> Vec<f64> {
+    let raw: Vec<f64> = if blend.len() == styles.len() { blend.to_vec() } else { styles.iter().map(|s| s.weight).collect() };
+    let sum: f64 = raw.iter().sum();
+    if sum > 0.0 { raw.iter().map(|w| w / sum).collect() } else { vec![1.0 / styles.len() as f64; styles.len()] }
+}
+
+fn read_losses(total: &Tensor, parts: &[Tensor; 4]) -> Losses {
+    Losses {
+        content: parts[0].double_value(&[]),
+        style: parts[1].double_value(&[]),
+        tv: parts[2].double_value(&[]),
+        temporal: parts[3].double_value(&[]),
+        total: total.double_value(&[]),
+    }
+}

@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests: where the shared real material is, and a network built
+//! from the real VGG-16 weights.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use impasto::device::{DeviceChoice, Precision};
+use impasto::model::{self, ModelSettings, Pooling, Vgg};
+
+/// The shared folder of real weights, photos, paintings and clips (`$IMPASTO_SHARED` or `../shared`).
+pub fn shared() -> PathBuf {
+    let dir = std::env::var_os("IMPASTO_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    assert!(dir.join("models").is_dir(), "shared material not found at {} (set IMPASTO_SHARED)", dir.display());
+    dir
+}
+
+/// The real VGG-16 weight file.
+pub fn vgg16_weights() -> PathBuf {
+    shared().join("models/vgg16_hed.safetensors")
+}
+
+/// A real photo or painting from the shared media.
+pub fn media(relative: &str) -> PathBuf {
+    shared().join("media").join(relative)
+}
+
+/// Model settings for the real VGG-16 on the CPU, with a private cache directory.
+pub fn vgg16_settings(pooling: Pooling, normalize: bool) -> ModelSettings {
+    ModelSettings {
+        path: Some(vgg16_weights()),
+        convention: None,
+        pooling,
+        normalize,
+        device: DeviceChoice::Cpu,
+        precision: Precision::F32,
+        layout: model::Layout::ChannelsFirst,
+    }
+}
+
+/// The real VGG-16, loaded as impasto loads it.
+pub fn vgg16(pooling: Pooling, normalize: bool) -> Vgg {
+    model::load(&vgg16_settings(pooling, normalize)).expect("shared VGG-16 loads")
+}
