@@ -61,7 +61,7 @@ fn normalised_filters_average_one_over_the_calibration_images() {
 
 #[test]
 fn stylization_moves_grams_towards_the_style_and_keeps_the_content() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let scorer = common::vgg16(Pooling::Max, false);
     let content = astronaut();
     let stylizer = Stylizer::new(&vgg, small_settings(96, 60)).unwrap();
@@ -77,7 +77,7 @@ fn stylization_moves_grams_towards_the_style_and_keeps_the_content() {
 
 #[test]
 fn noise_init_is_reproducible_with_a_seed() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let run = |seed| {
         let settings = StyleSettings { init: Init::Noise, seed, ..small_settings(48, 5) };
         Stylizer::new(&vgg, settings).unwrap().stylize(&astronaut(), &[starry()], &mut |_| {}).unwrap().image
@@ -89,7 +89,7 @@ fn noise_init_is_reproducible_with_a_seed() {
 
 #[test]
 fn luminance_mode_keeps_the_content_colours() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let settings = StyleSettings { color: ColorMode::Luminance, ..small_settings(64, 10) };
     let content = astronaut();
     let result = Stylizer::new(&vgg, settings).unwrap().stylize(&content, &[starry()], &mut |_| {}).unwrap();
@@ -103,7 +103,7 @@ fn luminance_mode_keeps_the_content_colours() {
 
 #[test]
 fn blending_two_styles_lands_between_them() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let scorer = common::vgg16(Pooling::Max, false);
     let content = astronaut();
     let blend = |weights: Vec<f64>| {
@@ -120,7 +120,7 @@ fn blending_two_styles_lands_between_them() {
 
 #[test]
 fn multi_scale_schedule_ends_at_the_last_size_and_adam_descends() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let settings = StyleSettings {
         scales: vec![ScaleStep { size: 32, iterations: 5 }, ScaleStep { size: 64, iterations: 5 }],
         optimizer: OptimizerKind::Adam,
@@ -161,7 +161,7 @@ fn bf16_network_gives_nearly_the_same_losses() {
 
 #[test]
 fn unknown_layer_is_a_settings_error() {
-    let vgg = common::vgg16(Pooling::Avg, true);
+    let vgg = common::default_vgg16();
     let settings = StyleSettings { style_layers: vec![LayerId::new(3, 4)], ..StyleSettings::default() };
     let error = Stylizer::new(&vgg, settings).err().expect("conv3_4 is not in VGG-16").to_string();
     assert!(error.contains("conv3_4") && error.contains("vgg16"), "{error}");

@@ -35,9 +35,9 @@ pub struct ModelSettings {
     pub path: Option<PathBuf>,
     /// Input convention, for files that do not state theirs.
     pub convention: Option<Convention>,
-    /// Pooling between blocks: `avg` (the paper's choice for synthesis) or `max`.
+    /// Pooling between blocks: `max` (as trained; measured best here) or `avg` (the paper's choice).
     pub pooling: Pooling,
-    /// Rescale filters to unit mean activation (the paper's normalisation).
+    /// Rescale filters to unit mean activation (the paper's normalisation; off by default, see BENCHMARKS.md).
     pub normalize: bool,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: DeviceChoice,
@@ -52,8 +52,8 @@ impl Default for ModelSettings {
         ModelSettings {
             path: None,
             convention: None,
-            pooling: Pooling::Avg,
-            normalize: true,
+            pooling: Pooling::Max,
+            normalize: false,
             device: DeviceChoice::Auto,
             precision: Precision::F32,
             layout: Layout::ChannelsFirst,

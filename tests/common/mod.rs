@@ -43,3 +43,9 @@ pub fn vgg16_settings(pooling: Pooling, normalize: bool) -> ModelSettings {
 pub fn vgg16(pooling: Pooling, normalize: bool) -> Vgg {
     model::load(&vgg16_settings(pooling, normalize)).expect("shared VGG-16 loads")
 }
+
+/// The real VGG-16 with impasto's default model settings (on the CPU).
+pub fn default_vgg16() -> Vgg {
+    let settings = ModelSettings { path: Some(vgg16_weights()), device: DeviceChoice::Cpu, ..ModelSettings::default() };
+    model::load(&settings).expect("shared VGG-16 loads")
+}
