@@ -189,14 +189,15 @@ fn weights_without_a_stated_convention_are_refused() {
 }
 
 #[test]
-fn reported_losses_are_the_papers_terms_under_both_balances() {
+fn reported_losses_are_the_papers_terms_under_every_balance() {
     use impasto::style::loss;
     use impasto::style::{LayerBalance, Targets};
     let vgg = common::vgg16(Pooling::Avg, false);
     let content = imageio::load_tensor(&common::media("photos/chelsea.png"), Some(64), tch::Device::Cpu).unwrap();
     let start = imageio::load_tensor(&common::media("photos/astronaut.png"), Some(64), tch::Device::Cpu).unwrap();
-    let start = impasto::style::stylizer::resize_to(&start, &content);
-    for balance in [LayerBalance::Paper, LayerBalance::Relative] {
+    // on whole 8-bit levels, as the loss sees the image as it will be saved
+    let start = (impasto::style::stylizer::resize_to(&start, &content) * 255.0).round() / 255.0;
+    for balance in [LayerBalance::Paper, LayerBalance::Relative, LayerBalance::Distance] {
         let settings = StyleSettings { layer_balance: balance, ratio: 0.25, ..StyleSettings::default() };
         let stylizer = Stylizer::new(&vgg, settings.clone()).unwrap();
         let targets = Targets {
@@ -213,15 +214,22 @@ fn reported_losses_are_the_papers_terms_under_both_balances() {
         let p = &targets.content[0];
         let mut content_term = loss::content_loss(f, p).double_value(&[]);
         let mut style_term = 0.0;
-        for (feature, target) in vgg.features(&start, &settings.style_layers).iter().zip(&targets.style) {
+        for (feature, per_position) in vgg.features(&start, &settings.style_layers).iter().zip(&targets.style) {
+            let target = per_position * (feature.size()[2] * feature.size()[3]) as f64;
+            let target = &target;
             let e = loss::style_layer_loss(feature, target).double_value(&[]);
+            let relative = e / loss::style_layer_loss(&feature.zeros_like(), target).double_value(&[]);
             style_term += match balance {
                 LayerBalance::Paper => e / 5.0,
-                LayerBalance::Relative => e / loss::style_layer_loss(&feature.zeros_like(), target).double_value(&[]) / 5.0,
+                LayerBalance::Relative => relative / 5.0,
+                LayerBalance::Distance => relative.sqrt() / 5.0,
             };
         }
-        if balance == LayerBalance::Relative {
-            content_term /= loss::content_loss(&p.zeros_like(), p).double_value(&[]);
+        let relative_content = content_term / loss::content_loss(&p.zeros_like(), p).double_value(&[]);
+        match balance {
+            LayerBalance::Paper => {}
+            LayerBalance::Relative => content_term = relative_content,
+            LayerBalance::Distance => content_term = relative_content.sqrt(),
         }
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-12);
         assert!(close(reported.content, 0.25 * content_term), "{balance:?}: content {} vs {}", reported.content, 0.25 * content_term);

@@ -34,6 +34,9 @@ pub struct StyleFlags {
     /// Content-to-style ratio α/β.
     #[arg(long)]
     pub ratio: Option<f64>,
+    /// Layer balance: relative (default), distance or paper.
+    #[arg(long)]
+    pub layer_balance: Option<impasto::style::LayerBalance>,
     /// Total-variation weight.
     #[arg(long)]
     pub tv_weight: Option<f64>,
@@ -97,7 +100,7 @@ impl StyleFlags {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
         }
-        set!(size, iterations, ratio, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
+        set!(size, iterations, ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
         set!(learning_rate, tolerance, init, seed, style_scale, style_blend, color, scales);
         if let Some(path) = &self.init_image {
             s.init_image = Some(path.clone());

@@ -28,7 +28,9 @@ pub struct StyleImage {
 pub struct Targets {
     /// Content features P at each content layer.
     pub content: Vec<Tensor>,
-    /// Blended style Gram matrices A at each style layer.
+    /// Blended style Gram matrices per feature position (A / M_style) at each style layer: the
+    /// paper's A for an output of M positions is M times this, so a style image of another size than
+    /// the output asks for the same statistics.
     pub style: Vec<Tensor>,
     /// Optional temporal term: previous output warped to this frame, its reliability mask, weight γ.
     pub temporal: Option<(Tensor, Tensor, f64)>,
@@ -111,7 +113,7 @@ impl<'m> Stylizer<'m> {
         for (style, weight) in styles.iter().zip(weights) {
             let image = self.prepare(&imageio::resize_long_side(&style.image, side));
             let grams: Vec<Tensor> =
-                self.vgg.features(&image, &self.settings.style_layers).iter().map(|f| loss::gram(f) * weight).collect();
+                self.vgg.features(&image, &self.settings.style_layers).iter().map(|f| loss::gram(f) * (weight / positions(f))).collect();
             blended = Some(match blended {
                 None => grams,
                 Some(sum) => sum.iter().zip(&grams).map(|(a, b)| a + b).collect(),
@@ -129,33 +131,38 @@ impl<'m> Stylizer<'m> {
         }
     }
 
-    /// Per-layer multipliers of the paper's terms under the chosen balance (computed once per run).
+    /// Per-layer scales and weights of the paper's terms under the chosen balance (once per run).
     fn balance(&self, targets: &Targets, image: &Tensor) -> Balance {
         let (_, _, height, width) = image.size4().expect("image [1, 3, H, W]");
-        let layer_weights = self.settings.layer_weights();
-        match self.settings.layer_balance {
-            LayerBalance::Paper => Balance { content: vec![1.0; targets.content.len()], style: layer_weights },
-            LayerBalance::Relative => Balance {
-                content: targets.content.iter().map(|p| 1.0 / loss::content_loss(p, &p.zeros_like()).double_value(&[]).max(f64::MIN_POSITIVE)).collect(),
-                style: targets
-                    .style
-                    .iter()
-                    .zip(&self.settings.style_layers)
-                    .zip(layer_weights)
-                    .map(|((gram, layer), weight)| {
-                        let positions = layer_positions(*layer, height, width);
-                        weight / loss::style_layer_loss_of_gram(&gram.zeros_like(), gram, positions).double_value(&[]).max(f64::MIN_POSITIVE)
-                    })
-                    .collect(),
-            },
+        let style_weights = self.settings.layer_weights();
+        let content_weights = vec![1.0; targets.content.len()];
+        if self.settings.layer_balance == LayerBalance::Paper {
+            let ones = |n: usize| vec![1.0; n];
+            return Balance {
+                content: ones(targets.content.len()).into_iter().zip(content_weights).collect(),
+                style: ones(targets.style.len()).into_iter().zip(style_weights).collect(),
+                root: false,
+            };
+        }
+        let inverse = |value: f64| 1.0 / value.max(f64::MIN_POSITIVE);
+        let content_scales = targets.content.iter().map(|p| inverse(loss::content_loss(p, &p.zeros_like()).double_value(&[])));
+        let style_scales = targets.style.iter().zip(&self.settings.style_layers).map(|(gram, layer)| {
+            let positions = layer_positions(*layer, height, width);
+            let target = gram * positions as f64;
+            inverse(loss::style_layer_loss_of_gram(&target.zeros_like(), &target, positions).double_value(&[]))
+        });
+        Balance {
+            content: content_scales.zip(content_weights).collect(),
+            style: style_scales.zip(style_weights).collect(),
+            root: self.settings.layer_balance == LayerBalance::Distance,
         }
     }
 
-    /// The total loss at `image` and its parts (content, style, tv, temporal), each as it enters the total.
-    /// The loss is taken on the image clamped to 0..1, as it will be saved: pixels pushed out of
-    /// range stop pulling, and the final clamp cannot undo what the optimisation achieved.
+    /// The loss is taken on the image as it will be saved: clamped to 0..1 (pixels pushed out of
+    /// range stop pulling) and rounded to 8 bits with a straight-through gradient (deep-layer Grams
+    /// react to sub-quantum patterns that saving would erase).
     fn evaluate(&self, image: &Tensor, targets: &Targets, balance: &Balance) -> (Tensor, [Tensor; 4]) {
-        let image = &image.clamp(0.0, 1.0);
+        let image = &as_saved(image);
         let features = self.vgg.features(image, &self.layers);
         let (content_features, style_features) = features.split_at(self.settings.content_layers.len());
         let zero = || Tensor::zeros([], (Kind::Float, image.device()));
@@ -163,12 +170,12 @@ impl<'m> Stylizer<'m> {
             .iter()
             .zip(&targets.content)
             .zip(&balance.content)
-            .fold(zero(), |sum, ((f, p), weight)| sum + loss::content_loss(f, p) * *weight);
+            .fold(zero(), |sum, ((f, p), term)| sum + balance.weigh(loss::content_loss(f, p), *term));
         let style = style_features
             .iter()
             .zip(&targets.style)
             .zip(&balance.style)
-            .fold(zero(), |sum, ((f, a), weight)| sum + loss::style_layer_loss(f, a) * *weight);
+            .fold(zero(), |sum, ((f, a), term)| sum + balance.weigh(loss::style_layer_loss(f, &(a * positions(f))), *term));
         let tv = if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
         let temporal = match &targets.temporal {
             Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(image, warped, mask) * *weight,
@@ -322,9 +329,37 @@ pub fn resize_to(image: &Tensor, like: &Tensor) -> Tensor {
 }
 
 /// Multipliers of each content and style layer's term.
+/// `image` clamped to 0..1 and rounded to 8 bits, with the gradient of the clamp alone.
+fn as_saved(image: &Tensor) -> Tensor {
+    let clamped = image.clamp(0.0, 1.0);
+    if std::env::var_os("IMPASTO_NO_STE").is_some() {
+        return clamped;
+    }
+    let rounded = (&clamped * 255.0).round() / 255.0;
+    &clamped + (rounded - &clamped).detach()
+}
+
+/// (scale, weight) of each content and style layer's term: the term enters as weight·scale·E
+/// (or weight·√(scale·E) when `root`).
 struct Balance {
-    content: Vec<f64>,
-    style: Vec<f64>,
+    content: Vec<(f64, f64)>,
+    style: Vec<(f64, f64)>,
+    /// Take the square root of each scaled term (relative distances instead of squared ones).
+    root: bool,
+}
+
+impl Balance {
+    fn weigh(&self, term: Tensor, (scale, weight): (f64, f64)) -> Tensor {
+        let scaled = term * scale;
+        let shaped = if self.root { (scaled + 1e-12).sqrt() } else { scaled };
+        shaped * weight
+    }
+}
+
+/// Feature positions M of features `[1, N, h, w]`.
+fn positions(features: &Tensor) -> f64 {
+    let size = features.size();
+    (size[2] * size[3]) as f64
 }
 
 /// Feature positions M of a layer for an input of `height` × `width` (floor at each 2×2 pooling).
