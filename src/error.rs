@@ -55,6 +55,22 @@ pub enum Error {
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(String),
+    /// A video could not be read or written (the input is not a video, is damaged or truncated, has no
+    /// frames, or the output cannot be written).
+    #[cfg(feature = "media")]
+    #[error(transparent)]
+    Media(#[from] crate::media::MediaError),
+    /// A video job's work directory (checkpoints) cannot be used.
+    #[error("work directory '{dir}': {problem}", dir = .dir.display())]
+    Checkpoint {
+        /// The work directory.
+        dir: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A bug: something that should not happen did (a worker thread panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// The engine's result type.

@@ -11,6 +11,7 @@ pub mod imageio;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod model;
+pub mod pipeline;
 pub mod profile;
 pub mod style;
 

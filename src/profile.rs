@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::ModelSettings;
+use crate::pipeline::VideoSettings;
 use crate::style::StyleSettings;
 
 /// Environment variable naming a directory of profiles.
@@ -20,6 +21,8 @@ pub struct Profile {
     pub model: ModelSettings,
     /// The stylization.
     pub style: StyleSettings,
+    /// Video jobs: temporal coherence, per-frame iterations, flow, encoding.
+    pub video: VideoSettings,
 }
 
 impl Profile {

@@ -3,10 +3,14 @@
 //! 4 device or memory).
 
 mod bench;
+#[cfg(feature = "media")]
+mod eval;
 mod image;
 mod model;
 mod progress;
 mod score;
+#[cfg(feature = "media")]
+mod video;
 
 use clap::{Parser, Subcommand};
 use impasto::Error;
@@ -26,6 +30,12 @@ struct Cli {
 enum Command {
     /// Stylize a still image.
     Image(image::ImageArgs),
+    /// Paint a video, steady from frame to frame (resumes after a crash when run again).
+    #[cfg(feature = "media")]
+    Video(video::VideoArgs),
+    /// Measure how steady a painted video is (warping error E_warp against its input's flow).
+    #[cfg(feature = "media")]
+    Eval(eval::EvalArgs),
     /// Measure an output's style and content distances (plain VGG, max pooling).
     Score(score::ScoreArgs),
     /// Time optimisation iterations at several sizes; prints JSON.
@@ -52,6 +62,26 @@ fn exit_code(error: &anyhow::Error) -> i32 {
         Some(Error::Settings(_)) => exit::USAGE,
         Some(Error::Image { .. } | Error::Weights { .. } | Error::NoModel(_) | Error::Io { .. }) => exit::BAD_INPUT,
         Some(Error::Device { .. } | Error::OutOfMemory { .. }) => exit::DEVICE,
+        #[cfg(feature = "media")]
+        Some(Error::Media(media)) => media_exit_code(media),
+        _ => exit::FAILURE,
+    }
+}
+
+/// Exit code for a video error: the user's files are bad input, impossible encode settings are usage.
+#[cfg(feature = "media")]
+fn media_exit_code(error: &impasto::media::MediaError) -> i32 {
+    use impasto::media::MediaError as M;
+    match error {
+        M::Settings(_) | M::UnknownContainer { .. } | M::UnknownCodec { .. } | M::Unsupported { .. } => exit::USAGE,
+        M::Io { .. }
+        | M::NotMedia { .. }
+        | M::Corrupt { .. }
+        | M::NoVideoStream { .. }
+        | M::ZeroFrames { .. }
+        | M::Truncated { .. }
+        | M::Damaged { .. }
+        | M::OutputDirectory { .. } => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
 }
@@ -63,6 +93,10 @@ pub fn main() -> i32 {
     quiet_torch_panics();
     let result = match cli.command {
         Command::Image(args) => image::run(args),
+        #[cfg(feature = "media")]
+        Command::Video(args) => video::run(args),
+        #[cfg(feature = "media")]
+        Command::Eval(args) => eval::run(args),
         Command::Score(args) => score::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Model(args) => model::run(args),
@@ -70,10 +104,27 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_message(&error));
             exit_code(&error)
         }
     }
+}
+
+/// The error and its causes, each cause left out when the message before already says it (typed
+/// errors often quote their source).
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 fn install_logging(filter: &str) {

@@ -1,0 +1,278 @@
+//! Painting one frame after another with temporal coherence; tensors only, no FFmpeg. The
+//! `FramePainter` holds what carries from frame to frame (the previous input and output, the shot's
+//! loss scale) and decides, per frame, how to start: from the content on the first frame and after a
+//! scene cut (first-frame settings), from the previous output (`previous` mode), or, as Ruder et al.
+//! (2016) do, from the previous output warped along the input's backward flow with the unreliable
+//! pixels filled from the content, plus the temporal loss over the reliable ones (`flow` mode). The
+//! warp is bicubic, so a painting carried over many frames keeps its brush strokes.
+
+use std::time::Instant;
+
+use image::RgbImage;
+use tch::{Device, Tensor};
+
+use super::resample::warp_bicubic;
+use super::report::{FrameLosses, FrameRecord, FrameSeconds, Start};
+use super::settings::{TemporalMode, VideoSettings};
+use crate::error::Result;
+use crate::flow::{self, FlowPair};
+use crate::imageio;
+use crate::model::Vgg;
+use crate::style::color::{self, ColorMode};
+use crate::style::{Losses, StyleImage, StyleSettings, Stylizer, Targets};
+
+/// What the next frame builds on.
+struct Previous {
+    /// The previous input frame (RGB 0..1, on the network's device).
+    input: Tensor,
+    /// The previous output as it was stored (8-bit, back in 0..1).
+    output: Tensor,
+    /// The shot's loss scale (see [`VideoSettings::temporal_weight`]).
+    loss_scale: f64,
+}
+
+/// The flow between the previous input frame and this one, and what it says.
+struct Motion {
+    pair: FlowPair,
+    reliable: Tensor,
+    is_cut: bool,
+}
+
+/// A painted frame: the picture to store and encode, and its record (encode time still zero).
+pub struct PaintedFrame {
+    /// The output at the working size.
+    pub picture: RgbImage,
+    /// What happened.
+    pub record: FrameRecord,
+}
+
+/// Paints the frames of one video in order.
+pub struct FramePainter<'m> {
+    first: Stylizer<'m>,
+    later: Stylizer<'m>,
+    style_targets: Vec<Tensor>,
+    video: VideoSettings,
+    color: ColorMode,
+    device: Device,
+    measure_warping: bool,
+    previous: Option<Previous>,
+}
+
+impl<'m> FramePainter<'m> {
+    /// A painter for frames whose long side is `long_side`; the style targets are computed here, once.
+    /// `measure_warping` computes the flow (and E_warp) even in `independent` mode.
+    pub fn new(
+        vgg: &'m Vgg,
+        style: &StyleSettings,
+        video: &VideoSettings,
+        styles: &[StyleImage],
+        long_side: u32,
+        measure_warping: bool,
+    ) -> Result<Self> {
+        video.validate()?;
+        let first = Stylizer::new(vgg, style.clone())?;
+        let later_settings =
+            StyleSettings { tolerance: video.tolerance, patience: video.patience, ..style.clone() };
+        let later = Stylizer::new(vgg, later_settings)?;
+        let style_targets = first.style_targets(styles, long_side);
+        Ok(FramePainter {
+            first,
+            later,
+            style_targets,
+            video: video.clone(),
+            color: style.color,
+            device: vgg.device(),
+            measure_warping,
+            previous: None,
+        })
+    }
+
+    /// The device frames should be on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Takes a frame an earlier run painted as if it had just been painted here: `content` is its
+    /// input frame, `stored` its output, `record` what the earlier run recorded.
+    pub fn resume(&mut self, content: &Tensor, stored: &RgbImage, record: &FrameRecord) {
+        let output = imageio::rgb_to_tensor(stored).to_device(self.device);
+        self.previous = Some(Previous { input: content.to_device(self.device), output, loss_scale: record.loss_scale });
+    }
+
+    /// Paints the next frame, `content` (RGB 0..1 `[1, 3, H, W]`). `on_iteration` sees (done, planned)
+    /// iterations.
+    pub fn paint(
+        &mut self,
+        index: u64,
+        pts: i64,
+        content: &Tensor,
+        on_iteration: &mut dyn FnMut(usize, usize),
+    ) -> Result<PaintedFrame> {
+        let content = content.to_device(self.device);
+        let flow_started = Instant::now();
+        let motion = self.motion_to(&content)?;
+        let start = self.start_kind(motion.as_ref());
+        let working_content = self.to_working(&content);
+        let (start_image, temporal) = self.starting_point(start, &working_content, motion.as_ref());
+        let flow_seconds = flow_started.elapsed().as_secs_f64();
+
+        let optimise_started = Instant::now();
+        let targets = Targets { content: Vec::new(), style: self.shallow_style(), temporal };
+        let (image, losses, iterations) = self.optimise(start, &working_content, targets, &start_image, on_iteration);
+        let picture = imageio::tensor_to_rgb(&self.finish_colours(&image, &content));
+        let optimise_seconds = optimise_started.elapsed().as_secs_f64();
+
+        let output = imageio::rgb_to_tensor(&picture).to_device(self.device);
+        let warping_error = self.warping_error(&output, motion.as_ref());
+        let loss_scale = self.loss_scale(start, &losses);
+        self.previous = Some(Previous { input: content, output, loss_scale });
+        let record = FrameRecord {
+            index,
+            pts,
+            start,
+            iterations,
+            losses: FrameLosses::from(losses),
+            loss_scale,
+            warping_error,
+            seconds: FrameSeconds { decode: 0.0, flow: flow_seconds, optimise: optimise_seconds, encode: 0.0 },
+            resumed: false,
+        };
+        Ok(PaintedFrame { picture, record })
+    }
+
+    /// Runs the optimisation of a frame that starts as `start` says: first-frame settings for a fresh
+    /// start, later-frame settings (fewer iterations, early stop) otherwise. `targets` comes without
+    /// its content part, which is computed here.
+    fn optimise(
+        &self,
+        start: Start,
+        working_content: &Tensor,
+        targets: Targets,
+        start_image: &Tensor,
+        on_iteration: &mut dyn FnMut(usize, usize),
+    ) -> (Tensor, Losses, usize) {
+        let (stylizer, planned) = if start.is_fresh() {
+            (&self.first, self.video.first_iterations as usize)
+        } else {
+            (&self.later, self.video.iterations as usize)
+        };
+        let targets = Targets { content: stylizer.content_targets(working_content), ..targets };
+        let mut observer = |done: usize, _: Losses, _: &Tensor| on_iteration(done, planned);
+        stylizer.optimise(&targets, start_image, planned, &mut observer)
+    }
+
+    /// The loss scale for the relative temporal weight: measured on a shot's first frame, carried on
+    /// through the shot.
+    fn loss_scale(&self, start: Start, losses: &Losses) -> f64 {
+        match (&self.previous, start.is_fresh()) {
+            (Some(previous), false) => previous.loss_scale,
+            _ => content_and_style_loss(losses),
+        }
+    }
+
+    /// The style targets, shared (no copy).
+    fn shallow_style(&self) -> Vec<Tensor> {
+        self.style_targets.iter().map(Tensor::shallow_clone).collect()
+    }
+
+    /// The flow from the previous input to `content`, when there is a previous frame and the flow is
+    /// wanted.
+    fn motion_to(&self, content: &Tensor) -> Result<Option<Motion>> {
+        let Some(previous) = &self.previous else { return Ok(None) };
+        if !(self.video.needs_flow() || self.measure_warping) {
+            return Ok(None);
+        }
+        let threads = if self.device == Device::Cpu { self.video.flow_threads } else { 0 };
+        with_intra_op_threads(threads, || {
+            let pair = flow::flow_pair(&previous.input, content, &self.video.flow)?;
+            let reliable = pair.reliability();
+            let change = flow::scene_change(&previous.input, content, &reliable, &self.video.flow.scene_cut);
+            if change.is_cut {
+                tracing::info!(histogram = change.histogram_distance, unreliable = change.unreliable_fraction, "scene cut");
+            }
+            Ok(Some(Motion { pair, reliable, is_cut: change.is_cut }))
+        })
+    }
+
+    /// How this frame starts, given the motion from the previous one.
+    fn start_kind(&self, motion: Option<&Motion>) -> Start {
+        if self.previous.is_none() {
+            return Start::First;
+        }
+        if motion.is_some_and(|m| m.is_cut) {
+            return Start::SceneCut;
+        }
+        match self.video.temporal {
+            TemporalMode::Independent => Start::Content,
+            TemporalMode::Previous => Start::Previous,
+            TemporalMode::Flow => Start::Warped,
+        }
+    }
+
+    /// The starting image and the temporal term for `start`.
+    fn starting_point(
+        &self,
+        start: Start,
+        working_content: &Tensor,
+        motion: Option<&Motion>,
+    ) -> (Tensor, Option<(Tensor, Tensor, f64)>) {
+        let previous = self.previous.as_ref();
+        match (start, previous, motion) {
+            (Start::Previous, Some(previous), _) => (self.to_working(&previous.output), None),
+            (Start::Warped, Some(previous), Some(motion)) => {
+                let _guard = tch::no_grad_guard();
+                let warped = self.to_working(&warp_bicubic(&previous.output, &motion.pair.backward)).detach();
+                let mask = &motion.reliable;
+                let filled = &warped * mask + working_content * (mask.neg() + 1.0);
+                let weight = self.video.temporal_weight * previous.loss_scale;
+                (filled, Some((warped, mask.shallow_clone(), weight)))
+            }
+            _ => (working_content.copy(), None),
+        }
+    }
+
+    /// E_warp between `output` and the previous output, along the input's flow (none across a cut).
+    fn warping_error(&self, output: &Tensor, motion: Option<&Motion>) -> Option<f64> {
+        let previous = self.previous.as_ref()?;
+        let motion = motion.filter(|m| !m.is_cut)?;
+        flow::warping_error(output, &previous.output, &motion.pair.backward, &motion.reliable)
+    }
+
+    /// An image in the space the optimisation works in (grey for luminance-only transfer).
+    fn to_working(&self, image: &Tensor) -> Tensor {
+        match self.color {
+            ColorMode::Luminance => color::luminance_as_rgb(image),
+            _ => image.shallow_clone(),
+        }
+    }
+
+    /// The optimised image with the colour mode applied, clamped to 0..1.
+    fn finish_colours(&self, image: &Tensor, content: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let coloured = match self.color {
+            ColorMode::Style => image.shallow_clone(),
+            ColorMode::Luminance => color::with_content_chrominance(image, content),
+            ColorMode::Histogram => color::match_histogram(image, content),
+        };
+        coloured.clamp(0.0, 1.0)
+    }
+}
+
+/// The weighted content and style part of a frame's loss: the scale the relative temporal weight
+/// multiplies.
+fn content_and_style_loss(losses: &Losses) -> f64 {
+    (losses.total - losses.tv - losses.temporal).max(0.0)
+}
+
+/// Runs `work` with `threads` libtorch intra-op threads on this thread (0: as they are), then restores
+/// the previous count.
+fn with_intra_op_threads<T>(threads: usize, work: impl FnOnce() -> T) -> T {
+    if threads == 0 {
+        return work();
+    }
+    let before = tch::get_num_threads();
+    tch::set_num_threads(threads as i32);
+    let result = work();
+    tch::set_num_threads(before);
+    result
+}

@@ -1,0 +1,190 @@
+//! Every knob of a video job (the `[video]` table of a profile): how frames are tied together in time,
+//! how long each frame is optimised, the working size, the flow solver and the encoder. Plain data with
+//! defaults; `validate` names the setting that is out of range.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::flow::FlowSettings;
+
+/// The encoder settings of the `[video.encode]` table: the media module's own type when FFmpeg is built
+/// in.
+#[cfg(feature = "media")]
+pub use crate::media::EncodeSettings;
+
+/// Without FFmpeg nothing is encoded; the `[video.encode]` table is kept as plain TOML so that the
+/// same profiles still load in an engine-only build.
+#[cfg(not(feature = "media"))]
+pub type EncodeSettings = toml::Table;
+
+/// How a frame is tied to the one before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemporalMode {
+    /// Ruder et al. (2016): the previous output warped along the optical flow of the input, with
+    /// unreliable pixels filled from the content, is the starting point, and a temporal loss keeps the
+    /// reliable pixels close to it.
+    #[default]
+    Flow,
+    /// Start from the previous output as it is (no flow, no temporal loss).
+    Previous,
+    /// Every frame on its own, as a still image (first-frame settings for every frame).
+    Independent,
+}
+
+impl std::str::FromStr for TemporalMode {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "flow" => Ok(TemporalMode::Flow),
+            "previous" => Ok(TemporalMode::Previous),
+            "independent" => Ok(TemporalMode::Independent),
+            _ => Err(Error::Settings(format!("temporal '{text}': expected 'flow', 'previous' or 'independent'"))),
+        }
+    }
+}
+
+impl std::fmt::Display for TemporalMode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            TemporalMode::Flow => "flow",
+            TemporalMode::Previous => "previous",
+            TemporalMode::Independent => "independent",
+        };
+        formatter.write_str(name)
+    }
+}
+
+/// Settings of a video job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoSettings {
+    /// Working long side in pixels (aspect kept, both sides even); 0 keeps the source's stored size.
+    pub size: u32,
+    /// How frames are tied together in time.
+    pub temporal: TemporalMode,
+    /// γ of the temporal loss, relative to the loss scale of the shot: the term's weight is
+    /// `temporal_weight × (α·L_content + β·L_style of the shot's first frame)`, so a mean squared colour
+    /// deviation of 1/`temporal_weight` from the warped previous frame costs as much as that frame's
+    /// whole content-and-style loss. Relative, so it keeps its meaning when the engine's loss
+    /// normalisation changes.
+    pub temporal_weight: f64,
+    /// Iterations of the first frame of every shot (and of every frame in `independent` mode).
+    pub first_iterations: u32,
+    /// Most iterations of the later frames of a shot.
+    pub iterations: u32,
+    /// Later frames stop early once the relative change of the loss stays below this for `patience`
+    /// iterations (0 = run all `iterations`).
+    pub tolerance: f64,
+    /// Iterations the change must stay below `tolerance`.
+    pub patience: u32,
+    /// Frames in flight in each queue between the decoder, the stylizer and the encoder.
+    pub queue: usize,
+    /// libtorch intra-op threads while the flow runs on the CPU (its many small operations run
+    /// fastest on one thread); 0 leaves the thread count alone.
+    pub flow_threads: usize,
+    /// The optical-flow solver and scene-cut detection.
+    pub flow: FlowSettings,
+    /// How the painted video is encoded.
+    pub encode: EncodeSettings,
+}
+
+impl Default for VideoSettings {
+    fn default() -> Self {
+        VideoSettings {
+            size: 512,
+            temporal: TemporalMode::Flow,
+            temporal_weight: 100.0,
+            first_iterations: 300,
+            iterations: 100,
+            tolerance: 1e-3,
+            patience: 5,
+            queue: 4,
+            flow_threads: 1,
+            flow: FlowSettings::default(),
+            encode: EncodeSettings::default(),
+        }
+    }
+}
+
+impl VideoSettings {
+    /// Checks every value is in range; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |problem: &str| Err(Error::Settings(format!("video.{problem}")));
+        if self.size != 0 && !(16..=16384).contains(&self.size) {
+            return bad("size must be 0 (the source's) or 16..16384 pixels");
+        }
+        if !(self.temporal_weight.is_finite() && self.temporal_weight >= 0.0) {
+            return bad("temporal_weight must be a non-negative number");
+        }
+        if self.first_iterations == 0 || self.iterations == 0 {
+            return bad("first_iterations and iterations must be at least 1");
+        }
+        if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
+            return bad("tolerance must be a non-negative number");
+        }
+        if self.queue == 0 {
+            return bad("queue must be at least 1 frame");
+        }
+        self.flow.validate()
+    }
+
+    /// Whether the optical flow of the input is needed to make the frames (the `independent` mode
+    /// needs it only to measure the warping error).
+    pub fn needs_flow(&self) -> bool {
+        self.temporal != TemporalMode::Independent
+    }
+
+    /// The settings that decide the painted frames' pixels, as JSON: everything but the encoder, the
+    /// queue lengths and thread counts. Checkpoints are keyed by it, so re-encoding with another CRF
+    /// reuses the painted frames.
+    pub fn frame_identity(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("settings serialise");
+        if let Some(object) = value.as_object_mut() {
+            for key in ["encode", "queue", "flow_threads"] {
+                object.remove(key);
+            }
+        }
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let settings = VideoSettings::default();
+        settings.validate().unwrap();
+        let text = toml::to_string(&settings).unwrap();
+        let back: VideoSettings = toml::from_str(&text).unwrap();
+        assert_eq!(back, settings);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<VideoSettings>("iteratons = 3").is_err());
+        let partial: VideoSettings = toml::from_str("temporal = \"previous\"\n[flow]\nwarps = 2").unwrap();
+        assert_eq!(partial.temporal, TemporalMode::Previous);
+        assert_eq!(partial.flow.warps, 2);
+        let error = VideoSettings { iterations: 0, ..VideoSettings::default() }.validate().unwrap_err();
+        assert!(error.to_string().contains("iterations"), "{error}");
+        assert!("sideways".parse::<TemporalMode>().is_err());
+    }
+
+    #[test]
+    fn frame_identity_ignores_the_encoder() {
+        let mut settings = VideoSettings::default();
+        let before = settings.frame_identity();
+        settings.queue = 9;
+        settings.flow_threads = 3;
+        #[cfg(feature = "media")]
+        {
+            settings.encode.crf = 30;
+        }
+        assert_eq!(settings.frame_identity(), before);
+        settings.iterations = 7;
+        assert_ne!(settings.frame_identity(), before);
+    }
+}

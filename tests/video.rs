@@ -1,0 +1,348 @@
+//! `impasto video` and `impasto eval` as a user runs them, on the real clips in `../shared` with real
+//! FFmpeg and the real VGG-16: frame counts, durations, audio and timestamps survive; scene cuts restart
+//! the sequence; the flow mode is measurably steadier (E_warp) than previous-frame and independent
+//! painting; a job killed with SIGKILL resumes from its checkpoints; and every kind of bad input gets a
+//! clear error naming the file and leaves nothing behind. Outputs are checked with the ffprobe CLI.
+//! Sizes are tiny and iterations few; libtorch runs on one thread (far faster for tiny images on a
+//! shared CPU).
+#![cfg(feature = "media")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The binary with the real weights, a normalisation cache shared by these tests, one thread.
+fn impasto() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
+    command
+        .env("IMPASTO_MODEL", common::vgg16_weights())
+        .env("IMPASTO_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("video-cache"))
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("IMPASTO_LOG");
+    command
+}
+
+/// `impasto video INPUT --style starry_night -o OUTPUT --device cpu` plus `extra`.
+fn video_command(input: &Path, output: &Path, extra: &[&str]) -> Command {
+    let mut command = impasto();
+    command
+        .arg("video")
+        .arg(input)
+        .arg("--style")
+        .arg(common::media("paintings/starry_night.jpg"))
+        .arg("-o")
+        .arg(output)
+        .args(["--device", "cpu"])
+        .args(extra);
+    command
+}
+
+/// Runs a command to the end.
+fn run(mut command: Command) -> Output {
+    command.output().expect("impasto runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A clip from the shared folder.
+fn clip(name: &str) -> PathBuf {
+    common::media(&format!("video/{name}"))
+}
+
+/// Runs the ffmpeg CLI quietly, overwriting outputs; panics if it fails.
+fn ffmpeg(args: &[&str]) {
+    let status = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg {args:?} failed");
+}
+
+/// ffprobe's JSON description of a file (streams with counted frames, and the format).
+fn ffprobe(path: &Path) -> Value {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-show_streams", "-show_format", "-count_frames", "-of", "json"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    assert!(output.status.success(), "ffprobe failed on {}", path.display());
+    serde_json::from_slice(&output.stdout).expect("ffprobe prints JSON")
+}
+
+/// The (type, codec) of every stream.
+fn stream_list(description: &Value) -> Vec<(String, String)> {
+    let streams = description["streams"].as_array().expect("streams");
+    streams.iter().map(|s| (s["codec_type"].as_str().unwrap().into(), s["codec_name"].as_str().unwrap().into())).collect()
+}
+
+/// The first stream of `kind`.
+fn stream<'a>(description: &'a Value, kind: &str) -> &'a Value {
+    let streams = description["streams"].as_array().expect("streams");
+    streams.iter().find(|s| s["codec_type"] == kind).unwrap_or_else(|| panic!("no {kind} stream"))
+}
+
+/// A number ffprobe prints as a string.
+fn number(value: &Value) -> f64 {
+    value.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a number: {value}"))
+}
+
+/// The presentation timestamps of the video frames, as ffprobe decodes them.
+fn frame_timestamps(path: &Path) -> Vec<i64> {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
+}
+
+/// A JSON file.
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The names in a folder, hidden ones included, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Frames `first..=last` of bikes.mp4, except `skipped`, with their original timestamps (so the
+/// result is variable-rate when frames are skipped), re-encoded nearly losslessly.
+fn bikes_segment(dir: &Path, name: &str, first: usize, last: usize, skipped: &[usize]) -> PathBuf {
+    let mut select = format!("between(n\\,{first}\\,{last})");
+    for n in skipped {
+        select.push_str(&format!("*not(eq(n\\,{n}))"));
+    }
+    let path = dir.join(name);
+    let bikes = clip("bikes.mp4");
+    let filter = format!("select='{select}'");
+    ffmpeg(&["-i", bikes.to_str().unwrap(), "-vf", &filter, "-fps_mode", "passthrough", "-c:v", "libx264", "-crf", "12",
+        "-preset", "veryfast", path.to_str().unwrap()]);
+    path
+}
+
+#[test]
+fn bigbuckbunny_keeps_frames_duration_audio_and_timestamps_and_eval_agrees() {
+    let dir = TempDir::new().unwrap();
+    let (input, output, report) = (clip("bigbuckbunny.mp4"), dir.path().join("bunny.mp4"), dir.path().join("r.json"));
+    let extra = ["--size", "32", "--first-iterations", "2", "-n", "1", "--report", report.to_str().unwrap()];
+    let result = run(video_command(&input, &output, &extra));
+    assert!(result.status.success(), "{}", stderr(&result));
+
+    let (before, after) = (ffprobe(&input), ffprobe(&output));
+    assert_eq!(stream_list(&after), stream_list(&before), "same streams (audio copied)");
+    assert_eq!(stream(&after, "video")["nb_read_frames"], "132");
+    assert_eq!(stream(&after, "audio")["duration"], stream(&before, "audio")["duration"]);
+    assert_eq!(stream(&after, "audio")["nb_read_frames"], stream(&before, "audio")["nb_read_frames"]);
+    let duration_gap = number(&after["format"]["duration"]) - number(&before["format"]["duration"]);
+    assert!(duration_gap.abs() < 0.05, "durations differ by {duration_gap} s");
+    assert_eq!(frame_timestamps(&output), frame_timestamps(&input));
+
+    let report = read_json(&report);
+    assert_eq!(report["frame_count"], 132);
+    assert_eq!(report["working_size"], serde_json::json!([32, 18]));
+    let frames = report["frames"].as_array().unwrap();
+    assert_eq!(frames[0]["start"], "first");
+    assert!(frames[1..].iter().all(|f| f["start"] == "warped"), "no scene cut in this clip");
+    assert!(frames[1..].iter().all(|f| f["warping_error"].as_f64().is_some()));
+    assert!(frames.iter().all(|f| f["losses"]["style"].as_f64().unwrap() > 0.0 && f["seconds"]["optimise"].as_f64().is_some()));
+    assert_eq!(report["warping_error"]["pairs"], 131);
+    let painted_mean = report["warping_error"]["mean"].as_f64().unwrap();
+
+    let eval_report = dir.path().join("eval.json");
+    let mut eval = impasto();
+    eval.args(["eval"]).arg(&input).arg(&output).args(["--device", "cpu", "--report"]).arg(&eval_report);
+    let evaluated = run(eval);
+    assert!(evaluated.status.success(), "{}", stderr(&evaluated));
+    assert!(String::from_utf8_lossy(&evaluated.stdout).contains("E_warp"));
+    let evaluation = read_json(&eval_report);
+    assert_eq!(evaluation["pairs"].as_array().unwrap().len(), 131);
+    assert!(evaluation["pairs"].as_array().unwrap().iter().all(|p| p["scene_cut"] == false));
+    let encoded_mean = evaluation["warping_error"]["mean"].as_f64().unwrap();
+    // The encoded video adds 4:2:0 chroma and compression error at 32×18, so it only has to be close.
+    assert!(encoded_mean > 0.0 && encoded_mean < painted_mean * 20.0, "{encoded_mean} vs {painted_mean}");
+}
+
+#[test]
+fn a_scene_cut_restarts_the_sequence_and_variable_timestamps_survive() {
+    let dir = TempDir::new().unwrap();
+    // bikes.mp4 cuts between frames 29 and 30; frames 24 and 25 are dropped to make the rate variable.
+    let input = bikes_segment(dir.path(), "cut.mp4", 20, 37, &[24, 25]);
+    let (output, report) = (dir.path().join("out.mkv"), dir.path().join("r.json"));
+    let extra = ["--size", "64", "--first-iterations", "2", "-n", "1", "--report", report.to_str().unwrap()];
+    let result = run(video_command(&input, &output, &extra));
+    assert!(result.status.success(), "{}", stderr(&result));
+
+    let input_pts = frame_timestamps(&input);
+    let gaps: std::collections::BTreeSet<i64> = input_pts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() > 1, "the test input is not variable-rate: {gaps:?}");
+    let written = ffprobe(&output);
+    assert_eq!(stream_list(&written), vec![("video".to_string(), "h264".to_string())]);
+    assert_eq!(number(&stream(&written, "video")["nb_read_frames"]) as usize, input_pts.len());
+    assert_eq!(frame_timestamps(&output).len(), input_pts.len());
+
+    let report = read_json(&report);
+    let starts: Vec<&str> = report["frames"].as_array().unwrap().iter().map(|f| f["start"].as_str().unwrap()).collect();
+    let cut_position = 30 - 20 - 2;
+    assert_eq!(starts[0], "first");
+    assert_eq!(starts[cut_position], "scene_cut", "{starts:?}");
+    assert_eq!(starts.iter().filter(|s| **s == "scene_cut").count(), 1, "{starts:?}");
+    assert!(report["frames"][cut_position]["warping_error"].is_null());
+    let pts: Vec<i64> = report["frames"].as_array().unwrap().iter().map(|f| f["pts"].as_i64().unwrap()).collect();
+    assert_eq!(pts.windows(2).filter(|w| w[1] - w[0] > pts[1] - pts[0]).count(), 1, "the gap is kept: {pts:?}");
+}
+
+#[test]
+fn flow_mode_is_steadier_than_previous_frame_and_independent_painting() {
+    let dir = TempDir::new().unwrap();
+    // One shot of bikes.mp4 (137–186): a street with a passing cyclist.
+    let input = bikes_segment(dir.path(), "shot.mp4", 140, 149, &[]);
+    let warping_error = |mode: &str| {
+        let (output, report) = (dir.path().join(format!("{mode}.mp4")), dir.path().join(format!("{mode}.json")));
+        let extra = ["--size", "64", "--first-iterations", "15", "-n", "15", "--tolerance", "0", "--temporal", mode,
+            "--report", report.to_str().unwrap()];
+        let result = run(video_command(&input, &output, &extra));
+        assert!(result.status.success(), "{mode}: {}", stderr(&result));
+        let report = read_json(&report);
+        assert_eq!(report["warping_error"]["pairs"], 9, "{mode}");
+        report["warping_error"]["mean"].as_f64().unwrap()
+    };
+    let (flow, previous, independent) = (warping_error("flow"), warping_error("previous"), warping_error("independent"));
+    println!("E_warp: flow {flow:.6}, previous {previous:.6}, independent {independent:.6}");
+    assert!(flow <= independent / 2.0, "flow {flow} against independent {independent}");
+    assert!(flow < previous, "flow {flow} against previous {previous}");
+}
+
+/// The work directory of a job writing `output`, if there is one.
+fn work_dir(output: &Path) -> Option<PathBuf> {
+    let prefix = format!(".{}.impasto-", output.file_name().unwrap().to_string_lossy());
+    std::fs::read_dir(output.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+}
+
+/// Frames a work directory's manifest lists (its lines after the header).
+fn manifest_frames(work_dir: &Path) -> usize {
+    std::fs::read_to_string(work_dir.join("manifest.jsonl")).map_or(0, |text| text.lines().count().saturating_sub(1))
+}
+
+#[test]
+fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
+    let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--json"];
+    let mut first = video_command(&input, &output, &extra);
+    let mut child = first.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let listed = loop {
+        let listed = work_dir(&output).map_or(0, |d| manifest_frames(&d));
+        if listed >= 5 || started.elapsed() > Duration::from_secs(180) {
+            break listed;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(listed >= 5, "the manifest never listed frames");
+    let killed_dir = work_dir(&output).expect("the work directory survives the kill");
+    assert!(manifest_frames(&killed_dir) < 50, "the job was killed before it finished");
+    assert!(!output.exists(), "no output after a kill");
+
+    let mut again = video_command(&input, &output, &extra);
+    again.args(["--report", report.to_str().unwrap()]);
+    let result = run(again);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(stream(&ffprobe(&output), "video")["nb_read_frames"], "50");
+    assert_eq!(stream_list(&ffprobe(&output)), stream_list(&ffprobe(&input)));
+    let report = read_json(&report);
+    assert!(report["resumed_frames"].as_u64().unwrap() >= 5, "{}", report["resumed_frames"]);
+    assert_eq!(report["frame_count"], 50);
+    assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
+}
+
+#[test]
+fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let output = dir.path().join("out.mp4");
+    let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0"];
+    let mut command = video_command(&input, &output, &extra);
+    let child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let started = Instant::now();
+    let work = loop {
+        if let Some(work) = work_dir(&output).filter(|d| manifest_frames(d) >= 2) {
+            break work;
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "the manifest never listed frames");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The encoder stage can no longer store checkpoints: it fails, and the job must end, not hang.
+    std::fs::remove_dir_all(work.join("frames")).unwrap();
+    let result = child.wait_with_output().unwrap();
+    assert!(!result.status.success(), "the job failed");
+    assert!(stderr(&result).contains("frames"), "{}", stderr(&result));
+    assert!(!output.exists(), "no output after a failure");
+    let leftovers: Vec<String> = entries(dir.path()).into_iter().filter(|n| !n.contains(".impasto-")).collect();
+    assert_eq!(leftovers, Vec::<String>::new(), "no partial files beside the output");
+}
+
+/// Runs `impasto video` on a bad input and checks the exit code, that the message names `named`,
+/// and that nothing but `expected_entries` is left in `dir`.
+fn assert_refused(dir: &Path, input: &Path, style: Option<&Path>, output: &Path, named: &Path) {
+    let mut command = impasto();
+    let style = style.map_or_else(|| common::media("paintings/starry_night.jpg"), Path::to_path_buf);
+    command.arg("video").arg(input).arg("--style").arg(style).arg("-o").arg(output).args(["--size", "32", "--device", "cpu"]);
+    let before = entries(dir);
+    let result = run(command);
+    let message = stderr(&result);
+    assert_eq!(result.status.code(), Some(3), "{message}");
+    let name = named.file_name().unwrap().to_string_lossy();
+    assert!(message.contains(&*name), "the message names {name}: {message}");
+    assert!(!output.exists(), "no output for a bad input");
+    assert_eq!(entries(dir), before, "nothing is left behind");
+}
+
+#[test]
+fn bad_inputs_get_a_clear_error_and_leave_nothing() {
+    let dir = TempDir::new().unwrap();
+    let output = dir.path().join("out.mp4");
+
+    let text = dir.path().join("notes.mp4");
+    std::fs::write(&text, "this is not a video\n".repeat(100)).unwrap();
+    assert_refused(dir.path(), &text, None, &output, &text);
+
+    let whole = dir.path().join("whole.mp4");
+    ffmpeg(&["-i", clip("bikes.mp4").to_str().unwrap(), "-c", "copy", "-movflags", "+faststart", whole.to_str().unwrap()]);
+    let truncated = dir.path().join("truncated.mp4");
+    let bytes = std::fs::read(&whole).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(&whole).unwrap();
+    assert_refused(dir.path(), &truncated, None, &output, &truncated);
+
+    let empty = dir.path().join("empty.avi");
+    ffmpeg(&["-i", clip("bikes.mp4").to_str().unwrap(), "-frames:v", "0", "-c:v", "copy", empty.to_str().unwrap()]);
+    assert_refused(dir.path(), &empty, None, &output, &empty);
+
+    let tone = dir.path().join("tone.m4a");
+    ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", tone.to_str().unwrap()]);
+    assert_refused(dir.path(), &tone, None, &output, &tone);
+
+    let good_input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let broken_style = dir.path().join("style.png");
+    std::fs::write(&broken_style, b"not a png").unwrap();
+    assert_refused(dir.path(), &good_input, Some(&broken_style), &output, &broken_style);
+
+    let missing_dir = dir.path().join("missing");
+    let unwritable = missing_dir.join("out.mp4");
+    assert_refused(dir.path(), &good_input, None, &unwritable, &missing_dir);
+}
