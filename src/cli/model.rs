@@ -20,6 +20,9 @@ pub struct ModelFlags {
     /// Pooling between blocks: avg (paper) or max.
     #[arg(long)]
     pub pooling: Option<Pooling>,
+    /// Apply the paper's activation normalisation (unit mean activation per filter).
+    #[arg(long, conflicts_with = "no_normalize")]
+    pub normalize: bool,
     /// Skip the paper's activation normalisation.
     #[arg(long)]
     pub no_normalize: bool,
@@ -45,6 +48,9 @@ impl ModelFlags {
         }
         if let Some(pooling) = self.pooling {
             settings.pooling = pooling;
+        }
+        if self.normalize {
+            settings.normalize = true;
         }
         if self.no_normalize {
             settings.normalize = false;

@@ -129,7 +129,7 @@ impl Default for StyleSettings {
             content_layers: vec![LayerId::new(4, 2)],
             style_layers: (1..=5).map(|b| LayerId::new(b, 1)).collect(),
             style_layer_weights: Vec::new(),
-            ratio: 1.0,
+            ratio: 0.8,
             layer_balance: LayerBalance::Distance,
             style_weight: 1.0,
             tv_weight: 0.0,
