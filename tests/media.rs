@@ -4,6 +4,9 @@
 //! of the code under test. Sizes are tiny (long side ≤ 160) to keep runs short.
 #![cfg(feature = "media")]
 
+mod common;
+
+use common::{ffmpeg, ffprobe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -19,22 +22,7 @@ fn clip(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/media/video").join(name)
 }
 
-/// Runs the ffmpeg CLI quietly with `args`, overwriting outputs; panics if it fails.
-fn ffmpeg(args: &[&str]) {
-    let status = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
-    assert!(status.success(), "ffmpeg {args:?} failed");
-}
 
-/// ffprobe's JSON description of a file: streams, format and counted frames.
-fn ffprobe(path: &Path) -> Value {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-show_streams", "-show_format", "-count_frames", "-of", "json"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    assert!(output.status.success(), "ffprobe failed on {}", path.display());
-    serde_json::from_slice(&output.stdout).expect("ffprobe prints JSON")
-}
 
 /// The presentation timestamps of a file's video frames, as ffprobe decodes them.
 fn ffprobe_frame_pts(path: &Path) -> Vec<i64> {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{ffmpeg, ffprobe};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -56,22 +57,7 @@ fn clip(name: &str) -> PathBuf {
     common::media(&format!("video/{name}"))
 }
 
-/// Runs the ffmpeg CLI quietly, overwriting outputs; panics if it fails.
-fn ffmpeg(args: &[&str]) {
-    let status = Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
-    assert!(status.success(), "ffmpeg {args:?} failed");
-}
 
-/// ffprobe's JSON description of a file (streams with counted frames, and the format).
-fn ffprobe(path: &Path) -> Value {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-show_streams", "-show_format", "-count_frames", "-of", "json"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    assert!(output.status.success(), "ffprobe failed on {}", path.display());
-    serde_json::from_slice(&output.stdout).expect("ffprobe prints JSON")
-}
 
 /// The (type, codec) of every stream.
 fn stream_list(description: &Value) -> Vec<(String, String)> {

@@ -22,6 +22,8 @@ pub struct StyleFlags {
     /// Profile: a TOML file, or a name in ./config (e.g. `default`, `quick`).
     #[arg(long, short = 'p')]
     pub profile: Option<String>,
+    #[command(flatten)]
+    pub loss: LossFlags,
     /// Output long side in pixels.
     #[arg(long)]
     pub size: Option<u32>,
@@ -31,6 +33,23 @@ pub struct StyleFlags {
     /// Coarse-to-fine schedule, e.g. `256:300,512:100` (long side:iterations).
     #[arg(long, value_delimiter = ',', value_parser = parse_scale)]
     pub scales: Option<Vec<ScaleStep>>,
+    /// Stop when the relative loss change stays below this (0 = never).
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Start from: content, noise or image.
+    #[arg(long)]
+    pub init: Option<Init>,
+    /// Starting image (implies --init image).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Seed for noise initialisation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Loss and optimiser flags shared by `image` and `video`; each overrides the profile when given.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LossFlags {
     /// Content-to-style ratio α/β.
     #[arg(long)]
     pub ratio: Option<f64>,
@@ -55,18 +74,6 @@ pub struct StyleFlags {
     /// Adam learning rate.
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    /// Stop when the relative loss change stays below this (0 = never).
-    #[arg(long)]
-    pub tolerance: Option<f64>,
-    /// Start from: content, noise or image.
-    #[arg(long)]
-    pub init: Option<Init>,
-    /// Starting image (implies --init image).
-    #[arg(long)]
-    pub init_image: Option<PathBuf>,
-    /// Seed for noise initialisation.
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Style image size relative to the output.
     #[arg(long)]
     pub style_scale: Option<f64>,
@@ -76,6 +83,18 @@ pub struct StyleFlags {
     /// Colour: style, luminance (keep the content's colours) or histogram (match them).
     #[arg(long)]
     pub color: Option<ColorMode>,
+}
+
+impl LossFlags {
+    /// The profile's style settings with these flags applied.
+    pub fn apply(&self, mut s: StyleSettings) -> StyleSettings {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
+        }
+        set!(ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
+        set!(learning_rate, style_scale, style_blend, color);
+        s
+    }
 }
 
 fn parse_scale(text: &str) -> Result<ScaleStep, String> {
@@ -100,8 +119,8 @@ impl StyleFlags {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
         }
-        set!(size, iterations, ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
-        set!(learning_rate, tolerance, init, seed, style_scale, style_blend, color, scales);
+        set!(size, iterations, tolerance, init, seed, scales);
+        let mut s = self.loss.apply(s);
         if let Some(path) = &self.init_image {
             s.init_image = Some(path.clone());
             s.init = Init::Image;

@@ -11,12 +11,11 @@ use clap::Args;
 use impasto::media::OutputSize;
 use impasto::pipeline::{FrameRecord, JobEvent, Report, TemporalMode, VideoJob, VideoSettings};
 use impasto::profile::Profile;
-use impasto::style::color::ColorMode;
-use impasto::style::optim::OptimizerKind;
 use impasto::style::{StyleImage, StyleSettings};
 use impasto::{Error, imageio};
 use serde_json::json;
 
+use super::image::LossFlags;
 use super::model::ModelFlags;
 use super::progress::Reporter;
 
@@ -49,6 +48,8 @@ pub struct VideoFlags {
     /// Profile: a TOML file, or a name in ./config (e.g. `default`, `quick`).
     #[arg(long, short = 'p')]
     pub profile: Option<String>,
+    #[command(flatten)]
+    pub loss: LossFlags,
     /// Working long side in pixels (0: the source's size).
     #[arg(long)]
     pub size: Option<u32>,
@@ -79,24 +80,6 @@ pub struct VideoFlags {
     /// Encoder speed preset (e.g. medium).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Content-to-style ratio α/β.
-    #[arg(long)]
-    pub ratio: Option<f64>,
-    /// Total-variation weight.
-    #[arg(long)]
-    pub tv_weight: Option<f64>,
-    /// Optimiser: lbfgs or adam.
-    #[arg(long)]
-    pub optimizer: Option<OptimizerKind>,
-    /// Style image size relative to the working size.
-    #[arg(long)]
-    pub style_scale: Option<f64>,
-    /// Blend weights of the style images, in order.
-    #[arg(long, value_delimiter = ',')]
-    pub style_blend: Option<Vec<f64>>,
-    /// Colour: style, luminance (keep the content's colours) or histogram (match them).
-    #[arg(long)]
-    pub color: Option<ColorMode>,
 }
 
 /// `frames`, `source` or a long side in pixels.
@@ -142,12 +125,8 @@ impl VideoFlags {
     }
 
     /// The profile's style settings with these flags applied.
-    pub fn apply_style(&self, mut style: StyleSettings) -> StyleSettings {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { style.$field = v.clone(); } )* };
-        }
-        set!(ratio, tv_weight, optimizer, style_scale, style_blend, color);
-        style
+    pub fn apply_style(&self, style: StyleSettings) -> StyleSettings {
+        self.loss.apply(style)
     }
 }
 

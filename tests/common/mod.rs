@@ -49,3 +49,20 @@ pub fn default_vgg16() -> Vgg {
     let settings = ModelSettings { path: Some(vgg16_weights()), device: DeviceChoice::Cpu, ..ModelSettings::default() };
     model::load(&settings).expect("shared VGG-16 loads")
 }
+
+/// Runs the ffmpeg CLI quietly, overwriting outputs; panics if it fails.
+pub fn ffmpeg(args: &[&str]) {
+    let status = std::process::Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg {args:?} failed");
+}
+
+/// ffprobe's JSON description of a file: streams (with counted frames) and format.
+pub fn ffprobe(path: &std::path::Path) -> serde_json::Value {
+    let output = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-show_streams", "-show_format", "-count_frames", "-of", "json"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    assert!(output.status.success(), "ffprobe failed on {}", path.display());
+    serde_json::from_slice(&output.stdout).expect("ffprobe prints JSON")
+}
