@@ -16,6 +16,8 @@ apt_packages=(
   pkg-config clang libclang-dev ffmpeg
   libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
   libswscale-dev libswresample-dev
+  # the daemon's tests: unit checks (systemd-analyze, systemd-sysusers) and the dashboard in a browser
+  systemd chromium
 )
 
 install_apt() {

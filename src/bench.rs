@@ -80,7 +80,14 @@ fn synchronize(device: Device) {
 }
 
 /// Times `iterations` iterations (after `warmup`) at `width` × `height` with `settings`' layers.
-pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, width: u32, height: u32, warmup: usize, iterations: usize) -> BenchRow {
+pub fn bench_size(
+    vgg: &Vgg,
+    settings: &StyleSettings,
+    width: u32,
+    height: u32,
+    warmup: usize,
+    iterations: usize,
+) -> BenchRow {
     let mut settings = settings.clone();
     settings.tolerance = 0.0;
     let stylizer = Stylizer::new(vgg, settings.clone()).expect("bench settings are valid");
@@ -146,5 +153,13 @@ pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettin
             }
         })
         .collect();
-    Vgg::with_layout(arch, convs, crate::model::Convention::Torchvision, settings.pooling, device, settings.precision, settings.layout)
+    Vgg::with_layout(
+        arch,
+        convs,
+        crate::model::Convention::Torchvision,
+        settings.pooling,
+        device,
+        settings.precision,
+        settings.layout,
+    )
 }

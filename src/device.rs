@@ -32,9 +32,7 @@ impl FromStr for DeviceChoice {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
             other => {
-                let index = other
-                    .strip_prefix("cuda:")
-                    .ok_or_else(|| bad("expected 'auto', 'cpu' or 'cuda:N'"))?;
+                let index = other.strip_prefix("cuda:").ok_or_else(|| bad("expected 'auto', 'cpu' or 'cuda:N'"))?;
                 index.parse().map(DeviceChoice::Cuda).map_err(|_| bad("expected 'cuda:N' with N a number"))
             }
         }

@@ -68,6 +68,13 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// A job was asked to stop (shutdown or cancel) and did, after its current frame; the finished
+    /// frames are checkpointed, so running it again resumes.
+    #[error("stopped on request after {frames_done} frames (finished frames are kept for a resume)")]
+    Stopped {
+        /// Frames painted and checkpointed so far.
+        frames_done: u64,
+    },
     /// A bug: something that should not happen did (a worker thread panicked).
     #[error("internal error: {0}")]
     Internal(String),

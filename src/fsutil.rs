@@ -16,7 +16,10 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
-            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist")));
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist"),
+            ));
         }
     }
     let temp = temp_path_for(path);

@@ -1,6 +1,6 @@
 //! impasto turns images and videos into paintings with the optimisation method of Gatys, Ecker and
 //! Bethge, keeping videos steady from frame to frame. This crate is the engine (model, losses,
-//! optimisers) and, behind the `media` feature, the FFmpeg side.
+//! optimisers), behind the `media` feature the FFmpeg side, and behind `service` the daemon.
 
 pub mod bench;
 pub mod device;
@@ -13,6 +13,8 @@ pub mod media;
 pub mod model;
 pub mod pipeline;
 pub mod profile;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod style;
 
 pub use error::{Error, Result};

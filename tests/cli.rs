@@ -42,7 +42,8 @@ fn files_in(dir: &Path) -> Vec<String> {
 fn image_writes_the_output_with_json_progress_and_intermediates() {
     let dir = tempfile::tempdir().unwrap();
     let output_path = dir.path().join("out.png");
-    let output = quick_image(dir.path(), &common::media("photos/chelsea.png"), &output_path, &["--json", "--save-every", "2"]);
+    let output =
+        quick_image(dir.path(), &common::media("photos/chelsea.png"), &output_path, &["--json", "--save-every", "2"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let lines: Vec<serde_json::Value> =
         String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -95,9 +96,18 @@ fn text_file_as_weights_is_an_unknown_format() {
     let weights = dir.path().join("weights.pth");
     std::fs::write(&weights, "this is not a model\n").unwrap();
     let output_path = dir.path().join("out.png");
-    let output = quick_image(dir.path(), &common::media("photos/chelsea.png"), &output_path, &["--model", weights.to_str().unwrap()]);
+    let output = quick_image(
+        dir.path(),
+        &common::media("photos/chelsea.png"),
+        &output_path,
+        &["--model", weights.to_str().unwrap()],
+    );
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    assert!(stderr(&output).contains("weights.pth") && stderr(&output).contains("unknown weight format"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("weights.pth") && stderr(&output).contains("unknown weight format"),
+        "{}",
+        stderr(&output)
+    );
     assert!(!output_path.exists());
 }
 
@@ -116,8 +126,12 @@ fn profile_with_an_unknown_key_is_a_settings_error() {
     let profile = dir.path().join("typo.toml");
     std::fs::write(&profile, "[style]\nitterations = 5\n").unwrap();
     let output_path = dir.path().join("out.png");
-    let output =
-        quick_image(dir.path(), &common::media("photos/chelsea.png"), &output_path, &["--profile", profile.to_str().unwrap()]);
+    let output = quick_image(
+        dir.path(),
+        &common::media("photos/chelsea.png"),
+        &output_path,
+        &["--profile", profile.to_str().unwrap()],
+    );
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("typo.toml") && stderr(&output).contains("itterations"), "{}", stderr(&output));
 }
@@ -128,7 +142,8 @@ fn bundled_profiles_parse_and_default_matches_the_built_in_defaults() {
     for entry in std::fs::read_dir(&config).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            impasto::profile::Profile::load(path.to_str().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            impasto::profile::Profile::load(path.to_str().unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
     }
     let (default, _) = impasto::profile::Profile::load(config.join("default.toml").to_str().unwrap()).unwrap();
@@ -214,7 +229,8 @@ fn model_fetch_downloads_verifies_and_converts() {
 fn model_fetch_with_a_wrong_checksum_keeps_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let address = serve_once(std::fs::read(common::vgg16_weights()).unwrap());
-    let output = impasto(dir.path()).args(["model", "fetch", "--url", &address, "--sha256", "00ff00ff"]).output().unwrap();
+    let output =
+        impasto(dir.path()).args(["model", "fetch", "--url", &address, "--sha256", "00ff00ff"]).output().unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("checksum mismatch"), "{}", stderr(&output));
     assert!(!dir.path().join("models/vgg19.safetensors").exists());
@@ -225,10 +241,8 @@ fn model_fetch_with_a_wrong_checksum_keeps_nothing() {
 fn model_fetch_offline_says_how_to_supply_weights() {
     let dir = tempfile::tempdir().unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let output = impasto(dir.path())
-        .args(["model", "fetch", "--url", &format!("http://{closed}/vgg19.pth")])
-        .output()
-        .unwrap();
+    let output =
+        impasto(dir.path()).args(["model", "fetch", "--url", &format!("http://{closed}/vgg19.pth")]).output().unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     let message = stderr(&output);
     assert!(message.contains("could not download") && message.contains("--model"), "{message}");
@@ -240,5 +254,8 @@ fn no_weights_anywhere_explains_the_resolution_order() {
     let output = impasto(dir.path()).env_remove("IMPASTO_MODEL").args(["model", "info"]).output().unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     let message = stderr(&output);
-    assert!(message.contains("--model") && message.contains("IMPASTO_MODEL") && message.contains("model fetch"), "{message}");
+    assert!(
+        message.contains("--model") && message.contains("IMPASTO_MODEL") && message.contains("model fetch"),
+        "{message}"
+    );
 }

@@ -7,7 +7,7 @@ use impasto::imageio;
 use impasto::model::{self, LayerId, Pooling};
 use impasto::style::color::{self, ColorMode};
 use impasto::style::optim::OptimizerKind;
-use impasto::style::{score, Init, ScaleStep, StyleImage, StyleSettings, Stylizer};
+use impasto::style::{Init, ScaleStep, StyleImage, StyleSettings, Stylizer, score};
 use tch::{Kind, Tensor};
 
 fn small_settings(size: u32, iterations: u32) -> StyleSettings {
@@ -31,7 +31,8 @@ fn normalisation_only_rescales_each_feature_map() {
     let raw = common::vgg16(Pooling::Avg, false);
     let normalised = common::vgg16(Pooling::Avg, true);
     let photo = imageio::load_tensor(&common::media("photos/chelsea.png"), Some(96), tch::Device::Cpu).unwrap();
-    let layers: Vec<LayerId> = ["conv1_1", "conv2_2", "conv3_3", "conv4_2", "conv5_3"].iter().map(|l| l.parse().unwrap()).collect();
+    let layers: Vec<LayerId> =
+        ["conv1_1", "conv2_2", "conv3_3", "conv4_2", "conv5_3"].iter().map(|l| l.parse().unwrap()).collect();
     let _guard = tch::no_grad_guard();
     for ((layer, a), b) in layers.iter().zip(raw.features(&photo, &layers)).zip(normalised.features(&photo, &layers)) {
         // per channel, b = a / m with m > 0: the direction of every feature map is unchanged
@@ -108,7 +109,8 @@ fn blending_two_styles_lands_between_them() {
     let content = astronaut();
     let blend = |weights: Vec<f64>| {
         let settings = StyleSettings { style_blend: weights, ..small_settings(64, 40) };
-        let result = Stylizer::new(&vgg, settings).unwrap().stylize(&content, &[starry(), wave()], &mut |_| {}).unwrap();
+        let result =
+            Stylizer::new(&vgg, settings).unwrap().stylize(&content, &[starry(), wave()], &mut |_| {}).unwrap();
         imageio::tensor_to_rgb(&result.image)
     };
     let mostly_starry = blend(vec![1.0, 0.0]);
@@ -177,11 +179,15 @@ fn weights_without_a_stated_convention_are_refused() {
         .iter()
         .zip(model::Arch::Vgg16.convs())
         .flat_map(|(c, (_, index))| {
-            [(format!("features.{index}.weight"), c.weight.shallow_clone()), (format!("features.{index}.bias"), c.bias.shallow_clone())]
+            [
+                (format!("features.{index}.weight"), c.weight.shallow_clone()),
+                (format!("features.{index}.bias"), c.bias.shallow_clone()),
+            ]
         })
         .collect();
     Tensor::write_safetensors(&named, &bare).unwrap();
-    let settings = impasto::model::ModelSettings { path: Some(bare.clone()), ..common::vgg16_settings(Pooling::Avg, false) };
+    let settings =
+        impasto::model::ModelSettings { path: Some(bare.clone()), ..common::vgg16_settings(Pooling::Avg, false) };
     let error = model::load(&settings).err().expect("no convention").to_string();
     assert!(error.contains("bare.safetensors") && error.contains("--convention"), "{error}");
     let settings = impasto::model::ModelSettings { convention: Some(model::Convention::Caffe), ..settings };
@@ -232,7 +238,12 @@ fn reported_losses_are_the_papers_terms_under_every_balance() {
             LayerBalance::Distance => content_term = relative_content.sqrt(),
         }
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-12);
-        assert!(close(reported.content, 0.25 * content_term), "{balance:?}: content {} vs {}", reported.content, 0.25 * content_term);
+        assert!(
+            close(reported.content, 0.25 * content_term),
+            "{balance:?}: content {} vs {}",
+            reported.content,
+            0.25 * content_term
+        );
         assert!(close(reported.style, style_term), "{balance:?}: style {} vs {style_term}", reported.style);
         assert!(close(reported.total, reported.content + reported.style));
     }

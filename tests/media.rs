@@ -22,8 +22,6 @@ fn clip(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/media/video").join(name)
 }
 
-
-
 /// The presentation timestamps of a file's video frames, as ffprobe decodes them.
 fn ffprobe_frame_pts(path: &Path) -> Vec<i64> {
     let output = Command::new("ffprobe")

@@ -57,12 +57,13 @@ fn clip(name: &str) -> PathBuf {
     common::media(&format!("video/{name}"))
 }
 
-
-
 /// The (type, codec) of every stream.
 fn stream_list(description: &Value) -> Vec<(String, String)> {
     let streams = description["streams"].as_array().expect("streams");
-    streams.iter().map(|s| (s["codec_type"].as_str().unwrap().into(), s["codec_name"].as_str().unwrap().into())).collect()
+    streams
+        .iter()
+        .map(|s| (s["codec_type"].as_str().unwrap().into(), s["codec_name"].as_str().unwrap().into()))
+        .collect()
 }
 
 /// The first stream of `kind`.
@@ -109,8 +110,21 @@ fn bikes_segment(dir: &Path, name: &str, first: usize, last: usize, skipped: &[u
     let path = dir.join(name);
     let bikes = clip("bikes.mp4");
     let filter = format!("select='{select}'");
-    ffmpeg(&["-i", bikes.to_str().unwrap(), "-vf", &filter, "-fps_mode", "passthrough", "-c:v", "libx264", "-crf", "12",
-        "-preset", "veryfast", path.to_str().unwrap()]);
+    ffmpeg(&[
+        "-i",
+        bikes.to_str().unwrap(),
+        "-vf",
+        &filter,
+        "-fps_mode",
+        "passthrough",
+        "-c:v",
+        "libx264",
+        "-crf",
+        "12",
+        "-preset",
+        "veryfast",
+        path.to_str().unwrap(),
+    ]);
     path
 }
 
@@ -138,7 +152,11 @@ fn bigbuckbunny_keeps_frames_duration_audio_and_timestamps_and_eval_agrees() {
     assert_eq!(frames[0]["start"], "first");
     assert!(frames[1..].iter().all(|f| f["start"] == "warped"), "no scene cut in this clip");
     assert!(frames[1..].iter().all(|f| f["warping_error"].as_f64().is_some()));
-    assert!(frames.iter().all(|f| f["losses"]["style"].as_f64().unwrap() > 0.0 && f["seconds"]["optimise"].as_f64().is_some()));
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["losses"]["style"].as_f64().unwrap() > 0.0 && f["seconds"]["optimise"].as_f64().is_some())
+    );
     assert_eq!(report["warping_error"]["pairs"], 131);
     let painted_mean = report["warping_error"]["mean"].as_f64().unwrap();
 
@@ -192,15 +210,28 @@ fn flow_mode_is_steadier_than_previous_frame_and_independent_painting() {
     let input = bikes_segment(dir.path(), "shot.mp4", 140, 149, &[]);
     let warping_error = |mode: &str| {
         let (output, report) = (dir.path().join(format!("{mode}.mp4")), dir.path().join(format!("{mode}.json")));
-        let extra = ["--size", "64", "--first-iterations", "15", "-n", "15", "--tolerance", "0", "--temporal", mode,
-            "--report", report.to_str().unwrap()];
+        let extra = [
+            "--size",
+            "64",
+            "--first-iterations",
+            "15",
+            "-n",
+            "15",
+            "--tolerance",
+            "0",
+            "--temporal",
+            mode,
+            "--report",
+            report.to_str().unwrap(),
+        ];
         let result = run(video_command(&input, &output, &extra));
         assert!(result.status.success(), "{mode}: {}", stderr(&result));
         let report = read_json(&report);
         assert_eq!(report["warping_error"]["pairs"], 9, "{mode}");
         report["warping_error"]["mean"].as_f64().unwrap()
     };
-    let (flow, previous, independent) = (warping_error("flow"), warping_error("previous"), warping_error("independent"));
+    let (flow, previous, independent) =
+        (warping_error("flow"), warping_error("previous"), warping_error("independent"));
     println!("E_warp: flow {flow:.6}, previous {previous:.6}, independent {independent:.6}");
     assert!(flow <= independent / 2.0, "flow {flow} against independent {independent}");
     assert!(flow < previous, "flow {flow} against previous {previous}");
@@ -287,7 +318,14 @@ fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
 fn assert_refused(dir: &Path, input: &Path, style: Option<&Path>, output: &Path, named: &Path) {
     let mut command = impasto();
     let style = style.map_or_else(|| common::media("paintings/starry_night.jpg"), Path::to_path_buf);
-    command.arg("video").arg(input).arg("--style").arg(style).arg("-o").arg(output).args(["--size", "32", "--device", "cpu"]);
+    command
+        .arg("video")
+        .arg(input)
+        .arg("--style")
+        .arg(style)
+        .arg("-o")
+        .arg(output)
+        .args(["--size", "32", "--device", "cpu"]);
     let before = entries(dir);
     let result = run(command);
     let message = stderr(&result);
@@ -308,7 +346,15 @@ fn bad_inputs_get_a_clear_error_and_leave_nothing() {
     assert_refused(dir.path(), &text, None, &output, &text);
 
     let whole = dir.path().join("whole.mp4");
-    ffmpeg(&["-i", clip("bikes.mp4").to_str().unwrap(), "-c", "copy", "-movflags", "+faststart", whole.to_str().unwrap()]);
+    ffmpeg(&[
+        "-i",
+        clip("bikes.mp4").to_str().unwrap(),
+        "-c",
+        "copy",
+        "-movflags",
+        "+faststart",
+        whole.to_str().unwrap(),
+    ]);
     let truncated = dir.path().join("truncated.mp4");
     let bytes = std::fs::read(&whole).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();

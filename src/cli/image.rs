@@ -10,7 +10,7 @@ use impasto::profile::Profile;
 use impasto::style::color::ColorMode;
 use impasto::style::optim::OptimizerKind;
 use impasto::style::{Init, ScaleStep, StyleImage, StyleSettings, Stylizer};
-use impasto::{imageio, Error};
+use impasto::{Error, imageio};
 use serde_json::json;
 
 use super::model::ModelFlags;
@@ -205,7 +205,10 @@ fn check_output(output: &Path) -> impasto::Result<()> {
         .map_err(|_| Error::image(output, "unknown output extension (use .png, .jpg, .webp, .bmp or .tiff)"))?;
     let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(Error::io(output, std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist")));
+        return Err(Error::io(
+            output,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist"),
+        ));
     }
     Ok(())
 }

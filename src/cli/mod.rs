@@ -9,6 +9,8 @@ mod image;
 mod model;
 mod progress;
 mod score;
+#[cfg(feature = "service")]
+mod serve;
 #[cfg(feature = "media")]
 mod video;
 
@@ -19,9 +21,9 @@ use impasto::Error;
 #[derive(Parser, Debug)]
 #[command(name = "impasto", version, about, propagate_version = true)]
 struct Cli {
-    /// Log filter (e.g. `info`, `impasto=debug`); also IMPASTO_LOG.
-    #[arg(long, global = true, env = "IMPASTO_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (e.g. `info`, `impasto=debug`); also IMPASTO_LOG. Default: warn (serve: info).
+    #[arg(long, global = true, env = "IMPASTO_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +44,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Manage model weights.
     Model(model::ModelArgs),
+    /// Run the rendering daemon: watch folders, job store, workers per device, HTTP API and dashboard.
+    #[cfg(feature = "service")]
+    Serve(serve::ServeArgs),
 }
 
 /// Exit codes.
@@ -89,8 +94,12 @@ fn media_exit_code(error: &impasto::media::MediaError) -> i32 {
 /// Runs the program; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    install_logging(&cli.log);
     quiet_torch_panics();
+    #[cfg(feature = "service")]
+    if let Command::Serve(args) = &cli.command {
+        return finish(serve_command(args, cli.log.as_deref()));
+    }
+    install_logging(cli.log.as_deref().unwrap_or("warn"), false);
     let result = match cli.command {
         Command::Image(args) => image::run(args),
         #[cfg(feature = "media")]
@@ -100,7 +109,29 @@ pub fn main() -> i32 {
         Command::Score(args) => score::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Model(args) => model::run(args),
+        #[cfg(feature = "service")]
+        Command::Serve(_) => unreachable!("handled above"),
     };
+    finish(result)
+}
+
+/// Loads the daemon's configuration (so that its log settings apply), installs logging, runs it.
+#[cfg(feature = "service")]
+fn serve_command(args: &serve::ServeArgs, log: Option<&str>) -> anyhow::Result<()> {
+    let config = match serve::load_config(args) {
+        Ok(config) => config,
+        Err(error) => {
+            install_logging(log.unwrap_or("warn"), false);
+            return Err(error);
+        }
+    };
+    let filter = log.or(config.log.level.as_deref()).unwrap_or("info");
+    install_logging(filter, config.log.format == impasto::service::config::LogFormat::Json);
+    serve::run(config)
+}
+
+/// Prints an error and gives the exit code.
+fn finish(result: anyhow::Result<()>) -> i32 {
     match result {
         Ok(()) => 0,
         Err(error) => {
@@ -127,9 +158,12 @@ fn error_message(error: &anyhow::Error) -> String {
     message
 }
 
-fn install_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+fn install_logging(filter: &str, json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// libtorch errors surface as panics inside tch; `catch_torch` turns them into errors, so the default

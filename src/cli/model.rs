@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use impasto::device::{DeviceChoice, Precision};
-use impasto::model::{self, fetch, Convention, ModelSettings, Pooling};
+use impasto::model::{self, Convention, ModelSettings, Pooling, fetch};
 
 /// Model flags; each overrides the profile when given.
 #[derive(Args, Debug, Clone, Default)]

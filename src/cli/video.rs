@@ -142,7 +142,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
         check_report_path(report)?;
     }
     let styles = read_styles(&args.style)?;
-    let model_identity = model_identity(&model_settings)?;
+    let model_identity = impasto::model::identity(&model_settings)?;
     let job = VideoJob {
         input: args.input.clone(),
         output: args.output.clone(),
@@ -154,7 +154,10 @@ pub fn run(args: VideoArgs) -> Result<()> {
     };
     let prepared = job.prepare().with_context(|| format!("painting '{}'", args.input.display()))?;
     let (width, height) = prepared.frame_size();
-    eprintln!("impasto: {} frames at {width}×{height}; the progress bar estimates the time left", prepared.frame_count());
+    eprintln!(
+        "impasto: {} frames at {width}×{height}; the progress bar estimates the time left",
+        prepared.frame_count()
+    );
     let device = model_settings.device.to_string();
     let total = prepared.frame_count();
     let report = super::catch_torch(&device, || {
@@ -175,20 +178,6 @@ pub fn run(args: VideoArgs) -> Result<()> {
 /// The style images, each read (errors name the file).
 fn read_styles(paths: &[PathBuf]) -> impasto::Result<Vec<StyleImage>> {
     paths.iter().map(|path| Ok(StyleImage { image: imageio::read_rgb(path)?, weight: 1.0 })).collect()
-}
-
-/// What identifies the network for checkpoints: the weight file and how it is prepared (the device
-/// left out, so a job can resume elsewhere).
-fn model_identity(settings: &impasto::model::ModelSettings) -> impasto::Result<serde_json::Value> {
-    let weights = impasto::model::resolve_weights(settings.path.as_deref())?;
-    let weights = weights.canonicalize().unwrap_or(weights);
-    Ok(json!({
-        "weights": weights,
-        "convention": settings.convention.map(|c| c.to_string()),
-        "pooling": settings.pooling,
-        "normalize": settings.normalize,
-        "precision": settings.precision.to_string(),
-    }))
 }
 
 /// Fails early when the report's directory does not exist.
@@ -232,7 +221,7 @@ impl VideoProgress {
                 self.reporter.step(self.frames_done, self.total, &message, json!({}));
             }
             JobEvent::Iteration { .. } => {}
-            JobEvent::Frame { record, total } => self.frame_done(record, total),
+            JobEvent::Frame { record, total, .. } => self.frame_done(record, total),
         }
     }
 

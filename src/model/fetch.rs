@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::weights;
 use super::Convention;
+use super::weights;
 use crate::error::{Error, Result};
 
 /// A downloadable set of weights.

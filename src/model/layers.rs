@@ -34,10 +34,7 @@ impl FromStr for LayerId {
     type Err = Error;
     fn from_str(text: &str) -> Result<Self> {
         let bad = || Error::Settings(format!("layer '{text}': expected a name like conv4_2 or relu4_2"));
-        let rest = text
-            .strip_prefix("conv")
-            .or_else(|| text.strip_prefix("relu"))
-            .ok_or_else(bad)?;
+        let rest = text.strip_prefix("conv").or_else(|| text.strip_prefix("relu")).ok_or_else(bad)?;
         let (block, index) = rest.split_once('_').ok_or_else(bad)?;
         let block: u8 = block.parse().map_err(|_| bad())?;
         let index: u8 = index.parse().map_err(|_| bad())?;

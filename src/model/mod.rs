@@ -127,11 +127,37 @@ pub fn load_from(path: &Path, settings: &ModelSettings, device: Device) -> Resul
 fn rebuild(raw: Vgg, settings: &ModelSettings, means: Option<&[tch::Tensor]>) -> Vgg {
     let convs = match means {
         Some(means) => normalize::normalized(raw.convs(), means),
-        None => raw.convs().iter().map(|c| weights::ConvWeights {
-            layer: c.layer,
-            weight: c.weight.shallow_clone(),
-            bias: c.bias.shallow_clone(),
-        }).collect(),
+        None => raw
+            .convs()
+            .iter()
+            .map(|c| weights::ConvWeights {
+                layer: c.layer,
+                weight: c.weight.shallow_clone(),
+                bias: c.bias.shallow_clone(),
+            })
+            .collect(),
     };
-    Vgg::with_layout(raw.arch(), convs, raw.convention(), raw.pooling(), raw.device(), settings.precision, settings.layout)
+    Vgg::with_layout(
+        raw.arch(),
+        convs,
+        raw.convention(),
+        raw.pooling(),
+        raw.device(),
+        settings.precision,
+        settings.layout,
+    )
+}
+
+/// What identifies the network for checkpoints and job keys: the weight file and how it is prepared
+/// (the device left out, so a job can resume elsewhere).
+pub fn identity(settings: &ModelSettings) -> Result<serde_json::Value> {
+    let weights = resolve_weights(settings.path.as_deref())?;
+    let weights = weights.canonicalize().unwrap_or(weights);
+    Ok(serde_json::json!({
+        "weights": weights,
+        "convention": settings.convention.map(|c| c.to_string()),
+        "pooling": settings.pooling,
+        "normalize": settings.normalize,
+        "precision": settings.precision.to_string(),
+    }))
 }

@@ -103,25 +103,18 @@ pub fn cache_path(weights_file: &std::path::Path, pooling: super::layers::Poolin
 /// Reads cached means, if present and complete.
 pub fn read_cached(path: &std::path::Path, layers: &[LayerId]) -> Option<Vec<Tensor>> {
     let named = Tensor::read_safetensors(path).ok()?;
-    layers
-        .iter()
-        .map(|l| named.iter().find(|(n, _)| *n == l.to_string()).map(|(_, t)| t.shallow_clone()))
-        .collect()
+    layers.iter().map(|l| named.iter().find(|(n, _)| *n == l.to_string()).map(|(_, t)| t.shallow_clone())).collect()
 }
 
 /// Writes means to the cache (best effort: a read-only cache only costs recomputation).
 pub fn write_cached(path: &std::path::Path, layers: &[LayerId], means: &[Tensor]) {
-    let named: Vec<(String, Tensor)> = layers.iter().map(|l| l.to_string()).zip(means.iter().map(|m| m.shallow_clone())).collect();
-    let result = path
-        .parent()
-        .map(std::fs::create_dir_all)
-        .transpose()
-        .map_err(|e| e.to_string())
-        .and_then(|_| {
-            let temp = crate::fsutil::temp_path_for(path);
-            Tensor::write_safetensors(&named, &temp).map_err(|e| e.to_string())?;
-            std::fs::rename(&temp, path).map_err(|e| e.to_string())
-        });
+    let named: Vec<(String, Tensor)> =
+        layers.iter().map(|l| l.to_string()).zip(means.iter().map(|m| m.shallow_clone())).collect();
+    let result = path.parent().map(std::fs::create_dir_all).transpose().map_err(|e| e.to_string()).and_then(|_| {
+        let temp = crate::fsutil::temp_path_for(path);
+        Tensor::write_safetensors(&named, &temp).map_err(|e| e.to_string())?;
+        std::fs::rename(&temp, path).map_err(|e| e.to_string())
+    });
     if let Err(problem) = result {
         tracing::warn!(path = %path.display(), %problem, "could not cache normalisation statistics");
     }

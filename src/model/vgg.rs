@@ -91,6 +91,17 @@ impl Vgg {
         Vgg { arch, convs, pooling, convention, device, precision, layout }
     }
 
+    /// Another handle on the same weights (no copy): for a second thread on the same device, as a
+    /// `Vgg` is `Send` but not `Sync`. The weights are never written, so both may run at once.
+    pub fn share(&self) -> Vgg {
+        let convs = self
+            .convs
+            .iter()
+            .map(|c| ConvWeights { layer: c.layer, weight: c.weight.shallow_clone(), bias: c.bias.shallow_clone() })
+            .collect();
+        Vgg { convs, ..*self }
+    }
+
     /// VGG-16 or VGG-19.
     pub fn arch(&self) -> Arch {
         self.arch

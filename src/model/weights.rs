@@ -93,7 +93,8 @@ fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
         super::torch_zip::read(path).map_err(|problem| {
             let text = libtorch_error.to_string();
             let first_line = text.lines().next().unwrap_or_default();
-            let libtorch = first_line.trim_start_matches("Internal torch error: ").split(". ").next().unwrap_or_default();
+            let libtorch =
+                first_line.trim_start_matches("Internal torch error: ").split(". ").next().unwrap_or_default();
             Error::weights(path, format!("not a readable PyTorch archive: {problem} (libtorch: {libtorch})"))
         })
     })
@@ -158,7 +159,8 @@ fn assemble(path: &Path, named: Vec<(String, Tensor)>) -> Result<(Arch, Vec<Conv
         };
         if is_weight { slot.0 = Some(tensor) } else { slot.1 = Some(tensor) }
     }
-    let conv_count = by_index.values().chain(by_layer.values()).filter(|(w, _)| w.as_ref().is_some_and(|w| w.dim() == 4)).count();
+    let conv_count =
+        by_index.values().chain(by_layer.values()).filter(|(w, _)| w.as_ref().is_some_and(|w| w.dim() == 4)).count();
     let arch = Arch::from_conv_count(conv_count).ok_or_else(|| {
         Error::weights(path, format!("found {conv_count} convolution weights; a VGG-16 has 13 and a VGG-19 16"))
     })?;

@@ -183,7 +183,8 @@ fn unwritable(output: &Path, dir: &Path, source: std::io::Error) -> Error {
 /// ends, however it ends).
 fn lock_directory(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK);
-    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+    let file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
     // SAFETY: flock on a file descriptor this function owns; no memory is involved.
     let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
     if !locked {

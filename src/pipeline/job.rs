@@ -6,6 +6,8 @@
 //! checkpoints.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -57,6 +59,8 @@ pub enum JobEvent<'a> {
     Frame {
         /// Its record (encode time not yet known).
         record: &'a FrameRecord,
+        /// The painted picture.
+        picture: &'a RgbImage,
         /// Frames in the video.
         total: u64,
     },
@@ -69,6 +73,7 @@ pub struct PreparedJob {
     frame_count: u64,
     frame_size: (u32, u32),
     key: String,
+    stop: Arc<AtomicBool>,
 }
 
 /// A decoded frame and the seconds it took.
@@ -100,7 +105,7 @@ impl VideoJob {
         try_writer(&self.output, &self.video, &info, frame_size)?;
         let key = checkpoint::job_key(&self.identity()?);
         tracing::info!(input = %self.input.display(), frames = frame_count, width = frame_size.0, height = frame_size.1, "video job ready");
-        Ok(PreparedJob { job: self, info, frame_count, frame_size, key })
+        Ok(PreparedJob { job: self, info, frame_count, frame_size, key, stop: Arc::default() })
     }
 
     /// Everything that decides the painted frames, as JSON.
@@ -129,6 +134,12 @@ impl PreparedJob {
     /// The working size (`width`, `height`) frames are painted at.
     pub fn frame_size(&self) -> (u32, u32) {
         self.frame_size
+    }
+
+    /// A flag that, once raised, stops the job after the frame being painted: that frame is
+    /// checkpointed and [`PreparedJob::run`] returns [`Error::Stopped`] (a later run resumes).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
     }
 
     /// The work directory this job checkpoints into.
@@ -194,7 +205,14 @@ impl PreparedJob {
         let long_side = self.frame_size.0.max(self.frame_size.1);
         let mut painter =
             FramePainter::new(vgg, &self.job.style, video, &self.job.styles, long_side, self.job.measure_warping)?;
-        let painting = PaintStage { painter: &mut painter, resumable: &resumable, stored: &stored, total: self.frame_count };
+        let painting = PaintStage {
+            painter: &mut painter,
+            resumable: &resumable,
+            stored: &stored,
+            total: self.frame_count,
+            stop: &self.stop,
+            stopped_after: None,
+        };
         run_threads(reader, painting, writer, checkpoint, video.queue, observer)
     }
 }
@@ -227,6 +245,9 @@ fn run_threads(
     });
     match (first_error.into_error(), damaged, records) {
         (Some(error), _, _) => Err(error),
+        (None, _, _) if painting.stopped_after.is_some() => {
+            Err(Error::Stopped { frames_done: painting.stopped_after.unwrap_or_default() })
+        }
         (None, Some(damaged), Some(records)) => Ok((records, damaged)),
         _ => Err(Error::Internal("a pipeline stage stopped without an error".into())),
     }
@@ -310,7 +331,11 @@ fn load_stored(stored: &StoredFrames, index: u64, size: (u32, u32)) -> Option<Rg
 
 /// Decodes frames into the channel; damaged data is logged, reported and skipped over.
 /// Returns the damage reports, or `None` when a later stage stopped first.
-fn decode_stage(reader: VideoReader, sender: Sender<Item<Decoded>>, errors: &FirstError) -> Result<Option<Vec<String>>> {
+fn decode_stage(
+    reader: VideoReader,
+    sender: Sender<Item<Decoded>>,
+    errors: &FirstError,
+) -> Result<Option<Vec<String>>> {
     let mut damaged = Vec::new();
     let mut reader = reader;
     loop {
@@ -341,6 +366,10 @@ struct PaintStage<'a, 'm> {
     resumable: &'a [FrameRecord],
     stored: &'a StoredFrames,
     total: u64,
+    /// Raised from outside to stop before the next frame.
+    stop: &'a AtomicBool,
+    /// Frames passed on before a requested stop, once stopped.
+    stopped_after: Option<u64>,
 }
 
 impl PaintStage<'_, '_> {
@@ -360,10 +389,16 @@ impl PaintStage<'_, '_> {
             if errors.stopped() {
                 return Ok(None);
             }
+            if self.stop.load(Ordering::SeqCst) {
+                // Dropping the sender without an end lets the encoder store what it holds, then stop.
+                tracing::info!(frame = decoded.frame.index, "stopping on request before this frame");
+                self.stopped_after = Some(decoded.frame.index);
+                return Ok(None);
+            }
             let span = tracing::info_span!("frame", index = decoded.frame.index);
             let _entered = span.enter();
             let painted = self.paint_or_resume(decoded, &mut resuming, observer)?;
-            observer(JobEvent::Frame { record: &painted.record, total: self.total });
+            observer(JobEvent::Frame { record: &painted.record, picture: &painted.picture, total: self.total });
             if sender.send(Item::Next(painted)).is_err() {
                 return Ok(None);
             }
@@ -394,7 +429,8 @@ impl PaintStage<'_, '_> {
         }
         *resuming = false;
         let mut on_iteration = |done, planned| observer(JobEvent::Iteration { index, done, planned });
-        let PaintedFrame { picture, mut record } = self.painter.paint(index, timing.pts, &content, &mut on_iteration)?;
+        let PaintedFrame { picture, mut record } =
+            self.painter.paint(index, timing.pts, &content, &mut on_iteration)?;
         record.seconds.decode = decode_seconds;
         Ok(Painted { timing, picture, record })
     }

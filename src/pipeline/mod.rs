@@ -41,3 +41,5 @@ pub use job::{JobEvent, PreparedJob, VideoJob};
 pub use painter::{FramePainter, PaintedFrame};
 pub use report::{FrameLosses, FrameRecord, FrameSeconds, Report, Start, WarpingSummary};
 pub use settings::{EncodeSettings, TemporalMode, VideoSettings};
+#[cfg(feature = "media")]
+pub use stages::panic_error;

@@ -11,8 +11,8 @@ use std::time::Instant;
 use image::RgbImage;
 use tch::{Device, Tensor};
 
-use super::resample::warp_bicubic;
 use super::report::{FrameLosses, FrameRecord, FrameSeconds, Start};
+use super::resample::warp_bicubic;
 use super::settings::{TemporalMode, VideoSettings};
 use crate::error::Result;
 use crate::flow::{self, FlowPair};
@@ -71,8 +71,7 @@ impl<'m> FramePainter<'m> {
     ) -> Result<Self> {
         video.validate()?;
         let first = Stylizer::new(vgg, style.clone())?;
-        let later_settings =
-            StyleSettings { tolerance: video.tolerance, patience: video.patience, ..style.clone() };
+        let later_settings = StyleSettings { tolerance: video.tolerance, patience: video.patience, ..style.clone() };
         let later = Stylizer::new(vgg, later_settings)?;
         let style_targets = first.style_targets(styles, long_side);
         Ok(FramePainter {
@@ -188,7 +187,11 @@ impl<'m> FramePainter<'m> {
             let reliable = pair.reliability();
             let change = flow::scene_change(&previous.input, content, &reliable, &self.video.flow.scene_cut);
             if change.is_cut {
-                tracing::info!(histogram = change.histogram_distance, unreliable = change.unreliable_fraction, "scene cut");
+                tracing::info!(
+                    histogram = change.histogram_distance,
+                    unreliable = change.unreliable_fraction,
+                    "scene cut"
+                );
             }
             Ok(Some(Motion { pair, reliable, is_cut: change.is_cut }))
         })

@@ -69,7 +69,9 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// meaning, out of memory included.
 pub fn panic_error(stage: &str, payload: &(dyn std::any::Any + Send)) -> Error {
     let text = panic_text(payload);
-    let first = text.lines().next().unwrap_or_default().to_string();
+    // tch's panics quote libtorch's message with its newlines escaped; keep its first line.
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.split("\\n").next().unwrap_or_default().to_string();
     if text.contains("out of memory") {
         Error::OutOfMemory { device: "the device".into(), detail: first }
     } else if text.contains("Torch") || text.contains("TchError") {

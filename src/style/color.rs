@@ -32,7 +32,8 @@ impl std::str::FromStr for ColorMode {
     }
 }
 
-const RGB_TO_YIQ: [[f32; 3]; 3] = [[0.299, 0.587, 0.114], [0.595_716, -0.274_453, -0.321_263], [0.211_456, -0.522_591, 0.311_135]];
+const RGB_TO_YIQ: [[f32; 3]; 3] =
+    [[0.299, 0.587, 0.114], [0.595_716, -0.274_453, -0.321_263], [0.211_456, -0.522_591, 0.311_135]];
 
 fn matrix(rows: [[f32; 3]; 3], like: &Tensor) -> Tensor {
     Tensor::from_slice(rows.as_flattened()).view([3, 3]).to_device(like.device())

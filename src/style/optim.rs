@@ -155,7 +155,9 @@ impl Optimizer for Adam {
         self.steps += 1;
         let (m, v) = match self.moments.take() {
             None => (&grad * (1.0 - self.beta1), grad.square() * (1.0 - self.beta2)),
-            Some((m, v)) => (m * self.beta1 + &grad * (1.0 - self.beta1), v * self.beta2 + grad.square() * (1.0 - self.beta2)),
+            Some((m, v)) => {
+                (m * self.beta1 + &grad * (1.0 - self.beta1), v * self.beta2 + grad.square() * (1.0 - self.beta2))
+            }
         };
         let m_hat = &m / (1.0 - self.beta1.powi(self.steps));
         let v_hat = &v / (1.0 - self.beta2.powi(self.steps));
@@ -171,7 +173,12 @@ mod tests {
     use tch::Device;
 
     /// Runs `iterations` proposals on `objective` from `start`; returns the final point.
-    fn minimise(optimizer: &mut dyn Optimizer, start: &Tensor, iterations: usize, objective: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    fn minimise(
+        optimizer: &mut dyn Optimizer,
+        start: &Tensor,
+        iterations: usize,
+        objective: impl Fn(&Tensor) -> Tensor,
+    ) -> Tensor {
         let mut x = start.copy();
         for _ in 0..iterations {
             let point = x.detach().set_requires_grad(true);

@@ -17,6 +17,7 @@ use crate::imageio;
 use crate::model::{LayerId, Vgg};
 
 /// A style image with its blend weight.
+#[derive(Clone)]
 pub struct StyleImage {
     /// The painting, full resolution.
     pub image: RgbImage,
@@ -112,8 +113,12 @@ impl<'m> Stylizer<'m> {
         let mut blended: Option<Vec<Tensor>> = None;
         for (style, weight) in styles.iter().zip(weights) {
             let image = self.prepare(&imageio::resize_long_side(&style.image, side));
-            let grams: Vec<Tensor> =
-                self.vgg.features(&image, &self.settings.style_layers).iter().map(|f| loss::gram(f) * (weight / positions(f))).collect();
+            let grams: Vec<Tensor> = self
+                .vgg
+                .features(&image, &self.settings.style_layers)
+                .iter()
+                .map(|f| loss::gram(f) * (weight / positions(f)))
+                .collect();
             blended = Some(match blended {
                 None => grams,
                 Some(sum) => sum.iter().zip(&grams).map(|(a, b)| a + b).collect(),
@@ -145,7 +150,8 @@ impl<'m> Stylizer<'m> {
             };
         }
         let inverse = |value: f64| 1.0 / value.max(f64::MIN_POSITIVE);
-        let content_scales = targets.content.iter().map(|p| inverse(loss::content_loss(p, &p.zeros_like()).double_value(&[])));
+        let content_scales =
+            targets.content.iter().map(|p| inverse(loss::content_loss(p, &p.zeros_like()).double_value(&[])));
         let style_scales = targets.style.iter().zip(&self.settings.style_layers).map(|(gram, layer)| {
             let positions = layer_positions(*layer, height, width);
             let target = gram * positions as f64;
@@ -171,12 +177,12 @@ impl<'m> Stylizer<'m> {
             .zip(&targets.content)
             .zip(&balance.content)
             .fold(zero(), |sum, ((f, p), term)| sum + balance.weigh(loss::content_loss(f, p), *term));
-        let style = style_features
-            .iter()
-            .zip(&targets.style)
-            .zip(&balance.style)
-            .fold(zero(), |sum, ((f, a), term)| sum + balance.weigh(loss::style_layer_loss(f, &(a * positions(f))), *term));
-        let tv = if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
+        let style =
+            style_features.iter().zip(&targets.style).zip(&balance.style).fold(zero(), |sum, ((f, a), term)| {
+                sum + balance.weigh(loss::style_layer_loss(f, &(a * positions(f))), *term)
+            });
+        let tv =
+            if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
         let temporal = match &targets.temporal {
             Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(image, warped, mask) * *weight,
             _ => zero(),
@@ -214,9 +220,14 @@ impl<'m> Stylizer<'m> {
             losses = read_losses(&total, &parts);
             done = iteration + 1;
             observer(done, losses, &point);
-            if let Some((good, good_losses)) = accepted.as_ref().filter(|(_, good)| diverged(good.total, losses.total)) {
+            if let Some((good, good_losses)) = accepted.as_ref().filter(|(_, good)| diverged(good.total, losses.total))
+            {
                 // without a line search a step can overshoot: go back and rebuild the curvature memory
-                tracing::debug!(iteration = done, loss = losses.total, "step diverged; restarting from the last good point");
+                tracing::debug!(
+                    iteration = done,
+                    loss = losses.total,
+                    "step diverged; restarting from the last good point"
+                );
                 image = good.shallow_clone();
                 losses = *good_losses;
                 optimizer.reset();
@@ -238,7 +249,11 @@ impl<'m> Stylizer<'m> {
             return false;
         }
         let change = (previous - current).abs() / current.abs().max(f64::MIN_POSITIVE);
-        if change < self.settings.tolerance { *calm_iterations += 1 } else { *calm_iterations = 0 }
+        if change < self.settings.tolerance {
+            *calm_iterations += 1
+        } else {
+            *calm_iterations = 0
+        }
         *calm_iterations >= self.settings.patience.max(1)
     }
 
@@ -307,8 +322,13 @@ impl<'m> Stylizer<'m> {
     fn finish_colours(&self, image: &Tensor, content: &RgbImage) -> Tensor {
         let _guard = tch::no_grad_guard();
         let (_, _, h, w) = image.size4().expect("image [1, 3, H, W]");
-        let content = imageio::rgb_to_tensor(&image::imageops::resize(content, w as u32, h as u32, image::imageops::FilterType::Lanczos3))
-            .to_device(image.device());
+        let content = imageio::rgb_to_tensor(&image::imageops::resize(
+            content,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Lanczos3,
+        ))
+        .to_device(image.device());
         let coloured = match self.settings.color {
             ColorMode::Style => image.shallow_clone(),
             ColorMode::Luminance => color::with_content_chrominance(image, &content),
@@ -374,7 +394,8 @@ fn diverged(previous: f64, current: f64) -> bool {
 }
 
 fn blend_weights(styles: &[StyleImage], blend: &[f64]) -> Vec<f64> {
-    let raw: Vec<f64> = if blend.len() == styles.len() { blend.to_vec() } else { styles.iter().map(|s| s.weight).collect() };
+    let raw: Vec<f64> =
+        if blend.len() == styles.len() { blend.to_vec() } else { styles.iter().map(|s| s.weight).collect() };
     let sum: f64 = raw.iter().sum();
     if sum > 0.0 { raw.iter().map(|w| w / sum).collect() } else { vec![1.0 / styles.len() as f64; styles.len()] }
 }

@@ -52,7 +52,8 @@ pub fn default_vgg16() -> Vgg {
 
 /// Runs the ffmpeg CLI quietly, overwriting outputs; panics if it fails.
 pub fn ffmpeg(args: &[&str]) {
-    let status = std::process::Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
+    let status =
+        std::process::Command::new("ffmpeg").args(["-v", "error", "-y"]).args(args).status().expect("ffmpeg runs");
     assert!(status.success(), "ffmpeg {args:?} failed");
 }
 

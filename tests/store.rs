@@ -1,0 +1,182 @@
+//! The job store on both of its databases: a real SQLite file and the real PostgreSQL server
+//! (127.0.0.1:5432, database `test`, or `IMPASTO_TEST_POSTGRES`), each test in a fresh database.
+//! Two `Store`s on one database stand for two nodes sharing it.
+#![cfg(feature = "service")]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use impasto::service::store::{JobState, NewJob, Progress, Store, now_ms};
+
+/// A fresh store of each kind: (name, URL, clean-up).
+struct Fresh {
+    url: String,
+    drop_database: Option<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fresh {
+    async fn sqlite() -> Fresh {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state/jobs.db").display());
+        Fresh { url, drop_database: None, _dir: Some(dir) }
+    }
+
+    async fn postgres(tag: &str) -> Fresh {
+        let admin =
+            std::env::var("IMPASTO_TEST_POSTGRES").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        let name = format!("impasto_{tag}_{}", std::process::id());
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&pool).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
+        let (base, _) = admin.rsplit_once('/').unwrap();
+        Fresh { url: format!("{base}/{name}"), drop_database: Some((admin, name)), _dir: None }
+    }
+
+    async fn finish(self) {
+        if let Some((admin, name)) = self.drop_database {
+            let pool = sqlx::AnyPool::connect(&admin).await.unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.unwrap();
+        }
+    }
+}
+
+fn new_job(n: usize) -> NewJob {
+    NewJob {
+        id: format!("{n:016x}"),
+        content_hash: format!("hash{n}"),
+        profile_key: "profile".into(),
+        watch: "inbox".into(),
+        name: format!("clip-{n}.mp4"),
+        input_path: PathBuf::from(format!("/in/clip-{n}.mp4")),
+        output: PathBuf::from(format!("/out/clip-{n}.mp4")),
+    }
+}
+
+/// Runs `body` against a fresh SQLite store and a fresh PostgreSQL store.
+async fn on_both<F, Fut>(tag: &str, body: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let sqlite = Fresh::sqlite().await;
+    body(sqlite.url.clone()).await;
+    sqlite.finish().await;
+    let postgres = Fresh::postgres(tag).await;
+    body(postgres.url.clone()).await;
+    postgres.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_stored_once_and_keeps_its_life_cycle() {
+    on_both("lifecycle", |url| async move {
+        let store = Store::connect(&url).await.unwrap();
+        let (job, inserted) = store.enqueue(&new_job(1)).await.unwrap();
+        assert!(inserted);
+        assert_eq!(job.state, JobState::Queued);
+        let (again, inserted) = store.enqueue(&new_job(1)).await.unwrap();
+        assert!(!inserted, "the same id is one job");
+        assert_eq!(again.created_ms, job.created_ms);
+
+        let claimed = store.claim("node-a", "cpu").await.unwrap().expect("a queued job");
+        assert_eq!((claimed.state, claimed.attempts, claimed.node.as_deref()), (JobState::Running, 1, Some("node-a")));
+        assert!(store.claim("node-a", "cpu").await.unwrap().is_none(), "nothing else queued");
+        let progress = Progress { frames_done: 3, frames_total: 10, seconds_per_frame: Some(0.5) };
+        assert_eq!(store.heartbeat(&job.id, "node-a", progress).await.unwrap(), Some(false));
+        assert_eq!(store.heartbeat(&job.id, "node-b", progress).await.unwrap(), None, "not node-b's job");
+        store.set_thumbnail(&job.id, &[0xff, 0xd8, 1, 2, 3], 3).await.unwrap();
+        assert_eq!(store.thumbnail(&job.id).await.unwrap(), Some(vec![0xff, 0xd8, 1, 2, 3]));
+
+        store.cancel(&job.id).await.unwrap();
+        assert_eq!(
+            store.heartbeat(&job.id, "node-a", progress).await.unwrap(),
+            Some(true),
+            "the cancel reaches the worker"
+        );
+        store.mark_cancelled(&job.id).await.unwrap();
+        let retried =
+            store.retry(&job.id, &PathBuf::from("/in/again.mp4")).await.unwrap().expect("a cancelled job retries");
+        assert_eq!((retried.state, retried.attempts), (JobState::Queued, 0));
+        assert_eq!(retried.input_path, PathBuf::from("/in/again.mp4"));
+        assert!(store.retry(&job.id, &PathBuf::from("/x")).await.unwrap().is_none(), "a queued job is not retried");
+
+        store.claim("node-a", "cpu").await.unwrap().unwrap();
+        store
+            .finish(&job.id, &PathBuf::from("/done/clip.mp4"), 2, Progress { frames_done: 10, ..progress })
+            .await
+            .unwrap();
+        let done = store.get(&job.id).await.unwrap().unwrap();
+        assert_eq!((done.state, done.resumed_frames, done.frames_done), (JobState::Done, 2, 10));
+        assert_eq!(store.counts().await.unwrap()["done"], 1);
+        assert_eq!(store.list(10).await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_take_the_same_job() {
+    on_both("claims", |url| async move {
+        let node_a = Store::connect(&url).await.unwrap();
+        let node_b = Store::connect(&url).await.unwrap();
+        for n in 0..40 {
+            node_a.enqueue(&new_job(n)).await.unwrap();
+        }
+        let mut workers = Vec::new();
+        for (index, store) in [node_a.clone(), node_a.clone(), node_b.clone(), node_b.clone()].into_iter().enumerate() {
+            workers.push(tokio::spawn(async move {
+                let mut taken = Vec::new();
+                let mut idle = 0;
+                while idle < 20 {
+                    match store.claim(&format!("node-{index}"), "cpu").await.unwrap() {
+                        Some(job) => {
+                            taken.push(job.id);
+                            idle = 0;
+                        }
+                        None => idle += 1,
+                    }
+                }
+                taken
+            }));
+        }
+        let mut all = Vec::new();
+        for worker in workers {
+            all.extend(worker.await.unwrap());
+        }
+        let distinct: BTreeSet<_> = all.iter().cloned().collect();
+        assert_eq!(all.len(), 40, "every job taken exactly once");
+        assert_eq!(distinct.len(), 40);
+        assert_eq!(node_b.counts().await.unwrap()["running"], 40);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_for_their_time_and_dead_nodes_give_their_jobs_back() {
+    on_both("recovery", |url| async move {
+        let store = Store::connect(&url).await.unwrap();
+        let (job, _) = store.enqueue(&new_job(7)).await.unwrap();
+        store.claim("node-a", "cuda:0").await.unwrap().unwrap();
+        store.retry_later(&job.id, "out of memory", now_ms() + 3_600_000).await.unwrap();
+        assert!(store.claim("node-a", "cuda:0").await.unwrap().is_none(), "not due yet");
+        store.retry_later(&job.id, "out of memory", now_ms() - 1).await.unwrap();
+        let second = store.claim("node-a", "cuda:0").await.unwrap().expect("due now");
+        assert_eq!(second.attempts, 2);
+        assert_eq!(second.last_error.as_deref(), Some("out of memory"));
+
+        assert_eq!(store.requeue_stale(now_ms() - 60_000).await.unwrap(), 0, "a live job stays");
+        assert_eq!(store.requeue_stale(now_ms() + 1).await.unwrap(), 1, "a silent one goes back");
+        let third = store.claim("node-b", "cpu").await.unwrap().expect("taken back");
+        assert_eq!(third.node.as_deref(), Some("node-b"));
+        assert_eq!(store.recover("node-b").await.unwrap(), 1, "after node-b's crash");
+        store.claim("node-b", "cpu").await.unwrap().unwrap();
+        store.requeue_interrupted(&job.id).await.unwrap();
+        let queued = store.get(&job.id).await.unwrap().unwrap();
+        assert_eq!((queued.state, queued.attempts), (JobState::Queued, 3), "a shutdown does not count as an attempt");
+        store.claim("node-b", "cpu").await.unwrap().unwrap();
+        store.fail(&job.id, "not a video", &PathBuf::from("/failed/clip.mp4")).await.unwrap();
+        let failed = store.get(&job.id).await.unwrap().unwrap();
+        assert_eq!((failed.state, failed.last_error.as_deref()), (JobState::Failed, Some("not a video")));
+    })
+    .await;
+}
