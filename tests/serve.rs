@@ -90,9 +90,26 @@ impl Daemon {
         body
     }
 
-    /// Waits until job `id` satisfies `test`; returns it.
+    /// Waits until job `id` satisfies `test`; returns it. A job that fails instead fails the test at
+    /// once, with the daemon's log.
     fn wait_job(&self, id: &str, what: &str, test: impl Fn(&Value) -> bool) -> Value {
-        wait_for(&format!("job {id}: {what} (log {})", self.log.display()), || Some(self.job(id)).filter(|j| test(j)))
+        let started = Instant::now();
+        loop {
+            let job = self.job(id);
+            assert!(job["state"] != "failed", "job {id} failed while waiting for {what}: {job}\n{}", self.log_tail());
+            if test(&job) {
+                return job;
+            }
+            assert!(started.elapsed() < PATIENCE, "gave up waiting for job {id}: {what}: {job}\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of the daemon's log.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// Sends a signal.
@@ -365,7 +382,8 @@ fn check_failed_folder(s: &Setup) {
         let sidecar: Value =
             serde_json::from_str(&std::fs::read_to_string(failed.join(format!("{name}.json"))).unwrap()).unwrap();
         let error = sidecar["error"].as_str().unwrap();
-        assert!(error.contains(problem) && !error.is_empty(), "{name}: {error}");
+        assert!(error.contains(problem) && error.contains(name), "{name}: {error}");
+        assert!(!error.contains(".impasto"), "the error names the dropped file, not the daemon's copy: {error}");
         assert_eq!(sidecar["name"], name);
     }
 }
@@ -429,16 +447,10 @@ fn check_dashboard(daemon: &Daemon, named: &BTreeMap<String, Value>) {
 #[test]
 fn sigkill_mid_job_then_restart_resumes_from_checkpoints() {
     let s = setup("", SLOWER);
-    let notify_path = s.root.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    let env = [("NOTIFY_SOCKET", notify_path.to_str().unwrap()), ("WATCHDOG_USEC", "1000000")];
+    let notify = NotifyListener::bind(s.root.join("notify.sock"));
+    let env = [("NOTIFY_SOCKET", notify.path.to_str().unwrap()), ("WATCHDOG_USEC", "1000000")];
     let daemon = Daemon::start(&s.config, &env);
-    let messages = read_notifications(&notify, &["READY=1", "WATCHDOG=1"]);
-    assert!(
-        messages.iter().any(|m| m.contains("READY=1")) && messages.iter().any(|m| m == "WATCHDOG=1"),
-        "{messages:?}"
-    );
+    notify.wait_for(&["READY=1", "STATUS=serving", "WATCHDOG=1"]);
 
     clip(&s.root.join("long.mp4"), 16, "long");
     std::fs::rename(s.root.join("long.mp4"), s.inbox.join("long.mp4")).unwrap();
@@ -457,22 +469,40 @@ fn sigkill_mid_job_then_restart_resumes_from_checkpoints() {
     assert_eq!(leftovers.len(), 1, "only the output, no work directory left: {leftovers:?}");
 
     daemon.signal("TERM");
-    let messages = read_notifications(&notify, &["STOPPING=1"]);
-    assert!(messages.iter().any(|m| m.contains("STOPPING=1")), "{messages:?}");
+    notify.wait_for(&["STOPPING=1"]);
     assert_eq!(daemon.wait_exit(), Some(0));
 }
 
-/// Reads notify datagrams until each of `wanted` has been seen.
-fn read_notifications(socket: &UnixDatagram, wanted: &[&str]) -> Vec<String> {
-    let mut messages: Vec<String> = Vec::new();
-    wait_for(&format!("{wanted:?} on the notify socket"), || {
-        let mut buffer = [0u8; 4096];
-        if let Ok(length) = socket.recv(&mut buffer) {
-            messages.extend(String::from_utf8_lossy(&buffer[..length]).lines().map(String::from));
-        }
-        wanted.iter().all(|w| messages.iter().any(|m| m == w)).then_some(())
-    });
-    messages
+/// Collects the notify datagrams a daemon sends, on a thread of its own.
+struct NotifyListener {
+    path: PathBuf,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl NotifyListener {
+    fn bind(path: PathBuf) -> NotifyListener {
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(length) = socket.recv(&mut buffer) {
+                sink.lock().unwrap().extend(String::from_utf8_lossy(&buffer[..length]).lines().map(String::from));
+            }
+        });
+        NotifyListener { path, messages }
+    }
+
+    /// Waits until each of `wanted` has arrived since the last call; returns what arrived.
+    fn wait_for(&self, wanted: &[&str]) -> Vec<String> {
+        wait_for(&format!("{wanted:?} on the notify socket"), || {
+            let mut messages = self.messages.lock().unwrap();
+            if !wanted.iter().all(|w| messages.iter().any(|m| m == w)) {
+                return None;
+            }
+            Some(std::mem::take(&mut *messages))
+        })
+    }
 }
 
 #[test]
@@ -543,4 +573,76 @@ fn an_invalid_config_exits_2_naming_the_file_and_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no-such-painting.jpg"), "{stderr}");
+}
+
+/// A fresh PostgreSQL database for a test, dropped at the end.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Database {
+    fn create(tag: &str) -> Database {
+        let admin =
+            std::env::var("IMPASTO_TEST_POSTGRES").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
+        let name = format!("impasto_serve_{tag}_{}", std::process::id());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&pool).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
+        });
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        Database { admin, name, url, runtime }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        self.runtime.block_on(async move {
+            if let Ok(pool) = sqlx::AnyPool::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn two_nodes_sharing_a_postgres_store_paint_each_video_once() {
+    let database = Database::create("nodes");
+    let s = setup("", TINY);
+    let node_a = Daemon::start(&s.config, &[("IMPASTO_STORE", &database.url), ("IMPASTO_NODE", "node-a")]);
+    let env_b = [("IMPASTO_STORE", database.url.as_str()), ("IMPASTO_NODE", "node-b"), ("IMPASTO_LOG_FORMAT", "json")];
+    let mut node_b = Daemon::start(&s.config, &env_b);
+    let staging = s.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    for i in 0..8 {
+        clip(&staging.join(format!("shared-{i}.mp4")), 3, &format!("shared {i}"));
+    }
+    for name in files_in(&staging) {
+        std::fs::rename(staging.join(&name), s.inbox.join(&name)).unwrap();
+    }
+    let jobs = wait_for("the 8 jobs done", || {
+        let jobs = node_a.jobs();
+        (jobs["counts"]["done"] == 8).then_some(jobs)
+    });
+    let named = by_name(&jobs);
+    assert_eq!(named.len(), 8, "{:?}", named.keys());
+    for (name, job) in &named {
+        assert_eq!(job["attempts"], 1, "{name} painted once: {job}");
+        assert!(["node-a", "node-b"].contains(&job["node"].as_str().unwrap()), "{job}");
+    }
+    assert_eq!(files_in(&s.out).len(), 8);
+    assert_eq!(node_b.jobs()["counts"]["done"], 8, "both nodes see the one store");
+
+    node_b.signal("TERM");
+    assert_eq!(node_b.wait_exit(), Some(0));
+    let log = std::fs::read_to_string(&node_b.log).unwrap();
+    let json_lines: Vec<Value> =
+        log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(json_lines.iter().any(|l| l["fields"]["message"] == "impasto serve is ready"), "JSON logs: {log}");
 }

@@ -53,7 +53,7 @@ pub struct LossFlags {
     /// Content-to-style ratio α/β.
     #[arg(long)]
     pub ratio: Option<f64>,
-    /// Layer balance: relative (default), distance or paper.
+    /// Layer balance: distance (default), relative or paper.
     #[arg(long)]
     pub layer_balance: Option<impasto::style::LayerBalance>,
     /// Total-variation weight.
@@ -83,6 +83,12 @@ pub struct LossFlags {
     /// Colour: style, luminance (keep the content's colours) or histogram (match them).
     #[arg(long)]
     pub color: Option<ColorMode>,
+    /// Tile side in pixels for frames too large for the device's memory (0 = no tiles).
+    #[arg(long)]
+    pub tile_size: Option<u32>,
+    /// Overlap between tiles in pixels.
+    #[arg(long)]
+    pub tile_overlap: Option<u32>,
 }
 
 impl LossFlags {
@@ -92,7 +98,7 @@ impl LossFlags {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
         }
         set!(ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
-        set!(learning_rate, style_scale, style_blend, color);
+        set!(learning_rate, style_scale, style_blend, color, tile_size, tile_overlap);
         s
     }
 }

@@ -20,7 +20,7 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     pub devices: Option<Vec<DeviceChoice>>,
     /// This node's name in the job store (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "IMPASTO_NODE")]
     pub node: Option<String>,
     /// API address, e.g. 127.0.0.1:8700 (port 0: any free port).
     #[arg(long, env = "IMPASTO_BIND")]

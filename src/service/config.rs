@@ -373,3 +373,33 @@ fn check_watch(watch: &WatchConfig) -> std::result::Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses_with_every_key_known() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/impasto.toml");
+        let config: ServiceConfig = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(config.watch.len(), 1);
+        assert_eq!(config.api.bind, ApiConfig::default().bind);
+        assert_eq!(config.jobs.max_attempts, JobPolicy::default().max_attempts);
+        assert_eq!(config.ingest.settle_seconds, IngestConfig::default().settle_seconds);
+    }
+
+    #[test]
+    fn devices_take_names_or_slot_tables() {
+        let config: ServiceConfig =
+            toml::from_str("devices = [\"cuda:1\", { device = \"cpu\", slots = 3 }]\n").unwrap();
+        let slots: Vec<(String, usize)> = config.devices.iter().map(|d| (d.device().to_string(), d.slots())).collect();
+        assert_eq!(slots, [("cuda:1".to_string(), 1), ("cpu".to_string(), 3)]);
+    }
+
+    #[test]
+    fn store_urls_are_checked() {
+        assert!(check_store_url("sqlite:///var/lib/impasto/jobs.db").is_ok());
+        assert!(check_store_url("postgres://impasto@db/impasto").is_ok());
+        assert!(check_store_url("mysql://x").unwrap_err().contains("mysql://x"));
+    }
+}

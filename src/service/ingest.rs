@@ -368,3 +368,56 @@ async fn recover_incoming(store: &Store, watch: &Watch) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_filter() -> Filter {
+        let include: Vec<String> = ["*.mp4", "*.mov"].map(String::from).to_vec();
+        Filter::new(&include, &["*-proxy.*".to_string()]).unwrap()
+    }
+
+    #[test]
+    fn videos_are_taken_and_hidden_temporary_and_partial_names_are_not() {
+        let filter = default_filter();
+        for name in ["clip.mp4", "CLIP.MP4", "a b (1).mov"] {
+            assert!(filter.accepts(name), "{name}");
+        }
+        for name in
+            [".clip.mp4", "clip.mp4.part", "clip.mp4.crdownload", "clip.mp4~", "~clip.mp4", "clip.mkv", "x-proxy.mp4"]
+        {
+            assert!(!filter.accepts(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bad_pattern_is_a_config_error() {
+        let error = Filter::new(&["[".to_string()], &[]).unwrap_err();
+        assert!(error.to_string().contains("include pattern '['"), "{error}");
+    }
+
+    #[test]
+    fn job_ids_depend_on_content_and_settings() {
+        let id = job_id("abc", "p1");
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, job_id("abc", "p1"));
+        assert_ne!(id, job_id("abc", "p2"));
+        assert_ne!(id, job_id("abd", "p1"));
+    }
+
+    #[test]
+    fn set_aside_keeps_both_files_when_a_name_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("in"), dir.path().join("done"));
+        std::fs::create_dir_all(&from).unwrap();
+        std::fs::write(from.join("0123456789abcdef--clip.mp4"), "one").unwrap();
+        let first = set_aside(&from.join("0123456789abcdef--clip.mp4"), &to).unwrap().unwrap();
+        std::fs::write(from.join("clip.mp4"), "two").unwrap();
+        let second = set_aside(&from.join("clip.mp4"), &to).unwrap().unwrap();
+        assert_eq!(first, to.join("clip.mp4"), "the job id prefix is dropped");
+        assert_eq!(second, to.join("clip (1).mp4"));
+        assert_eq!(std::fs::read_to_string(first).unwrap(), "one");
+        assert!(set_aside(&from.join("gone.mp4"), &to).unwrap().is_none());
+    }
+}

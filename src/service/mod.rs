@@ -169,7 +169,7 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
         ready: AtomicBool::new(true),
         bell: bell.clone(),
     });
-    let server = start_api(&config, state, stop.clone()).await?;
+    let server = start_api(&config, state.clone(), stop.clone()).await?;
     let ingest: Vec<_> = watches
         .iter()
         .map(|watch| {
@@ -185,6 +185,7 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
     sdnotify::notify("READY=1\nSTATUS=serving");
     tracing::info!(workers = workers.len(), "impasto serve is ready");
     schedule(&store, &config, &bell).await;
+    state.ready.store(false, Ordering::SeqCst);
     sdnotify::notify("STOPPING=1\nSTATUS=finishing the frames being painted");
     tracing::info!("stopping: the frames being painted finish and are checkpointed");
     shutdown_flag.store(true, Ordering::SeqCst);
@@ -320,5 +321,17 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_passwords_stay_out_of_the_logs() {
+        assert_eq!(redact("postgres://impasto:secret@db:5432/jobs"), "postgres://impasto:***@db:5432/jobs");
+        assert_eq!(redact("postgres://impasto@db/jobs"), "postgres://impasto@db/jobs");
+        assert_eq!(redact("sqlite:///var/lib/impasto/jobs.db"), "sqlite:///var/lib/impasto/jobs.db");
     }
 }

@@ -9,6 +9,11 @@ use std::time::Duration;
 pub fn notify(message: &str) -> bool {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return false };
     let Ok(sender) = UnixDatagram::unbound() else { return false };
+    // Never block the scheduling loop on a reader that is not reading: a message that does not fit
+    // is dropped (the next watchdog ping comes soon).
+    if sender.set_nonblocking(true).is_err() {
+        return false;
+    }
     let socket = socket.to_string_lossy().into_owned();
     let sent = match socket.strip_prefix('@') {
         Some(name) => abstract_address(name).and_then(|address| sender.send_to_addr(message.as_bytes(), &address)),

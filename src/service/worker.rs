@@ -271,22 +271,26 @@ async fn settle(shared: &Shared, job: &Job, live: &Live, result: crate::Result<R
             tracing::info!(frames_done, "stopped for shutdown; queued again to resume");
         }
         Err(error) if is_permanent(&error) || job.attempts >= i64::from(shared.policy.max_attempts) => {
-            let reason = if is_permanent(&error) {
-                error.to_string()
-            } else {
-                format!("after {} attempts: {error}", job.attempts)
-            };
+            let reason = user_facing(&error, job);
+            let reason =
+                if is_permanent(&error) { reason } else { format!("after {} attempts: {reason}", job.attempts) };
             fail(shared, job, &reason).await?;
         }
         Err(error) => {
             let delay = backoff_seconds(&shared.policy, job.attempts);
             let due = now_ms() + (delay * 1000.0) as i64;
-            store.retry_later(&job.id, &error.to_string(), due).await?;
+            store.retry_later(&job.id, &user_facing(&error, job), due).await?;
             shared.metrics.job_finished("retry");
             tracing::warn!(%error, retry_in_s = delay, "failed; will retry");
         }
     }
     Ok(())
+}
+
+/// The error as the user should read it: naming the file they dropped, not its place in the
+/// daemon's incoming folder.
+fn user_facing(error: &Error, job: &Job) -> String {
+    error.to_string().replace(&job.input_path.display().to_string(), &job.name)
 }
 
 /// Fails a job for good: the input goes to the failed folder with a sidecar giving the reason.
@@ -333,5 +337,26 @@ pub fn is_permanent(error: &Error) -> bool {
                 | M::Settings(_)
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let policy = JobPolicy { backoff_seconds: 10.0, backoff_max_seconds: 100.0, ..JobPolicy::default() };
+        let waits: Vec<f64> = (1..=6).map(|attempt| backoff_seconds(&policy, attempt)).collect();
+        assert_eq!(waits, [10.0, 20.0, 40.0, 80.0, 100.0, 100.0]);
+    }
+
+    #[test]
+    fn bad_input_is_permanent_and_machine_trouble_is_not() {
+        let not_video = crate::media::MediaError::NotMedia { path: "x.mp4".into() };
+        assert!(is_permanent(&Error::Media(not_video)));
+        assert!(is_permanent(&Error::Settings("video.size".into())));
+        assert!(!is_permanent(&Error::OutOfMemory { device: "cuda:0".into(), detail: "oom".into() }));
+        assert!(!is_permanent(&Error::Torch("cuDNN error".into())));
     }
 }

@@ -7,6 +7,7 @@ pub mod optim;
 pub mod score;
 pub mod settings;
 pub mod stylizer;
+pub mod tiles;
 
 pub use settings::{Init, LayerBalance, ScaleStep, StyleSettings};
 pub use stylizer::{Losses, Progress, StyleImage, Stylized, Stylizer, Targets};

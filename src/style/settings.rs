@@ -118,6 +118,10 @@ pub struct StyleSettings {
     pub style_blend: Vec<f64>,
     /// `style`, `luminance` (keep the content's colours) or `histogram` (match them).
     pub color: ColorMode,
+    /// Tile side in pixels for images too large for the device's memory (0 = the whole image at once).
+    pub tile_size: u32,
+    /// Overlap between neighbouring tiles in pixels (feathered).
+    pub tile_overlap: u32,
 }
 
 impl Default for StyleSettings {
@@ -144,6 +148,8 @@ impl Default for StyleSettings {
             style_scale: 1.0,
             style_blend: Vec::new(),
             color: ColorMode::Style,
+            tile_size: 0,
+            tile_overlap: 64,
         }
     }
 }
@@ -191,6 +197,12 @@ impl StyleSettings {
         }
         if self.init == Init::Image && self.init_image.is_none() {
             return bad("init = \"image\" needs init_image".into());
+        }
+        if self.tile_size != 0 && (self.tile_size < 64 || self.tile_overlap >= self.tile_size) {
+            return bad(format!(
+                "tile_size {} must be 0 (no tiles) or at least 64 and larger than tile_overlap {}",
+                self.tile_size, self.tile_overlap
+            ));
         }
         if self.style_blend.iter().any(|w| !(*w >= 0.0)) {
             return bad("style blend weights must be non-negative".into());

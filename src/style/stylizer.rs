@@ -12,6 +12,7 @@ use super::color::{self, ColorMode};
 use super::loss;
 use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind};
 use super::settings::{Init, LayerBalance, StyleSettings};
+use super::tiles::{Tile, TileGrid, weighted_content_loss, weighted_gram};
 use crate::error::{Error, Result};
 use crate::imageio;
 use crate::model::{LayerId, Vgg};
@@ -102,7 +103,53 @@ impl<'m> Stylizer<'m> {
     /// Content features of `content` (`[1, 3, H, W]` on the network's device).
     pub fn content_targets(&self, content: &Tensor) -> Vec<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.vgg.features(content, &self.settings.content_layers)
+        match self.grid_for(content) {
+            None => self.vgg.features(content, &self.settings.content_layers),
+            Some(grid) => self.blended_features(content, &grid, &self.settings.content_layers),
+        }
+    }
+
+    /// The tiles of `image` `[1, 3, H, W]` when the settings ask for tiles and one is not enough.
+    fn grid_for(&self, image: &Tensor) -> Option<TileGrid> {
+        let size = image.size();
+        TileGrid::plan(size[2], size[3], self.settings.tile_size, self.settings.tile_overlap, image.device())
+    }
+
+    /// The whole image's features at `layers`, assembled from its tiles' features (feathered).
+    fn blended_features(&self, image: &Tensor, grid: &TileGrid, layers: &[LayerId]) -> Vec<Tensor> {
+        let (_, _, height, width) = image.size4().expect("image [1, 3, H, W]");
+        let mut canvases: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
+        for tile in grid.tiles() {
+            let features = self.vgg.features(&tile.window(image), layers);
+            for ((canvas, feature), layer) in canvases.iter_mut().zip(features).zip(layers) {
+                let stride = layer_stride(*layer);
+                let canvas = canvas.get_or_insert_with(|| {
+                    Tensor::zeros(
+                        [1, feature.size()[1], height / stride, width / stride],
+                        (Kind::Float, image.device()),
+                    )
+                });
+                let weighted = feature.to_kind(Kind::Float) * tile.feature_weight(stride);
+                let _ = tile.feature_window(canvas, stride).f_add_(&weighted);
+            }
+        }
+        canvases.into_iter().map(|canvas| canvas.expect("a grid has tiles")).collect()
+    }
+
+    /// The whole image's Gram matrices at `layers`: the tiles' weighted Gram matrices summed.
+    fn tiled_grams(&self, image: &Tensor, grid: &TileGrid, layers: &[LayerId]) -> Vec<Tensor> {
+        let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
+        for tile in grid.tiles() {
+            let features = self.vgg.features(&tile.window(image), layers);
+            for ((sum, feature), layer) in sums.iter_mut().zip(features).zip(layers) {
+                let gram = weighted_gram(&feature, &tile.feature_weight(layer_stride(*layer)));
+                *sum = Some(match sum.take() {
+                    None => gram,
+                    Some(total) => total + gram,
+                });
+            }
+        }
+        sums.into_iter().map(|sum| sum.expect("a grid has tiles")).collect()
     }
 
     /// Blended Gram matrices of the styles, each resized to `style_scale` × `long_side`.
@@ -113,12 +160,21 @@ impl<'m> Stylizer<'m> {
         let mut blended: Option<Vec<Tensor>> = None;
         for (style, weight) in styles.iter().zip(weights) {
             let image = self.prepare(&imageio::resize_long_side(&style.image, side));
-            let grams: Vec<Tensor> = self
-                .vgg
-                .features(&image, &self.settings.style_layers)
-                .iter()
-                .map(|f| loss::gram(f) * (weight / positions(f)))
-                .collect();
+            let layers = &self.settings.style_layers;
+            let grams: Vec<Tensor> = match self.grid_for(&image) {
+                None => {
+                    self.vgg.features(&image, layers).iter().map(|f| loss::gram(f) * (weight / positions(f))).collect()
+                }
+                Some(grid) => {
+                    let (_, _, height, width) = image.size4().expect("image [1, 3, H, W]");
+                    let grams = self.tiled_grams(&image, &grid, layers);
+                    grams
+                        .iter()
+                        .zip(layers)
+                        .map(|(g, l)| g * (weight / layer_positions(*l, height, width) as f64))
+                        .collect()
+                }
+            };
             blended = Some(match blended {
                 None => grams,
                 Some(sum) => sum.iter().zip(&grams).map(|(a, b)| a + b).collect(),
@@ -193,6 +249,124 @@ impl<'m> Stylizer<'m> {
         (total, [content, style, tv, temporal])
     }
 
+    /// Loss and gradient with the image in tiles. A first pass without gradients gathers the whole
+    /// frame's Gram matrices and content distances, hence each layer's loss and the slope of the
+    /// total against it; a second pass back-propagates, tile by tile, a surrogate whose gradient is
+    /// the tile's share of the whole-frame gradient (Σ ∂L/∂G ⊙ G_tile for style). Only one tile's
+    /// activations are alive at a time.
+    fn evaluate_tiled(
+        &self,
+        point: &Tensor,
+        targets: &Targets,
+        balance: &Balance,
+        grid: &TileGrid,
+    ) -> (Tensor, [Tensor; 4], Tensor) {
+        let saved = as_saved(point).detach().set_requires_grad(true);
+        let (grams, content_values) = tch::no_grad(|| self.tile_statistics(&saved, targets, grid));
+        let slopes = self.tiled_slopes(&saved, targets, balance, &grams, &content_values);
+        for tile in grid.tiles() {
+            self.surrogate(&tile.window(&saved), tile, targets, &slopes).backward();
+        }
+        let tv = if self.settings.tv_weight > 0.0 {
+            loss::total_variation(&saved) * self.settings.tv_weight
+        } else {
+            Tensor::zeros([], (Kind::Float, saved.device()))
+        };
+        let temporal = match &targets.temporal {
+            Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(&saved, warped, mask) * *weight,
+            _ => Tensor::zeros([], (Kind::Float, saved.device())),
+        };
+        let pixel_terms = &tv + &temporal;
+        if pixel_terms.requires_grad() {
+            pixel_terms.backward();
+        }
+        let in_range = point.ge(0.0).logical_and(&point.le(1.0)).to_kind(Kind::Float);
+        let gradient = saved.grad() * in_range;
+        let content = Tensor::from(slopes.content_total);
+        let style = Tensor::from(slopes.style_total);
+        let total = &content + &style + tv.detach().to_kind(Kind::Double) + temporal.detach().to_kind(Kind::Double);
+        (total, [content, style, tv.detach(), temporal.detach()], gradient)
+    }
+
+    /// First tiled pass: the whole frame's Gram matrix at each style layer and content distance at
+    /// each content layer.
+    fn tile_statistics(&self, saved: &Tensor, targets: &Targets, grid: &TileGrid) -> (Vec<Tensor>, Vec<f64>) {
+        let content_count = self.settings.content_layers.len();
+        let mut grams: Vec<Option<Tensor>> = self.settings.style_layers.iter().map(|_| None).collect();
+        let mut content_values = vec![0.0; content_count];
+        for tile in grid.tiles() {
+            let features = self.vgg.features(&tile.window(saved), &self.layers);
+            let (content_features, style_features) = features.split_at(content_count);
+            for (((value, feature), target), layer) in
+                content_values.iter_mut().zip(content_features).zip(&targets.content).zip(&self.settings.content_layers)
+            {
+                let stride = layer_stride(*layer);
+                let weight = tile.feature_weight(stride);
+                *value +=
+                    weighted_content_loss(feature, &tile.feature_window(target, stride), &weight).double_value(&[]);
+            }
+            for ((sum, feature), layer) in grams.iter_mut().zip(style_features).zip(&self.settings.style_layers) {
+                let gram = weighted_gram(feature, &tile.feature_weight(layer_stride(*layer)));
+                *sum = Some(match sum.take() {
+                    None => gram,
+                    Some(total) => total + gram,
+                });
+            }
+        }
+        (grams.into_iter().map(|g| g.expect("a grid has tiles")).collect(), content_values)
+    }
+
+    /// The weighted losses of the whole frame and their slopes: a factor per content layer, and
+    /// ∂L/∂G per style layer.
+    fn tiled_slopes(
+        &self,
+        saved: &Tensor,
+        targets: &Targets,
+        balance: &Balance,
+        grams: &[Tensor],
+        content_values: &[f64],
+    ) -> TiledSlopes {
+        let (_, _, height, width) = saved.size4().expect("image [1, 3, H, W]");
+        let style_weight = self.settings.style_weight;
+        let content_factor = self.settings.ratio * style_weight;
+        let mut slopes = TiledSlopes::default();
+        for (value, term) in content_values.iter().zip(&balance.content) {
+            slopes.content_total += balance.weigh_value(*value, *term) * content_factor;
+            slopes.content.push(balance.slope(*value, *term) * content_factor);
+        }
+        let layers = balance.style.iter().zip(&self.settings.style_layers);
+        for ((gram, per_position), (term, layer)) in grams.iter().zip(&targets.style).zip(layers) {
+            let positions = layer_positions(*layer, height, width);
+            let target = per_position * positions as f64;
+            let value = loss::style_layer_loss_of_gram(gram, &target, positions).double_value(&[]);
+            slopes.style_total += balance.weigh_value(value, *term) * style_weight;
+            let (filters, positions) = (gram.size()[0] as f64, positions as f64);
+            let scale = balance.slope(value, *term) * style_weight / (2.0 * filters * filters * positions * positions);
+            slopes.style.push((gram - target) * scale);
+        }
+        slopes
+    }
+
+    /// The second tiled pass's loss for one tile: its gradient is the tile's share of the gradient
+    /// of the whole-frame loss.
+    fn surrogate(&self, window: &Tensor, tile: &Tile, targets: &Targets, slopes: &TiledSlopes) -> Tensor {
+        let content_count = self.settings.content_layers.len();
+        let features = self.vgg.features(window, &self.layers);
+        let (content_features, style_features) = features.split_at(content_count);
+        let mut surrogate = Tensor::zeros([], (Kind::Float, window.device()));
+        let content = content_features.iter().zip(&targets.content).zip(&slopes.content);
+        for (((feature, target), slope), layer) in content.zip(&self.settings.content_layers) {
+            let stride = layer_stride(*layer);
+            let weight = tile.feature_weight(stride);
+            surrogate += weighted_content_loss(feature, &tile.feature_window(target, stride), &weight) * *slope;
+        }
+        for ((feature, slope), layer) in style_features.iter().zip(&slopes.style).zip(&self.settings.style_layers) {
+            let gram = weighted_gram(feature, &tile.feature_weight(layer_stride(*layer)));
+            surrogate += (gram * slope).sum(Kind::Float);
+        }
+        surrogate
+    }
+
     /// Runs `iterations` optimisation steps from `start` towards `targets`.
     /// `observer` sees every iteration; `first_iteration`/`total_iterations` place it in a longer run.
     pub fn optimise(
@@ -208,14 +382,21 @@ impl<'m> Stylizer<'m> {
         };
         let mut image = start.detach().to_kind(Kind::Float).to_device(self.vgg.device());
         let balance = self.balance(targets, &image);
+        let grid = self.grid_for(&image);
         let mut accepted: Option<(Tensor, Losses)> = None;
         let mut losses = Losses::default();
         let mut calm_iterations = 0;
         let mut done = 0;
         for iteration in 0..iterations {
             let point = image.detach().set_requires_grad(true);
-            let (total, parts) = self.evaluate(&point, targets, &balance);
-            total.backward();
+            let (total, parts, gradient) = match &grid {
+                None => {
+                    let (total, parts) = self.evaluate(&point, targets, &balance);
+                    total.backward();
+                    (total, parts, point.grad())
+                }
+                Some(grid) => self.evaluate_tiled(&point, targets, &balance, grid),
+            };
             let previous_total = losses.total;
             losses = read_losses(&total, &parts);
             done = iteration + 1;
@@ -237,7 +418,7 @@ impl<'m> Stylizer<'m> {
             if self.converged(previous_total, losses.total, iteration, &mut calm_iterations) {
                 break;
             }
-            let Some(step) = optimizer.propose(&point.grad()) else { break };
+            let Some(step) = optimizer.propose(&gradient) else { break };
             image = point.detach() + step;
         }
         let image = accepted.map_or(image, |(good, _)| good);
@@ -368,7 +549,37 @@ struct Balance {
     root: bool,
 }
 
+/// What the tiled pass needs of the first: totals, and each layer's slope.
+#[derive(Default)]
+struct TiledSlopes {
+    /// α·L_content of the whole frame.
+    content_total: f64,
+    /// β·L_style of the whole frame.
+    style_total: f64,
+    /// ∂(weighted content term)/∂(content distance) per content layer.
+    content: Vec<f64>,
+    /// ∂(weighted style term)/∂G per style layer, `[N, N]`.
+    style: Vec<Tensor>,
+}
+
+/// The pixel stride of a layer's feature grid (2× per pooling before its block).
+fn layer_stride(layer: LayerId) -> i64 {
+    1 << (layer.block - 1)
+}
+
 impl Balance {
+    /// [`Balance::weigh`] of a value.
+    fn weigh_value(&self, term: f64, (scale, weight): (f64, f64)) -> f64 {
+        let scaled = term * scale;
+        let shaped = if self.root { (scaled + 1e-12).sqrt() } else { scaled };
+        shaped * weight
+    }
+
+    /// The derivative of [`Balance::weigh`] at `term`.
+    fn slope(&self, term: f64, (scale, weight): (f64, f64)) -> f64 {
+        if self.root { weight * scale / (2.0 * (term * scale + 1e-12).sqrt()) } else { weight * scale }
+    }
+
     fn weigh(&self, term: Tensor, (scale, weight): (f64, f64)) -> Tensor {
         let scaled = term * scale;
         let shaped = if self.root { (scaled + 1e-12).sqrt() } else { scaled };
