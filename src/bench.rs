@@ -1,6 +1,8 @@
 //! `impasto bench`: seconds per optimisation iteration (forward + backward through the network,
 //! losses, optimiser step) and per forward pass at given sizes, with achieved TFLOP/s against the
-//! convolutions' FLOP count and the peak memory. Engine-only, so it runs where only libtorch is.
+//! convolutions' FLOP count and the peak memory (resident, and on CUDA the device memory in use).
+//! Engine-only, so it runs where only libtorch is. [`VideoBenchRow`] sums up a real video job's
+//! report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
 
 use std::time::Instant;
 
@@ -8,8 +10,10 @@ use image::RgbImage;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::device::device_name;
+use crate::device::{device_name, memory};
+use crate::error::Result;
 use crate::model::{LayerId, Vgg};
+use crate::pipeline::{FrameSeconds, Report};
 use crate::style::{StyleImage, StyleSettings, Stylizer, Targets};
 
 /// One measured size.
@@ -21,7 +25,7 @@ pub struct BenchRow {
     pub height: i64,
     /// Device the network ran on.
     pub device: String,
-    /// Network precision.
+    /// Network precision as it ran (`tf32 (f32 on cpu)` off CUDA).
     pub precision: String,
     /// Network architecture.
     pub arch: String,
@@ -37,8 +41,14 @@ pub struct BenchRow {
     pub tflops: f64,
     /// Peak resident memory of the process so far, MiB.
     pub peak_rss_mib: f64,
+    /// On CUDA: device memory in use after the run, MiB (includes the caching allocator's reserve and
+    /// the CUDA context, so it bounds this process's peak from above); `None` on the CPU or when the
+    /// CUDA runtime cannot tell.
+    pub cuda_peak_mib: Option<f64>,
     /// Iterations timed.
     pub iterations: usize,
+    /// Tile side (0: the whole image at once); tiled iterations do more work than the nominal FLOPs.
+    pub tile_size: u32,
 }
 
 /// Forward FLOPs of the convolutions up to and including `deepest` at `width` × `height`.
@@ -110,11 +120,13 @@ pub fn bench_size(
     let deepest = *layers.iter().max().expect("layers");
     let seconds_per_forward = {
         let _guard = tch::no_grad_guard();
-        let _ = vgg.features(&content, &layers);
+        let windows = forward_windows(&content, &settings);
+        let forward = || windows.iter().for_each(|window| drop(vgg.features(window, &layers)));
+        forward();
         synchronize(vgg.device());
         let started = Instant::now();
         for _ in 0..iterations {
-            let _ = vgg.features(&content, &layers);
+            forward();
         }
         synchronize(vgg.device());
         started.elapsed().as_secs_f64() / iterations as f64
@@ -125,7 +137,7 @@ pub fn bench_size(
         width: w,
         height: h,
         device: device_name(vgg.device()),
-        precision: vgg.precision().to_string(),
+        precision: vgg.precision().label_on(vgg.device()),
         arch: vgg.arch().to_string(),
         layout: format!("{:?}", vgg.layout()),
         seconds_per_iteration,
@@ -133,12 +145,26 @@ pub fn bench_size(
         gflop_per_iteration: flops / 1e9,
         tflops: flops / seconds_per_iteration / 1e12,
         peak_rss_mib: peak_rss_mib(),
+        cuda_peak_mib: memory::in_use_mib(vgg.device()),
         iterations,
+        tile_size: settings.tile_size,
     }
 }
 
-/// A VGG with random weights of the given architecture (for benchmarking without weight files).
-pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettings, device: Device) -> Vgg {
+/// What one forward pass runs on: the whole image, or its tiles when the settings ask for them.
+fn forward_windows(image: &Tensor, settings: &StyleSettings) -> Vec<Tensor> {
+    let (height, width) = (image.size()[2], image.size()[3]);
+    match crate::style::tiles::TileGrid::plan(height, width, settings.tile_size, settings.tile_overlap, image.device())
+    {
+        None => vec![image.shallow_clone()],
+        Some(grid) => grid.tiles().iter().map(|tile| tile.window(image)).collect(),
+    }
+}
+
+/// A VGG with random weights of the given architecture (for benchmarking without weight files), with
+/// the precision's TF32 switch set as [`crate::model::load`] sets it.
+pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettings, device: Device) -> Result<Vgg> {
+    crate::device::apply_precision(device, settings.precision)?;
     tch::manual_seed(0);
     let convs = arch
         .convs()
@@ -153,7 +179,7 @@ pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettin
             }
         })
         .collect();
-    Vgg::with_layout(
+    Ok(Vgg::with_layout(
         arch,
         convs,
         crate::model::Convention::Torchvision,
@@ -161,5 +187,85 @@ pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettin
         device,
         settings.precision,
         settings.layout,
-    )
+    ))
+}
+
+/// End-to-end numbers of a painted video.
+#[derive(Clone, Debug, Serialize)]
+pub struct VideoBenchRow {
+    /// The clip.
+    pub video: std::path::PathBuf,
+    /// Frames painted.
+    pub frames: u64,
+    /// Working size (`width`, `height`).
+    pub working_size: (u32, u32),
+    /// Device the network ran on.
+    pub device: String,
+    /// Network precision as it ran.
+    pub precision: String,
+    /// Network architecture.
+    pub arch: String,
+    /// Activation memory layout.
+    pub layout: String,
+    /// Wall-clock seconds of the job per frame (stages overlap on three threads).
+    pub seconds_per_frame: f64,
+    /// Mean seconds per frame in each stage.
+    pub stage_seconds_per_frame: FrameSeconds,
+    /// Each stage's fraction of the summed stage time (the four add up to 1).
+    pub share: FrameSeconds,
+    /// Wall-clock seconds of the whole job.
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mib: f64,
+    /// On CUDA: device memory in use after the job, MiB (as in [`BenchRow::cuda_peak_mib`]).
+    pub cuda_peak_mib: Option<f64>,
+}
+
+impl VideoBenchRow {
+    /// Sums up the report of a video job that ran with `vgg`.
+    pub fn of(report: &Report, vgg: &Vgg) -> Self {
+        let stages = report.seconds_per_frame;
+        VideoBenchRow {
+            video: report.input.clone(),
+            frames: report.frame_count,
+            working_size: report.working_size,
+            device: device_name(vgg.device()),
+            precision: vgg.precision().label_on(vgg.device()),
+            arch: vgg.arch().to_string(),
+            layout: format!("{:?}", vgg.layout()),
+            seconds_per_frame: report.wall_seconds / report.frame_count.max(1) as f64,
+            stage_seconds_per_frame: stages,
+            share: shares(&stages),
+            wall_seconds: report.wall_seconds,
+            peak_rss_mib: peak_rss_mib(),
+            cuda_peak_mib: memory::in_use_mib(vgg.device()),
+        }
+    }
+}
+
+/// Each stage's fraction of the stages' sum (all zero when nothing was timed).
+pub fn shares(stages: &FrameSeconds) -> FrameSeconds {
+    let total = stages.total();
+    if total <= 0.0 {
+        return FrameSeconds::default();
+    }
+    FrameSeconds {
+        decode: stages.decode / total,
+        flow: stages.flow / total,
+        optimise: stages.optimise / total,
+        encode: stages.encode / total,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_to_one() {
+        let shares = shares(&FrameSeconds { decode: 0.5, flow: 1.0, optimise: 8.0, encode: 0.5 });
+        assert!((shares.total() - 1.0).abs() < 1e-12, "{shares:?}");
+        assert!((shares.optimise - 0.8).abs() < 1e-12);
+        assert_eq!(super::shares(&FrameSeconds::default()), FrameSeconds::default());
+    }
 }

@@ -1,6 +1,10 @@
 //! Devices and precisions: parsing `cpu`, `cuda:N` and `auto`, loading libtorch's CUDA backend at
-//! start so that a GPU is seen at all (the linker drops `libtorch_cuda.so` otherwise), and the
-//! network precision (f32 or bf16; the optimised image always stays f32).
+//! start so that a GPU is seen at all (the linker drops `libtorch_cuda.so` otherwise), cuDNN
+//! autotuning on CUDA devices, and the network precision (f32, TF32 on CUDA, or bf16; the optimised
+//! image always stays f32). `tf32` holds the TF32 switch, `memory` the device-memory reading.
+
+pub mod memory;
+pub mod tf32;
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -63,8 +67,18 @@ impl std::fmt::Display for DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// Resolves the choice to a libtorch device, checking that it exists.
+    /// Resolves the choice to a libtorch device, checking that it exists. On a CUDA device cuDNN
+    /// autotuning is switched on: the first convolution of each shape tries the algorithms and keeps
+    /// the fastest (frames of one video, or one benchmark size, share their shapes).
     pub fn resolve(&self) -> Result<Device> {
+        let device = self.find()?;
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        Ok(device)
+    }
+
+    fn find(&self) -> Result<Device> {
         load_cuda_backend();
         match *self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -98,9 +112,12 @@ pub fn device_name(device: Device) -> String {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// 32-bit floats throughout.
+    /// 32-bit floats throughout (IEEE products on CUDA too).
     #[default]
     F32,
+    /// f32 tensors whose convolutions and matrix products may use TF32 tensor cores on CUDA; plain
+    /// f32 elsewhere.
+    Tf32,
     /// bfloat16 network weights and activations; f32 image, Gram matrices and losses.
     Bf16,
 }
@@ -109,9 +126,33 @@ impl Precision {
     /// The libtorch kind of the network's weights and activations.
     pub fn kind(self) -> Kind {
         match self {
-            Precision::F32 => Kind::Float,
+            Precision::F32 | Precision::Tf32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
         }
+    }
+
+    /// How the precision runs on `device`: `tf32` is plain f32 off CUDA, and says so.
+    pub fn label_on(self, device: Device) -> String {
+        match (self, device) {
+            (Precision::Tf32, Device::Cuda(_)) | (Precision::F32 | Precision::Bf16, _) => self.to_string(),
+            (Precision::Tf32, other) => format!("tf32 (f32 on {})", device_name(other)),
+        }
+    }
+}
+
+/// Sets libtorch's process-wide TF32 switch for a network in `precision` on `device`: allowed for
+/// `tf32`, forbidden otherwise (so that f32 is IEEE float32). Nothing to do off CUDA. Only `tf32`
+/// fails where the switch is missing; the others then keep libtorch's default.
+pub fn apply_precision(device: Device, precision: Precision) -> Result<()> {
+    if !device.is_cuda() {
+        return Ok(());
+    }
+    match tf32::set(precision == Precision::Tf32) {
+        Err(error) if precision != Precision::Tf32 => {
+            tracing::warn!(%error, "libtorch's default TF32 setting stays (TF32 convolutions on CUDA)");
+            Ok(())
+        }
+        result => result,
     }
 }
 
@@ -120,8 +161,9 @@ impl FromStr for Precision {
     fn from_str(text: &str) -> Result<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            _ => Err(Error::Settings(format!("precision '{text}': expected 'f32' or 'bf16'"))),
+            _ => Err(Error::Settings(format!("precision '{text}': expected 'f32', 'tf32' or 'bf16'"))),
         }
     }
 }
@@ -130,6 +172,7 @@ impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
         })
     }
@@ -169,6 +212,18 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(3));
         let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert!(err.contains("tpu") && err.contains("cuda:N"), "{err}");
+    }
+
+    #[test]
+    fn tf32_parses_and_says_it_is_f32_off_cuda() {
+        let tf32: Precision = "TF32".parse().unwrap();
+        assert_eq!(tf32, Precision::Tf32);
+        assert_eq!(tf32.kind(), Kind::Float);
+        assert_eq!(tf32.label_on(Device::Cpu), "tf32 (f32 on cpu)");
+        assert_eq!(tf32.label_on(Device::Cuda(0)), "tf32");
+        assert_eq!(Precision::Bf16.label_on(Device::Cpu), "bf16");
+        let err = "fp8".parse::<Precision>().unwrap_err().to_string();
+        assert!(err.contains("'tf32'"), "{err}");
     }
 
     #[test]

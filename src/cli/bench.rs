@@ -1,9 +1,11 @@
 //! `impasto bench`: seconds per iteration at several sizes for the chosen device and precision, as
-//! JSON lines (one per size). Uses the resolved weights, or random VGG weights with `--random`.
+//! JSON lines (one per size). Uses the resolved weights, or random VGG weights with `--random`. In
+//! builds with FFmpeg, `--video CLIP` paints a real clip with the video job instead and prints one
+//! JSON line: seconds per frame and the share of decode, flow, optimisation and encode.
 
 use anyhow::Result;
 use clap::Args;
-use impasto::model::{self, Arch, ModelSettings};
+use impasto::model::{self, Arch, ModelSettings, Vgg};
 
 use super::image::StyleFlags;
 use super::model::ModelFlags;
@@ -23,6 +25,9 @@ pub struct BenchArgs {
     /// Use random weights of this architecture instead of a weight file.
     #[arg(long)]
     pub random: Option<Arch>,
+    #[cfg(feature = "media")]
+    #[command(flatten)]
+    pub video_flags: video::VideoBenchFlags,
     #[command(flatten)]
     pub style_flags: StyleFlags,
     #[command(flatten)]
@@ -42,16 +47,17 @@ fn parse_size(text: &str) -> Result<(u32, u32)> {
 
 /// Runs `impasto bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    #[cfg(feature = "media")]
+    if let Some(clip) = &args.video_flags.video {
+        return video::run(clip, &args);
+    }
     let profile = args.style_flags.profile()?;
     let style = args.style_flags.apply(profile.style);
     let settings: ModelSettings = args.model_flags.apply(profile.model);
     let sizes = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>>>()?;
     let device_name = settings.device.to_string();
     super::catch_torch(&device_name, || {
-        let vgg = match args.random {
-            Some(arch) => impasto::bench::random_vgg(arch, &settings, settings.device.resolve()?),
-            None => model::load(&settings)?,
-        };
+        let vgg = network(args.random, &settings)?;
         for (width, height) in &sizes {
             let row = impasto::bench::bench_size(&vgg, &style, *width, *height, args.warmup, args.iterations);
             println!("{}", serde_json::to_string(&row).expect("serialisable"));
@@ -59,4 +65,112 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(())
     })?;
     Ok(())
+}
+
+/// Random weights of `random`'s architecture, else the weights the settings resolve to.
+fn network(random: Option<Arch>, settings: &ModelSettings) -> impasto::Result<Vgg> {
+    match random {
+        Some(arch) => impasto::bench::random_vgg(arch, settings, settings.device.resolve()?),
+        None => model::load(settings),
+    }
+}
+
+/// `impasto bench --video CLIP`: the real video job, timed end to end.
+#[cfg(feature = "media")]
+mod video {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::{Context, Result};
+    use clap::Args;
+    use impasto::bench::VideoBenchRow;
+    use impasto::pipeline::{VideoJob, VideoSettings};
+    use impasto::style::StyleImage;
+
+    use super::BenchArgs;
+
+    /// Style image used when `--style` is not given (relative to the working directory).
+    const DEFAULT_STYLE: &str = "samples/images/starry_night.jpg";
+
+    /// Flags of the video run. The profile gives every other setting; `--size` sets the working long
+    /// side and `--tolerance` the later frames' early stop.
+    #[derive(Args, Debug, Clone, Default)]
+    pub struct VideoBenchFlags {
+        /// Paint this clip with the real video job (decode, flow, optimise, encode) and print seconds
+        /// per frame and each stage's share, instead of timing iterations.
+        #[arg(long, value_name = "CLIP")]
+        pub video: Option<PathBuf>,
+        /// Style image of the video run [default: samples/images/starry_night.jpg].
+        #[arg(long, requires = "video")]
+        pub style: Option<PathBuf>,
+        /// Iterations of each shot's first frame in the video run (default: the profile's).
+        #[arg(long, requires = "video")]
+        pub first_iterations: Option<u32>,
+        /// Most iterations of the later frames in the video run (default: the profile's).
+        #[arg(long, requires = "video")]
+        pub later_iterations: Option<u32>,
+    }
+
+    /// Paints the clip into a scratch directory (removed afterwards) and prints one JSON line.
+    pub fn run(clip: &Path, args: &BenchArgs) -> Result<()> {
+        let profile = args.style_flags.profile()?;
+        let style = args.style_flags.loss.apply(profile.style);
+        let video = video_settings(args, profile.video);
+        let model_settings = args.model_flags.apply(profile.model);
+        style.validate()?;
+        video.validate()?;
+        let style_path = args.video_flags.style.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STYLE));
+        let styles = vec![StyleImage { image: impasto::imageio::read_rgb(&style_path)?, weight: 1.0 }];
+        let model_identity = match args.random {
+            Some(arch) => serde_json::json!({ "random": arch.to_string() }),
+            None => impasto::model::identity(&model_settings)?,
+        };
+        let scratch = scratch_dir()?;
+        let job = VideoJob {
+            input: clip.to_path_buf(),
+            output: scratch.join("painted.mp4"),
+            styles,
+            style,
+            video,
+            model_identity,
+            measure_warping: false,
+        };
+        let device = model_settings.device.to_string();
+        let result = job.prepare().and_then(|prepared| {
+            super::super::catch_torch(&device, || {
+                let vgg = super::network(args.random, &model_settings)?;
+                let report = prepared.run(&vgg, &mut |_event| {})?;
+                Ok(VideoBenchRow::of(&report, &vgg))
+            })
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        let row = result.with_context(|| format!("painting '{}'", clip.display()))?;
+        println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        Ok(())
+    }
+
+    /// The profile's video settings with the bench's flags on top.
+    fn video_settings(args: &BenchArgs, mut video: VideoSettings) -> VideoSettings {
+        if let Some(size) = args.style_flags.size {
+            video.size = size;
+        }
+        if let Some(tolerance) = args.style_flags.tolerance {
+            video.tolerance = tolerance;
+        }
+        if let Some(iterations) = args.video_flags.first_iterations {
+            video.first_iterations = iterations;
+        }
+        if let Some(iterations) = args.video_flags.later_iterations {
+            video.iterations = iterations;
+        }
+        video
+    }
+
+    /// A fresh, empty directory for the painted clip and the job's checkpoints (an old one of the same
+    /// name would make the job resume instead of paint).
+    fn scratch_dir() -> impasto::Result<PathBuf> {
+        let dir = std::env::temp_dir().join(format!("impasto-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| impasto::Error::io(&dir, e))?;
+        Ok(dir)
+    }
 }

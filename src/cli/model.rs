@@ -29,7 +29,7 @@ pub struct ModelFlags {
     /// Device: auto, cpu or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceChoice>,
-    /// Network precision: f32 or bf16 (the image stays f32).
+    /// Network precision: f32, tf32 (TF32 tensor cores on CUDA; f32 elsewhere) or bf16 (the image stays f32).
     #[arg(long)]
     pub precision: Option<Precision>,
     /// Activation memory layout: channels-first or channels-last.

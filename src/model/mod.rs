@@ -41,7 +41,8 @@ pub struct ModelSettings {
     pub normalize: bool,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: DeviceChoice,
-    /// Network precision: `f32` or `bf16` (the image stays f32).
+    /// Network precision: `f32`, `tf32` (TF32 tensor cores on CUDA, f32 elsewhere) or `bf16` (the image
+    /// stays f32).
     pub precision: Precision,
     /// Activation memory layout: `channels-first` or `channels-last`.
     pub layout: Layout,
@@ -98,6 +99,7 @@ pub fn load(settings: &ModelSettings) -> Result<Vgg> {
 
 /// Like [`load`] with the weight file and device already settled.
 pub fn load_from(path: &Path, settings: &ModelSettings, device: Device) -> Result<Vgg> {
+    crate::device::apply_precision(device, settings.precision)?;
     let loaded = weights::load(path)?;
     let convention = settings.convention.or(loaded.convention).ok_or_else(|| {
         Error::weights(

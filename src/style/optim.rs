@@ -40,7 +40,12 @@ pub trait Optimizer {
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    (a * b).sum(Kind::Double).double_value(&[])
+    device_dot(a, b).double_value(&[])
+}
+
+/// aᵀb as a 0-d tensor on the tensors' device: no wait for the device to finish.
+fn device_dot(a: &Tensor, b: &Tensor) -> Tensor {
+    (a * b).sum(Kind::Double)
 }
 
 /// L-BFGS without line search (as torch.optim.LBFGS with `line_search_fn=None`).
@@ -68,9 +73,11 @@ impl Lbfgs {
     fn remember(&mut self, grad: &Tensor) {
         let Some((old_grad, old_step)) = self.previous.take() else { return };
         let y = grad - old_grad;
-        let ys = dot(&y, &old_step);
-        let yy = dot(&y, &y);
-        let ss = dot(&old_step, &old_step);
+        // one read from the device for the three products
+        let products =
+            Tensor::stack(&[device_dot(&y, &old_step), device_dot(&y, &y), device_dot(&old_step, &old_step)], 0);
+        let products = Vec::<f64>::try_from(products.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let [ys, yy, ss] = products[..] else { return };
         // scale-free curvature test: yᵀs must be positive relative to ‖y‖‖s‖
         if ys > 1e-10 * (yy * ss).sqrt() && yy > 0.0 {
             if self.pairs.len() == self.history {
@@ -81,17 +88,20 @@ impl Lbfgs {
         }
     }
 
+    /// The two-loop recursion, entirely on the device: the coefficients stay 0-d tensors, so a GPU
+    /// runs the whole recursion without waiting for the host (history 100 would otherwise mean 200
+    /// round trips per iteration).
     fn direction(&self, grad: &Tensor) -> Tensor {
         let mut q = -grad;
         let mut alphas = Vec::with_capacity(self.pairs.len());
         for (s, y, rho) in self.pairs.iter().rev() {
-            let alpha = rho * dot(s, &q);
-            q -= y * alpha;
+            let alpha = (device_dot(s, &q) * *rho).to_kind(Kind::Float);
+            q -= y * &alpha;
             alphas.push(alpha);
         }
         let mut r = q * self.hessian_diagonal;
         for ((s, y, rho), alpha) in self.pairs.iter().zip(alphas.into_iter().rev()) {
-            let beta = rho * dot(y, &r);
+            let beta = (device_dot(y, &r) * *rho).to_kind(Kind::Float);
             r += s * (alpha - beta);
         }
         r

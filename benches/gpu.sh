@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# GPU benchmark of impasto in one prepared run: seconds per iteration and per forward pass, TFLOP/s,
+# peak memory, for 256², 512², 1280×720 and 1920×1080 × f32, tf32, bf16 × channels-first/last, on
+# random VGG-19 weights (the VGG-19 FLOP count is the reference; set IMPASTO_MODEL to use a weight
+# file instead). Made for a GPU machine that has torch in its Python but no Rust toolchain, no network
+# and perhaps no FFmpeg: the engine-only binary is built elsewhere and copied over.
+#
+# On the build machine (from the repository root):
+#   export LIBTORCH=<torch 2.11 dir, e.g. .venv/lib/python3.11/site-packages/torch>
+#   cargo build --release --no-default-features --bins --target-dir target/engine-only
+#   mkdir -p target/gpu && strip -o target/gpu/impasto target/engine-only/release/impasto   # 8 MB, not 107
+# Copy the working tree plus target/gpu/impasto (target/ is git-ignored) to the GPU machine, and there,
+# from the repository root:
+#   IMPASTO_BIN=target/gpu/impasto OUT=./bench-out bash benches/gpu.sh
+# It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
+# `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
+# card, date, command and commit) and gpu-bench.log (stderr of every command).
+#
+# `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
+# where there is no GPU. Environment: IMPASTO_BIN, OUT, IMPASTO_MODEL, IMPASTO_DEVICE (default cuda:0),
+# IMPASTO_BENCH_TIMEOUT (seconds per command, default 70), IMPASTO_BENCH_BUDGET (seconds for the whole
+# run, default 450), IMPASTO_COMMIT (recorded commit when the tree has no .git).
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+started=$SECONDS
+
+quick="${IMPASTO_BENCH_QUICK:-0}"
+[[ "${1:-}" == "--quick" ]] && quick=1
+
+out="${OUT:-./bench-out}"
+bin="${IMPASTO_BIN:-target/engine-only/release/impasto}"
+mkdir -p "$out"
+jsonl="$out/gpu-bench.jsonl"
+md="$out/gpu-bench.md"
+log="$out/gpu-bench.log"
+: >"$jsonl"
+: >"$log"
+
+if [[ "$quick" == 1 ]]; then
+    sizes="32,48x32" device="cpu" iterations=1 warmup=1
+    per_command="${IMPASTO_BENCH_TIMEOUT:-120}" budget="${IMPASTO_BENCH_BUDGET:-900}"
+else
+    sizes="256,512,1280x720,1920x1080" device="${IMPASTO_DEVICE:-cuda:0}" iterations=10 warmup=3
+    per_command="${IMPASTO_BENCH_TIMEOUT:-70}" budget="${IMPASTO_BENCH_BUDGET:-450}"
+fi
+precisions=(f32 tf32 bf16)
+layouts=(channels-first channels-last)
+
+# What the machine is: the shared probe, when this tree has it beside or inside it.
+probe=""
+for candidate in "${IMPASTO_SHARED:-../shared}/device/probe.sh" shared/device/probe.sh; do
+    [[ -f "$candidate" ]] && probe="$candidate" && break
+done
+if [[ -n "$probe" ]]; then
+    timeout 60 bash "$probe" >"$out/probe.txt" 2>&1
+else
+    echo "no probe.sh found (looked in ${IMPASTO_SHARED:-../shared}/device and shared/device)" >"$out/probe.txt"
+fi
+
+# libtorch from the machine's own torch, so the copied binary finds libtorch_cpu/libtorch_cuda.
+torch_dir="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))' 2>/dev/null || true)"
+if [[ -n "$torch_dir" && -d "$torch_dir/lib" ]]; then
+    export LD_LIBRARY_PATH="$torch_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+echo "torch lib: ${torch_dir:-none from python3 (the rpath of the binary and LD_LIBRARY_PATH decide)}" | tee -a "$log"
+
+if [[ ! -x "$bin" ]]; then
+    echo "error: no impasto binary at '$bin' (set IMPASTO_BIN)" | tee -a "$log" >&2
+    exit 2
+fi
+
+model_args=(--random vgg19)
+[[ -n "${IMPASTO_MODEL:-}" ]] && model_args=()
+
+card="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+[[ "$device" == cpu || -z "$card" ]] && card="$device ($(nproc) CPU cores)"
+commit="${IMPASTO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+command_line="impasto bench --sizes $sizes --iterations $iterations --warmup $warmup --device $device ${model_args[*]} --precision P --layout L"
+
+failures=0
+for precision in "${precisions[@]}"; do
+    for layout in "${layouts[@]}"; do
+        left=$((budget - (SECONDS - started)))
+        if ((left < 10)); then
+            echo "skipped $precision $layout: the ${budget} s budget is spent" | tee -a "$log"
+            failures=$((failures + 1))
+            continue
+        fi
+        limit=$((left < per_command ? left : per_command))
+        echo "== $precision $layout (limit ${limit} s)" | tee -a "$log"
+        timeout -k 5 "$limit" "$bin" bench --sizes "$sizes" --iterations "$iterations" --warmup "$warmup" \
+            --device "$device" --precision "$precision" --layout "$layout" "${model_args[@]}" \
+            >>"$jsonl" 2>>"$log"
+        status=$?
+        if ((status != 0)); then
+            echo "   exit status $status (124: timed out; rows already printed are kept)" | tee -a "$log"
+            failures=$((failures + 1))
+        fi
+    done
+done
+
+CARD="$card" COMMIT="$commit" COMMAND="$command_line" python3 - "$jsonl" >"$md" <<'PY'
+import datetime, json, os, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}.")
+print(f"Command: `{os.environ['COMMAND']}`")
+print()
+print("| precision | layout | size | s/iteration | s/forward | TFLOP/s | peak RSS MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|---|---|---|")
+layouts = {"ChannelsFirst": "channels-first", "ChannelsLast": "channels-last"}
+for r in rows:
+    size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
+    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
+    print(f"| {r['precision']} | {layouts.get(r['layout'], r['layout'])} | {size} | {r['seconds_per_iteration']:.4f} "
+          f"| {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+PY
+
+echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
+cat "$md"
+exit $((failures > 0 ? 1 : 0))

@@ -1,0 +1,71 @@
+//! `impasto bench` as the benchmarks run it: the iteration benchmark in every precision and layout
+//! through the prepared GPU script in its CPU mode (`benches/gpu.sh --quick`), and the end-to-end video
+//! benchmark on the sample clip. Only the shape of the output is checked, never a time.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+/// The JSON lines of a file or of a command's output.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines().filter(|l| l.trim_start().starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu.sh"))
+        .arg("--quick")
+        .env("IMPASTO_BIN", env!("CARGO_BIN_EXE_impasto"))
+        .env("OUT", out.path())
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("IMPASTO_MODEL")
+        .env_remove("IMPASTO_LOG")
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(out.path().join("gpu-bench.log")).unwrap_or_default();
+    assert!(output.status.success(), "{}\n{log}", String::from_utf8_lossy(&output.stderr));
+    let rows = json_lines(&std::fs::read_to_string(out.path().join("gpu-bench.jsonl")).unwrap());
+    let measured: BTreeSet<(i64, i64, String, String)> = rows
+        .iter()
+        .map(|r| {
+            let precision = r["precision"].as_str().unwrap().split(' ').next().unwrap().to_string();
+            (r["width"].as_i64().unwrap(), r["height"].as_i64().unwrap(), precision, r["layout"].to_string())
+        })
+        .collect();
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    assert_eq!(measured.len(), 12, "2 sizes × 3 precisions × 2 layouts, each once: {measured:?}");
+    assert!(rows.iter().all(|r| r["arch"] == "vgg19" && r["cuda_peak_mib"].is_null()), "{rows:?}");
+    assert!(rows.iter().any(|r| r["precision"] == "tf32 (f32 on cpu)"), "{rows:?}");
+    let table = std::fs::read_to_string(out.path().join("gpu-bench.md")).unwrap();
+    assert!(table.contains("| precision | layout | size |"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| precision")).count(), 12, "{table}");
+    assert!(out.path().join("probe.txt").is_file());
+}
+
+#[cfg(feature = "media")]
+#[test]
+fn video_bench_reports_seconds_per_frame_and_stage_shares() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(env!("CARGO_BIN_EXE_impasto"))
+        .current_dir(root)
+        .args(["bench", "--video", "samples/video/bigbuckbunny-2s.mp4", "--size", "32"])
+        .args(["--first-iterations", "2", "--later-iterations", "1", "--random", "vgg16", "--device", "cpu"])
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("IMPASTO_LOG")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows = json_lines(&String::from_utf8(output.stdout).unwrap());
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert!(row["frames"].as_u64().unwrap() > 1, "{row}");
+    assert!(row["seconds_per_frame"].as_f64().is_some(), "{row}");
+    let stages = ["decode", "flow", "optimise", "encode"];
+    let shares: Vec<f64> = stages.iter().map(|s| row["share"][s].as_f64().unwrap()).collect();
+    assert!(shares.iter().all(|s| (0.0..=1.0).contains(s)), "{row}");
+    assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-6, "{row}");
+    assert!(stages.iter().all(|s| row["stage_seconds_per_frame"][s].is_number()), "{row}");
+    assert!(row["cuda_peak_mib"].is_null(), "{row}");
+}
