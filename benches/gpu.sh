@@ -14,7 +14,8 @@
 #   IMPASTO_BIN=target/gpu/impasto OUT=./bench-out bash benches/gpu.sh
 # It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
 # `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
-# card, date, command and commit) and gpu-bench.log (stderr of every command).
+# card, date, command and commit), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one
+# process each) and gpu-bench.log (stderr of every command).
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
 # where there is no GPU. Environment: IMPASTO_BIN, OUT, IMPASTO_MODEL, IMPASTO_DEVICE (default cuda:0),
@@ -118,6 +119,43 @@ for r in rows:
           f"| {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {cuda} |")
 PY
 
+# Large frames: memory with and without tiles, each in its own process (the peaks are per process).
+# A 4K frame without tiles may not fit a smaller card: that failure is reported, not counted.
+memory_jsonl="$out/gpu-memory.jsonl"
+memory_md="$out/gpu-memory.md"
+: >"$memory_jsonl"
+if [[ "$quick" == 1 ]]; then
+    large=("160x96 0" "160x96 64" "320x192 64") large_iterations=1 large_warmup=0
+else
+    large=("1920x1080 0" "1920x1080 1024" "3840x2160 1024" "3840x2160 0") large_iterations=3 large_warmup=1
+fi
+for entry in "${large[@]}"; do
+    read -r size tile <<<"$entry"
+    left=$((budget - (SECONDS - started)))
+    if ((left < 10)); then
+        echo "skipped $size tile $tile: the ${budget} s budget is spent" | tee -a "$log"
+        continue
+    fi
+    limit=$((left < per_command ? left : per_command))
+    echo "== memory $size tile $tile (limit ${limit} s)" | tee -a "$log"
+    timeout -k 5 "$limit" "$bin" bench --sizes "$size" --tile-size "$tile" --iterations "$large_iterations" \
+        --warmup "$large_warmup" --device "$device" --precision f32 "${model_args[@]}" >>"$memory_jsonl" 2>>"$log" \
+        || echo "   $size tile $tile: exit status $? (out of memory is expected for 4K without tiles on small cards)" | tee -a "$log"
+done
+CARD="$card" COMMIT="$commit" python3 - "$memory_jsonl" >"$memory_md" <<'PY'
+import datetime, json, os, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. f32, one process per row.")
+print()
+print("| size | tile | s/iteration | peak RSS MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|")
+for r in rows:
+    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
+    tile = r.get("tile_size") or "none"
+    print(f"| {r['width']}×{r['height']} | {tile} | {r['seconds_per_iteration']:.4f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+PY
+
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
-cat "$md"
+cat "$md" "$memory_md"
 exit $((failures > 0 ? 1 : 0))

@@ -646,3 +646,27 @@ fn two_nodes_sharing_a_postgres_store_paint_each_video_once() {
         log.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(json_lines.iter().any(|l| l["fields"]["message"] == "impasto serve is ready"), "JSON logs: {log}");
 }
+
+#[test]
+fn a_transient_failure_is_retried_after_a_back_off() {
+    let s = setup("", TINY);
+    let daemon = Daemon::start(&s.config, &[]);
+    // The output folder turns into a file: writing fails, which is the machine's trouble, not the input's.
+    std::fs::remove_dir_all(&s.out).unwrap();
+    std::fs::write(&s.out, "in the way").unwrap();
+    clip(&s.root.join("retry.mp4"), 3, "retry");
+    std::fs::rename(s.root.join("retry.mp4"), s.inbox.join("retry.mp4")).unwrap();
+    let id =
+        wait_for("the job", || by_name(&daemon.jobs()).get("retry.mp4").map(|j| j["id"].as_str().unwrap().to_string()));
+    let waiting = daemon.wait_job(&id, "a failed first attempt", |j| j["state"] == "queued" && j["attempts"] == 1);
+    assert!(waiting["last_error"].as_str().unwrap().contains("out"), "{waiting}");
+    assert!(
+        waiting["not_before_ms"].as_i64().unwrap() > waiting["started_ms"].as_i64().unwrap(),
+        "backed off: {waiting}"
+    );
+    std::fs::remove_file(&s.out).unwrap();
+    std::fs::create_dir(&s.out).unwrap();
+    let done = daemon.wait_job(&id, "done on the retry", |j| j["state"] == "done");
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_eq!(frame_count(Path::new(done["output"].as_str().unwrap())), 3);
+}

@@ -533,9 +533,6 @@ pub fn resize_to(image: &Tensor, like: &Tensor) -> Tensor {
 /// `image` clamped to 0..1 and rounded to 8 bits, with the gradient of the clamp alone.
 fn as_saved(image: &Tensor) -> Tensor {
     let clamped = image.clamp(0.0, 1.0);
-    if std::env::var_os("IMPASTO_NO_STE").is_some() {
-        return clamped;
-    }
     let rounded = (&clamped * 255.0).round() / 255.0;
     &clamped + (rounded - &clamped).detach()
 }
