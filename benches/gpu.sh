@@ -125,7 +125,7 @@ memory_jsonl="$out/gpu-memory.jsonl"
 memory_md="$out/gpu-memory.md"
 : >"$memory_jsonl"
 if [[ "$quick" == 1 ]]; then
-    large=("160x96 0" "160x96 64" "320x192 64") large_iterations=1 large_warmup=0
+    large=("160x96 0" "160x96 96" "320x192 96") large_iterations=1 large_warmup=0
 else
     large=("1920x1080 0" "1920x1080 1024" "3840x2160 1024" "3840x2160 0") large_iterations=3 large_warmup=1
 fi

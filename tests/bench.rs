@@ -45,9 +45,9 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     let memory = json_lines(&std::fs::read_to_string(out.path().join("gpu-memory.jsonl")).unwrap());
     let tiles: Vec<(i64, u64)> =
         memory.iter().map(|r| (r["width"].as_i64().unwrap(), r["tile_size"].as_u64().unwrap())).collect();
-    assert_eq!(tiles, [(160, 0), (160, 64), (320, 64)], "{memory:?}");
+    assert_eq!(tiles, [(160, 0), (160, 96), (320, 96)], "{memory:?}");
     let memory_table = std::fs::read_to_string(out.path().join("gpu-memory.md")).unwrap();
-    assert!(memory_table.contains("| 320×192 | 64 |"), "{memory_table}");
+    assert!(memory_table.contains("| 320×192 | 96 |"), "{memory_table}");
 }
 
 #[cfg(feature = "media")]
