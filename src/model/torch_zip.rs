@@ -54,6 +54,29 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
         .collect()
 }
 
+/// Checks that the archive is whole: its end records and central directory are readable and every
+/// entry's bytes lie inside the file. libtorch's zip reader reads past the end of some truncated
+/// archives (a crash, not an error), so nothing reaches it before this passes.
+pub fn check_whole(path: &Path) -> Result<(), String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("cannot read: {e}"))?.len();
+    let entries = read_directory(&mut file, len)?;
+    for (name, entry) in &entries {
+        let header = read_at(&mut file, entry.header_offset, 30, name)?;
+        if le32(&header, 0) != LOCAL_HEADER {
+            return Err(format!("{name}: no local header at byte {}", entry.header_offset));
+        }
+        let data_start = entry.header_offset + 30 + u64::from(le16(&header, 26)) + u64::from(le16(&header, 28));
+        if data_start.checked_add(entry.size).is_none_or(|end| end > len) {
+            return Err(format!(
+                "file truncated: {name} needs bytes {data_start}..{} but the file has {len}",
+                data_start + entry.size
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where an entry's bytes are.
 #[derive(Clone, Copy, Debug)]
 struct Entry {

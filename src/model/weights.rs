@@ -86,9 +86,12 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).map_err(|e| Error::weights(path, format!("not a readable safetensors file: {e}")))
 }
 
-/// libtorch reads plain `{name: tensor}` archives; state dicts (`OrderedDict` with `_metadata`) and
+/// libtorch reads plain `{name: tensor}` archives once impasto has checked that the archive is whole
+/// (a regression: libtorch crashed on some truncated archives); state dicts (`OrderedDict` with `_metadata`) and
 /// nested checkpoints go to impasto's own reader when libtorch refuses them.
 fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    super::torch_zip::check_whole(path)
+        .map_err(|problem| Error::weights(path, format!("not a readable PyTorch archive: {problem}")))?;
     Tensor::loadz_multi(path).or_else(|libtorch_error| {
         super::torch_zip::read(path).map_err(|problem| {
             let text = libtorch_error.to_string();
