@@ -49,6 +49,8 @@ pub struct BenchRow {
     pub iterations: usize,
     /// Tile side (0: the whole image at once); tiled iterations do more work than the nominal FLOPs.
     pub tile_size: u32,
+    /// libtorch's CPU threads during the run.
+    pub threads: i32,
 }
 
 /// Forward FLOPs of the convolutions up to and including `deepest` at `width` × `height`.
@@ -148,6 +150,7 @@ pub fn bench_size(
         cuda_peak_mib: memory::in_use_mib(vgg.device()),
         iterations,
         tile_size: settings.tile_size,
+        threads: tch::get_num_threads(),
     }
 }
 

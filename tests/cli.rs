@@ -260,3 +260,20 @@ fn no_weights_anywhere_explains_the_resolution_order() {
         "{message}"
     );
 }
+
+#[test]
+fn threads_set_libtorch_cpu_threads_and_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = impasto(dir.path())
+        .args(["--threads", "1", "bench", "--sizes", "32", "--random", "vgg16", "--iterations", "1", "--warmup", "0"])
+        .args(["--device", "cpu"])
+        .env_remove("OMP_NUM_THREADS")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let row: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(row["threads"], 1, "{row}");
+    let refused = impasto(dir.path()).args(["--threads", "0", "bench"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--threads"), "{}", stderr(&refused));
+}

@@ -24,6 +24,10 @@ struct Cli {
     /// Log filter (e.g. `info`, `impasto=debug`); also IMPASTO_LOG. Default: warn (serve: info).
     #[arg(long, global = true, env = "IMPASTO_LOG")]
     log: Option<String>,
+    /// libtorch CPU threads (default: libtorch's choice, one per core). On a shared machine, or for
+    /// small frames, fewer threads are often faster.
+    #[arg(long, global = true, env = "IMPASTO_THREADS", value_parser = clap::value_parser!(i32).range(1..=1024))]
+    threads: Option<i32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,6 +99,9 @@ fn media_exit_code(error: &impasto::media::MediaError) -> i32 {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     quiet_torch_panics();
+    if let Some(threads) = cli.threads {
+        tch::set_num_threads(threads);
+    }
     #[cfg(feature = "service")]
     if let Command::Serve(args) = &cli.command {
         return finish(serve_command(args, cli.log.as_deref()));
