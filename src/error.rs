@@ -102,12 +102,35 @@ impl Error {
 
 impl From<tch::TchError> for Error {
     fn from(err: tch::TchError) -> Self {
-        let text = err.to_string();
-        let first = text.lines().next().unwrap_or_default().to_string();
-        if text.contains("out of memory") || text.contains("CUDA error: out of memory") {
-            Error::OutOfMemory { device: "the device".into(), detail: first }
+        Error::from_torch_message("the device", &err.to_string())
+    }
+}
+
+impl Error {
+    /// The error for a libtorch failure from its message: out of memory on `device`, else a libtorch
+    /// error. Only the message's first line is kept (tch's panics quote libtorch's message with its
+    /// newlines escaped, so the escaped ones end it too).
+    pub fn from_torch_message(device: &str, text: &str) -> Self {
+        let first = first_line(text);
+        if text.contains("out of memory") {
+            Error::OutOfMemory { device: device.to_string(), detail: first }
         } else {
             Error::Torch(first)
         }
     }
+}
+
+/// The first line of a message, escaped newlines included.
+pub fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.split("\\n").next().unwrap_or_default().to_string()
+}
+
+/// The text of a panic's payload.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }

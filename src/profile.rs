@@ -45,6 +45,11 @@ impl Profile {
         Ok((profile, path))
     }
 
+    /// The profile `name_or_path` (see [`Profile::load`]), or the built-in defaults when none is named.
+    pub fn named_or_default(name_or_path: Option<&str>) -> Result<Self> {
+        name_or_path.map_or_else(|| Ok(Profile::default()), |name| Ok(Profile::load(name)?.0))
+    }
+
     /// Makes relative paths in the profile relative to the profile's directory.
     fn resolve_paths(&mut self, base: &Path) {
         for path in [&mut self.model.path, &mut self.style.init_image].into_iter().flatten() {

@@ -35,10 +35,7 @@ pub struct EvalArgs {
 
 /// Runs `impasto eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let profile = match &args.profile {
-        Some(name) => impasto::profile::Profile::load(name)?.0,
-        None => impasto::profile::Profile::default(),
-    };
+    let profile = impasto::profile::Profile::named_or_default(args.profile.as_deref())?;
     let device = args.device.resolve()?;
     if device == tch::Device::Cpu && profile.video.flow_threads > 0 {
         tch::set_num_threads(profile.video.flow_threads as i32);

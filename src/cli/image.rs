@@ -114,10 +114,7 @@ fn parse_scale(text: &str) -> Result<ScaleStep, String> {
 impl StyleFlags {
     /// The profile named by `--profile` (or the built-in defaults).
     pub fn profile(&self) -> Result<Profile> {
-        match &self.profile {
-            Some(name) => Ok(Profile::load(name)?.0),
-            None => Ok(Profile::default()),
-        }
+        Ok(Profile::named_or_default(self.profile.as_deref())?)
     }
 
     /// The profile's style settings with these flags applied.

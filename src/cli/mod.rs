@@ -82,15 +82,9 @@ fn exit_code(error: &anyhow::Error) -> i32 {
 fn media_exit_code(error: &impasto::media::MediaError) -> i32 {
     use impasto::media::MediaError as M;
     match error {
-        M::Settings(_) | M::UnknownContainer { .. } | M::UnknownCodec { .. } | M::Unsupported { .. } => exit::USAGE,
-        M::Io { .. }
-        | M::NotMedia { .. }
-        | M::Corrupt { .. }
-        | M::NoVideoStream { .. }
-        | M::ZeroFrames { .. }
-        | M::Truncated { .. }
-        | M::Damaged { .. }
-        | M::OutputDirectory { .. } => exit::BAD_INPUT,
+        error if error.is_bad_settings() => exit::USAGE,
+        error if error.is_bad_input() => exit::BAD_INPUT,
+        M::Io { .. } | M::OutputDirectory { .. } => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
 }
@@ -178,33 +172,17 @@ fn install_logging(filter: &str, json: bool) {
 fn quiet_torch_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let text = panic_text(info.payload());
+        let text = impasto::error::panic_text(info.payload());
         if !text.contains("Torch(") && !text.contains("TchError") {
             default_hook(info);
         }
     }));
 }
 
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 /// Runs libtorch work, turning its panics (out of memory, shape errors) into typed errors.
 pub fn catch_torch<T>(device: &str, work: impl FnOnce() -> impasto::Result<T>) -> impasto::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
         Ok(result) => result,
-        Err(payload) => {
-            let text = panic_text(payload.as_ref());
-            let first = text.lines().next().unwrap_or("libtorch failed").to_string();
-            if text.contains("out of memory") {
-                Err(Error::OutOfMemory { device: device.to_string(), detail: first })
-            } else {
-                Err(Error::Torch(first))
-            }
-        }
+        Err(payload) => Err(Error::from_torch_message(device, &impasto::error::panic_text(payload.as_ref()))),
     }
 }

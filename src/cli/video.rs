@@ -97,10 +97,7 @@ fn parse_output_size(text: &str) -> Result<OutputSize, String> {
 impl VideoFlags {
     /// The profile named by `--profile` (or the built-in defaults).
     pub fn profile(&self) -> Result<Profile> {
-        match &self.profile {
-            Some(name) => Ok(Profile::load(name)?.0),
-            None => Ok(Profile::default()),
-        }
+        Ok(Profile::named_or_default(self.profile.as_deref())?)
     }
 
     /// The profile's video settings with these flags applied.

@@ -130,6 +130,30 @@ pub enum MediaError {
 }
 
 impl MediaError {
+    /// Whether the input itself is bad (not a video, damaged, truncated, empty): trying again cannot help.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            MediaError::NotMedia { .. }
+                | MediaError::Corrupt { .. }
+                | MediaError::NoVideoStream { .. }
+                | MediaError::ZeroFrames { .. }
+                | MediaError::Truncated { .. }
+                | MediaError::Damaged { .. }
+        )
+    }
+
+    /// Whether the encode settings are impossible (container, codec, options).
+    pub fn is_bad_settings(&self) -> bool {
+        matches!(
+            self,
+            MediaError::Settings(_)
+                | MediaError::UnknownContainer { .. }
+                | MediaError::UnknownCodec { .. }
+                | MediaError::Unsupported { .. }
+        )
+    }
+
     /// A generic FFmpeg failure while doing `operation` on `path`.
     pub(crate) fn ffmpeg(path: &std::path::Path, operation: &'static str, error: ffmpeg_next::Error) -> Self {
         MediaError::Ffmpeg { path: path.to_path_buf(), operation, detail: error.to_string() }

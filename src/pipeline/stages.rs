@@ -56,28 +56,14 @@ impl FirstError {
     }
 }
 
-/// The text of a panic's payload.
-pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// The error for a stage that panicked: libtorch failures (which tch raises as panics) keep their
 /// meaning, out of memory included.
 pub fn panic_error(stage: &str, payload: &(dyn std::any::Any + Send)) -> Error {
-    let text = panic_text(payload);
-    // tch's panics quote libtorch's message with its newlines escaped; keep its first line.
-    let first = text.lines().next().unwrap_or_default();
-    let first = first.split("\\n").next().unwrap_or_default().to_string();
-    if text.contains("out of memory") {
-        Error::OutOfMemory { device: "the device".into(), detail: first }
-    } else if text.contains("Torch") || text.contains("TchError") {
-        Error::Torch(first)
+    let text = crate::error::panic_text(payload);
+    if text.contains("out of memory") || text.contains("Torch") || text.contains("TchError") {
+        Error::from_torch_message("the device", &text)
     } else {
-        Error::Internal(format!("the {stage} stage panicked: {first}"))
+        Error::Internal(format!("the {stage} stage panicked: {}", crate::error::first_line(&text)))
     }
 }
 

@@ -178,14 +178,17 @@ async fn thumbnail(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<Stri
     Ok((headers, jpeg).into_response())
 }
 
+/// A conflict unless `job` is in one of `states`; `only` completes "only … " in the message.
+fn require_state(job: &Job, states: [JobState; 2], only: &str) -> ApiResult<()> {
+    if states.contains(&job.state) {
+        return Ok(());
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, format!("job '{}' is {}; only {only}", job.id, job.state.as_str())))
+}
+
 async fn cancel_job(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> ApiResult<Json<JobView>> {
     let job = find(&state, &id).await?;
-    if !matches!(job.state, JobState::Queued | JobState::Running) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("job '{id}' is {}; only queued or running jobs can be cancelled", job.state.as_str()),
-        ));
-    }
+    require_state(&job, [JobState::Queued, JobState::Running], "queued or running jobs can be cancelled")?;
     let job =
         state.store.cancel(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no job '{id}'")))?;
     Ok(Json(job.into()))
@@ -193,12 +196,7 @@ async fn cancel_job(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<Str
 
 async fn retry_job(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> ApiResult<Json<JobView>> {
     let job = find(&state, &id).await?;
-    if !matches!(job.state, JobState::Failed | JobState::Cancelled) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("job '{id}' is {}; only failed or cancelled jobs can be retried", job.state.as_str()),
-        ));
-    }
+    require_state(&job, [JobState::Failed, JobState::Cancelled], "failed or cancelled jobs can be retried")?;
     let input = bring_back(&state, &job)?;
     let job = state
         .store
@@ -217,7 +215,7 @@ fn bring_back(state: &AppState, job: &Job) -> ApiResult<PathBuf> {
             format!("watch folder '{}' is no longer configured", job.watch),
         ));
     };
-    let incoming = watch.config.incoming_dir().join(format!("{}--{}", job.id, job.name));
+    let incoming = watch.config.incoming_path(&job.id, &job.name);
     if job.input_path == incoming || !job.input_path.exists() {
         if incoming.exists() {
             return Ok(incoming);

@@ -240,6 +240,11 @@ impl WatchConfig {
         self.path.join(".impasto").join("incoming")
     }
 
+    /// Where job `id`'s input, dropped as `name`, waits in the incoming folder (`<id>--<name>`).
+    pub fn incoming_path(&self, id: &str, name: &str) -> PathBuf {
+        self.incoming_dir().join(format!("{id}--{name}"))
+    }
+
     /// The profile the watch folder's jobs use.
     pub fn profile(&self) -> Result<Profile> {
         match &self.profile {

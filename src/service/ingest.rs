@@ -107,7 +107,7 @@ pub async fn take(store: &Store, watch: &Watch, path: &Path) -> Result<Taken, Se
     if let Some(existing) = store.get(&id).await? {
         return take_again(store, watch, path, existing).await;
     }
-    let incoming = watch.config.incoming_dir().join(format!("{id}--{name}"));
+    let incoming = watch.config.incoming_path(&id, &name);
     if !move_file(path, &incoming)? {
         return Ok(Taken::Gone);
     }
@@ -130,7 +130,7 @@ pub async fn take(store: &Store, watch: &Watch, path: &Path) -> Result<Taken, Se
 /// it a duplicate, set aside in the done folder with a sidecar naming the job.
 async fn take_again(store: &Store, watch: &Watch, path: &Path, existing: Job) -> Result<Taken, ServiceError> {
     if matches!(existing.state, JobState::Failed | JobState::Cancelled) {
-        let incoming = watch.config.incoming_dir().join(format!("{}--{}", existing.id, file_name(path)));
+        let incoming = watch.config.incoming_path(&existing.id, &file_name(path));
         if !move_file(path, &incoming)? {
             return Ok(Taken::Gone);
         }
@@ -162,6 +162,13 @@ pub fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// The job id and the name as dropped of a file named by [`WatchConfig::incoming_path`].
+///
+/// [`WatchConfig::incoming_path`]: super::config::WatchConfig::incoming_path
+fn incoming_parts(file_name: &str) -> Option<(&str, &str)> {
+    file_name.split_once("--").filter(|(id, _)| id.len() == 16)
+}
+
 /// Renames `from` to `to` (creating `to`'s folder); `false` when `from` is gone.
 pub fn move_file(from: &Path, to: &Path) -> Result<bool, ServiceError> {
     if let Some(dir) = to.parent() {
@@ -178,7 +185,7 @@ pub fn move_file(from: &Path, to: &Path) -> Result<bool, ServiceError> {
 /// the new path, `None` when the file is gone.
 pub fn set_aside(path: &Path, dir: &Path) -> Result<Option<PathBuf>, ServiceError> {
     let name = file_name(path);
-    let name = name.split_once("--").filter(|(id, _)| id.len() == 16).map(|(_, n)| n.to_string()).unwrap_or(name);
+    let name = incoming_parts(&name).map(|(_, original)| original.to_string()).unwrap_or(name);
     let mut target = dir.join(&name);
     let mut number = 1;
     while target.exists() {
@@ -339,7 +346,7 @@ async fn recover_incoming(store: &Store, watch: &Watch) {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = file_name(&path);
-        let Some((id, original)) = name.split_once("--") else { continue };
+        let Some((id, original)) = incoming_parts(&name) else { continue };
         if !seen.insert(id.to_string()) || !matches!(store.get(id).await, Ok(None)) {
             continue;
         }

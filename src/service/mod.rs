@@ -64,6 +64,12 @@ impl ServiceError {
     }
 }
 
+/// Locks `mutex`, also after a thread panicked holding it (the data is counters and progress, still
+/// meaningful).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Wakes idle workers when work may be waiting (they also look every second on their own).
 #[derive(Debug, Default)]
 pub struct Bell {
@@ -74,13 +80,13 @@ pub struct Bell {
 impl Bell {
     /// Wakes the waiting workers.
     pub fn ring(&self) {
-        *self.rung.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *lock(&self.rung) = true;
         self.condvar.notify_all();
     }
 
     /// Waits for a ring or `timeout`.
     pub fn wait(&self, timeout: Duration) {
-        let guard = self.rung.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = lock(&self.rung);
         let (mut rung, _) = self
             .condvar
             .wait_timeout_while(guard, timeout, |rung| !*rung)

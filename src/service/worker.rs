@@ -18,7 +18,7 @@ use super::ingest::{set_aside, write_sidecar};
 use super::metrics::Metrics;
 use super::store::{Job, Progress, Store, now_ms};
 use super::watch::Watch;
-use super::{Bell, ServiceError};
+use super::{Bell, ServiceError, lock};
 use crate::error::Error;
 use crate::model::Vgg;
 use crate::pipeline::{JobEvent, Report, VideoJob};
@@ -90,11 +90,11 @@ struct Live {
 
 impl Live {
     fn progress(&self) -> Progress {
-        *self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *lock(&self.progress)
     }
 
     fn raise_stop(&self) {
-        if let Some(stop) = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+        if let Some(stop) = lock(&self.stop).as_ref() {
             stop.store(true, Ordering::SeqCst);
         }
     }
@@ -138,9 +138,8 @@ fn paint(shared: &Shared, slot: &mut Slot, watch: &Watch, job: &Job, live: &Arc<
         measure_warping: false,
     };
     let prepared = video_job.prepare()?;
-    live.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).frames_total =
-        prepared.frame_count() as i64;
-    *live.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(prepared.stop_flag());
+    lock(&live.progress).frames_total = prepared.frame_count() as i64;
+    *lock(&live.stop) = Some(prepared.stop_flag());
     if shared.shutdown.load(Ordering::SeqCst) {
         live.raise_stop();
     }
@@ -172,7 +171,7 @@ impl FrameObserver<'_> {
             self.metrics.frame_painted(seconds);
         }
         {
-            let mut progress = self.live.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut progress = lock(&self.live.progress);
             progress.frames_done = record.index as i64 + 1;
             progress.frames_total = total as i64;
             progress.seconds_per_frame = (self.painted > 0).then(|| self.painted_seconds / self.painted as f64);
@@ -180,8 +179,7 @@ impl FrameObserver<'_> {
         let last = record.index + 1 == total;
         if last || self.last_thumbnail.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
             if let Some(jpeg) = thumbnail_jpeg(picture) {
-                *self.live.thumbnail.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((record.index as i64 + 1, jpeg));
+                *lock(&self.live.thumbnail) = Some((record.index as i64 + 1, jpeg));
             }
             self.last_thumbnail = Some(Instant::now());
         }
@@ -234,7 +232,7 @@ async fn beat(store: &Store, id: &str, node: &str, live: &Live, written_version:
         Ok(None) => {}
         Err(error) => tracing::warn!(%error, "heartbeat failed"),
     }
-    let thumbnail = live.thumbnail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let thumbnail = lock(&live.thumbnail).clone();
     if let Some((version, jpeg)) = thumbnail.filter(|(version, _)| Some(*version) != *written_version) {
         if store.set_thumbnail(id, &jpeg, version).await.is_ok() {
             *written_version = Some(version);
@@ -320,22 +318,9 @@ pub fn backoff_seconds(policy: &JobPolicy, attempts: i64) -> f64 {
 
 /// Whether an error is the input's or the settings' fault (no retry helps), not the machine's.
 pub fn is_permanent(error: &Error) -> bool {
-    use crate::media::MediaError as M;
     match error {
         Error::Settings(_) | Error::Image { .. } => true,
-        Error::Media(media) => matches!(
-            media,
-            M::NotMedia { .. }
-                | M::Corrupt { .. }
-                | M::NoVideoStream { .. }
-                | M::ZeroFrames { .. }
-                | M::Truncated { .. }
-                | M::Damaged { .. }
-                | M::UnknownContainer { .. }
-                | M::UnknownCodec { .. }
-                | M::Unsupported { .. }
-                | M::Settings(_)
-        ),
+        Error::Media(media) => media.is_bad_input() || media.is_bad_settings(),
         _ => false,
     }
 }

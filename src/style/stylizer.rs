@@ -140,16 +140,9 @@ impl<'m> Stylizer<'m> {
     fn tiled_grams(&self, image: &Tensor, grid: &TileGrid, layers: &[LayerId]) -> Vec<Tensor> {
         let mut sums: Vec<Option<Tensor>> = layers.iter().map(|_| None).collect();
         for tile in grid.tiles() {
-            let features = self.vgg.features(&tile.window(image), layers);
-            for ((sum, feature), layer) in sums.iter_mut().zip(features).zip(layers) {
-                let gram = weighted_gram(&feature, &tile.feature_weight(layer_stride(*layer)));
-                *sum = Some(match sum.take() {
-                    None => gram,
-                    Some(total) => total + gram,
-                });
-            }
+            add_tile_grams(&mut sums, &self.vgg.features(&tile.window(image), layers), layers, tile);
         }
-        sums.into_iter().map(|sum| sum.expect("a grid has tiles")).collect()
+        totals(sums)
     }
 
     /// Blended Gram matrices of the styles, each resized to `style_scale` × `long_side`.
@@ -237,16 +230,24 @@ impl<'m> Stylizer<'m> {
             style_features.iter().zip(&targets.style).zip(&balance.style).fold(zero(), |sum, ((f, a), term)| {
                 sum + balance.weigh(loss::style_layer_loss(f, &(a * positions(f))), *term)
             });
+        let (tv, temporal) = self.pixel_terms(image, targets);
+        let content = content * (self.settings.ratio * self.settings.style_weight);
+        let style = style * self.settings.style_weight;
+        let total = &content + &style + &tv + &temporal;
+        (total, [content, style, tv, temporal])
+    }
+
+    /// The terms taken on the pixels, not the features: weighted total variation and the weighted
+    /// temporal term (zero when off).
+    fn pixel_terms(&self, image: &Tensor, targets: &Targets) -> (Tensor, Tensor) {
+        let zero = || Tensor::zeros([], (Kind::Float, image.device()));
         let tv =
             if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
         let temporal = match &targets.temporal {
             Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(image, warped, mask) * *weight,
             _ => zero(),
         };
-        let content = content * (self.settings.ratio * self.settings.style_weight);
-        let style = style * self.settings.style_weight;
-        let total = &content + &style + &tv + &temporal;
-        (total, [content, style, tv, temporal])
+        (tv, temporal)
     }
 
     /// Loss and gradient with the image in tiles. A first pass without gradients gathers the whole
@@ -267,15 +268,7 @@ impl<'m> Stylizer<'m> {
         for tile in grid.tiles() {
             self.surrogate(&tile.window(&saved), tile, targets, &slopes).backward();
         }
-        let tv = if self.settings.tv_weight > 0.0 {
-            loss::total_variation(&saved) * self.settings.tv_weight
-        } else {
-            Tensor::zeros([], (Kind::Float, saved.device()))
-        };
-        let temporal = match &targets.temporal {
-            Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(&saved, warped, mask) * *weight,
-            _ => Tensor::zeros([], (Kind::Float, saved.device())),
-        };
+        let (tv, temporal) = self.pixel_terms(&saved, targets);
         let pixel_terms = &tv + &temporal;
         if pixel_terms.requires_grad() {
             pixel_terms.backward();
@@ -293,27 +286,19 @@ impl<'m> Stylizer<'m> {
     fn tile_statistics(&self, saved: &Tensor, targets: &Targets, grid: &TileGrid) -> (Vec<Tensor>, Vec<f64>) {
         let content_count = self.settings.content_layers.len();
         let mut grams: Vec<Option<Tensor>> = self.settings.style_layers.iter().map(|_| None).collect();
-        let mut content_values = vec![0.0; content_count];
+        let mut distances: Vec<Option<Tensor>> = self.settings.content_layers.iter().map(|_| None).collect();
         for tile in grid.tiles() {
             let features = self.vgg.features(&tile.window(saved), &self.layers);
             let (content_features, style_features) = features.split_at(content_count);
-            for (((value, feature), target), layer) in
-                content_values.iter_mut().zip(content_features).zip(&targets.content).zip(&self.settings.content_layers)
-            {
+            let content = content_features.iter().zip(&targets.content).zip(&self.settings.content_layers);
+            for (distance, ((feature, target), layer)) in distances.iter_mut().zip(content) {
                 let stride = layer_stride(*layer);
                 let weight = tile.feature_weight(stride);
-                *value +=
-                    weighted_content_loss(feature, &tile.feature_window(target, stride), &weight).double_value(&[]);
+                add_to(distance, weighted_content_loss(feature, &tile.feature_window(target, stride), &weight));
             }
-            for ((sum, feature), layer) in grams.iter_mut().zip(style_features).zip(&self.settings.style_layers) {
-                let gram = weighted_gram(feature, &tile.feature_weight(layer_stride(*layer)));
-                *sum = Some(match sum.take() {
-                    None => gram,
-                    Some(total) => total + gram,
-                });
-            }
+            add_tile_grams(&mut grams, style_features, &self.settings.style_layers, tile);
         }
-        (grams.into_iter().map(|g| g.expect("a grid has tiles")).collect(), content_values)
+        (totals(grams), totals(distances).iter().map(|d| d.double_value(&[])).collect())
     }
 
     /// The weighted losses of the whole frame and their slopes: a factor per content layer, and
@@ -557,6 +542,26 @@ struct TiledSlopes {
     content: Vec<f64>,
     /// ∂(weighted style term)/∂G per style layer, `[N, N]`.
     style: Vec<Tensor>,
+}
+
+/// Adds `value` to the running sum in `slot`.
+fn add_to(slot: &mut Option<Tensor>, value: Tensor) {
+    *slot = Some(match slot.take() {
+        None => value,
+        Some(sum) => sum + value,
+    });
+}
+
+/// Adds a tile's weighted Gram matrices of `features` (at `layers`) to the running sums.
+fn add_tile_grams(sums: &mut [Option<Tensor>], features: &[Tensor], layers: &[LayerId], tile: &Tile) {
+    for ((sum, feature), layer) in sums.iter_mut().zip(features).zip(layers) {
+        add_to(sum, weighted_gram(feature, &tile.feature_weight(layer_stride(*layer))));
+    }
+}
+
+/// The sums over a grid's tiles (every grid has at least one).
+fn totals(sums: Vec<Option<Tensor>>) -> Vec<Tensor> {
+    sums.into_iter().map(|sum| sum.expect("a grid has tiles")).collect()
 }
 
 /// The pixel stride of a layer's feature grid (2× per pooling before its block).
