@@ -575,45 +575,9 @@ fn an_invalid_config_exits_2_naming_the_file_and_key() {
     assert!(stderr.contains("no-such-painting.jpg"), "{stderr}");
 }
 
-/// A fresh PostgreSQL database for a test, dropped at the end.
-struct Database {
-    admin: String,
-    name: String,
-    url: String,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Database {
-    fn create(tag: &str) -> Database {
-        let admin =
-            std::env::var("IMPASTO_TEST_POSTGRES").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-        let name = format!("impasto_serve_{tag}_{}", std::process::id());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            sqlx::any::install_default_drivers();
-            let pool = sqlx::AnyPool::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&pool).await.unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
-        });
-        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-        Database { admin, name, url, runtime }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        self.runtime.block_on(async move {
-            if let Ok(pool) = sqlx::AnyPool::connect(&admin).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await;
-            }
-        });
-    }
-}
-
 #[test]
 fn two_nodes_sharing_a_postgres_store_paint_each_video_once() {
-    let database = Database::create("nodes");
+    let database = common::postgres::FreshDatabase::create("serve_nodes");
     let s = setup("", TINY);
     let node_a = Daemon::start(&s.config, &[("IMPASTO_STORE", &database.url), ("IMPASTO_NODE", "node-a")]);
     let env_b = [("IMPASTO_STORE", database.url.as_str()), ("IMPASTO_NODE", "node-b"), ("IMPASTO_LOG_FORMAT", "json")];

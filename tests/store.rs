@@ -3,41 +3,35 @@
 //! Two `Store`s on one database stand for two nodes sharing it.
 #![cfg(feature = "service")]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use impasto::service::store::{JobState, NewJob, Progress, Store, now_ms};
 
-/// A fresh store of each kind: (name, URL, clean-up).
+/// A fresh store: a SQLite file in a temporary folder, or a new PostgreSQL database.
 struct Fresh {
     url: String,
-    drop_database: Option<(String, String)>,
+    database: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Fresh {
-    async fn sqlite() -> Fresh {
+    fn sqlite() -> Fresh {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state/jobs.db").display());
-        Fresh { url, drop_database: None, _dir: Some(dir) }
+        Fresh { url, database: None, _dir: Some(dir) }
     }
 
     async fn postgres(tag: &str) -> Fresh {
-        let admin =
-            std::env::var("IMPASTO_TEST_POSTGRES").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into());
-        let name = format!("impasto_{tag}_{}", std::process::id());
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect(&admin).await.unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&pool).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.unwrap();
-        let (base, _) = admin.rsplit_once('/').unwrap();
-        Fresh { url: format!("{base}/{name}"), drop_database: Some((admin, name)), _dir: None }
+        let (name, url) = common::postgres::create(tag).await;
+        Fresh { url, database: Some(name), _dir: None }
     }
 
     async fn finish(self) {
-        if let Some((admin, name)) = self.drop_database {
-            let pool = sqlx::AnyPool::connect(&admin).await.unwrap();
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.unwrap();
+        if let Some(name) = self.database {
+            common::postgres::drop_database(&name).await;
         }
     }
 }
@@ -60,7 +54,7 @@ where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let sqlite = Fresh::sqlite().await;
+    let sqlite = Fresh::sqlite();
     body(sqlite.url.clone()).await;
     sqlite.finish().await;
     let postgres = Fresh::postgres(tag).await;

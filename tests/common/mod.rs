@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "service")]
+pub mod postgres;
+
 use impasto::device::{DeviceChoice, Precision};
 use impasto::model::{self, ModelSettings, Pooling, Vgg};
 
