@@ -447,20 +447,7 @@ fn a_file_truncated_before_its_index_is_corrupt() {
 #[test]
 fn a_file_truncated_mid_data_is_reported_and_leaves_no_output() {
     let dir = TempDir::new().unwrap();
-    let whole = dir.path().join("faststart.mp4");
-    ffmpeg(&[
-        "-i",
-        clip("bikes.mp4").to_str().unwrap(),
-        "-c",
-        "copy",
-        "-movflags",
-        "+faststart",
-        whole.to_str().unwrap(),
-    ]);
-    let input = dir.path().join("truncated.mp4");
-    let bytes = std::fs::read(&whole).unwrap();
-    std::fs::write(&input, &bytes[..bytes.len() / 2]).unwrap();
-    std::fs::remove_file(&whole).unwrap();
+    let input = common::truncated_bikes(dir.path());
 
     let output = dir.path().join("out.mp4");
     let error = transcode(&input, &output, 96, &quick_settings()).unwrap_err();

@@ -345,20 +345,7 @@ fn bad_inputs_get_a_clear_error_and_leave_nothing() {
     std::fs::write(&text, "this is not a video\n".repeat(100)).unwrap();
     assert_refused(dir.path(), &text, None, &output, &text);
 
-    let whole = dir.path().join("whole.mp4");
-    ffmpeg(&[
-        "-i",
-        clip("bikes.mp4").to_str().unwrap(),
-        "-c",
-        "copy",
-        "-movflags",
-        "+faststart",
-        whole.to_str().unwrap(),
-    ]);
-    let truncated = dir.path().join("truncated.mp4");
-    let bytes = std::fs::read(&whole).unwrap();
-    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    std::fs::remove_file(&whole).unwrap();
+    let truncated = common::truncated_bikes(dir.path());
     assert_refused(dir.path(), &truncated, None, &output, &truncated);
 
     let empty = dir.path().join("empty.avi");

@@ -94,11 +94,9 @@ pub struct LossFlags {
 impl LossFlags {
     /// The profile's style settings with these flags applied.
     pub fn apply(&self, mut s: StyleSettings) -> StyleSettings {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
-        }
-        set!(ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights, optimizer);
-        set!(learning_rate, style_scale, style_blend, color, tile_size, tile_overlap);
+        apply_flags!(self => s; ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights);
+        apply_flags!(self => s; optimizer);
+        apply_flags!(self => s; learning_rate, style_scale, style_blend, color, tile_size, tile_overlap);
         s
     }
 }
@@ -119,10 +117,7 @@ impl StyleFlags {
 
     /// The profile's style settings with these flags applied.
     pub fn apply(&self, mut s: StyleSettings) -> StyleSettings {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
-        }
-        set!(size, iterations, tolerance, init, seed, scales);
+        apply_flags!(self => s; size, iterations, tolerance, init, seed, scales);
         let mut s = self.loss.apply(s);
         if let Some(path) = &self.init_image {
             s.init_image = Some(path.clone());

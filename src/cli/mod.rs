@@ -2,6 +2,13 @@
 //! messages and exit codes (0 success, 1 runtime failure, 2 usage or settings, 3 bad input file,
 //! 4 device or memory).
 
+/// Copies each named flag that was given (`Some`) onto the settings field of the same name.
+macro_rules! apply_flags {
+    ($flags:expr => $settings:expr; $($field:ident),* $(,)?) => {
+        $( if let Some(value) = &$flags.$field { $settings.$field = value.clone(); } )*
+    };
+}
+
 mod bench;
 #[cfg(feature = "media")]
 mod eval;

@@ -102,10 +102,7 @@ impl VideoFlags {
 
     /// The profile's video settings with these flags applied.
     pub fn apply_video(&self, mut video: VideoSettings) -> VideoSettings {
-        macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = &self.$field { video.$field = v.clone(); } )* };
-        }
-        set!(size, iterations, first_iterations, temporal, temporal_weight, tolerance);
+        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance);
         if let Some(size) = self.output_size {
             video.encode.output_size = size;
         }

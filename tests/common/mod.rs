@@ -70,3 +70,16 @@ pub fn ffprobe(path: &std::path::Path) -> serde_json::Value {
     assert!(output.status.success(), "ffprobe failed on {}", path.display());
     serde_json::from_slice(&output.stdout).expect("ffprobe prints JSON")
 }
+
+/// `dir/truncated.mp4`: the shared bikes.mp4 with its index in front (`+faststart`), cut in the
+/// middle of its frame data.
+pub fn truncated_bikes(dir: &std::path::Path) -> PathBuf {
+    let whole = dir.join("faststart.mp4");
+    let source = media("video/bikes.mp4");
+    ffmpeg(&["-i", source.to_str().unwrap(), "-c", "copy", "-movflags", "+faststart", whole.to_str().unwrap()]);
+    let truncated = dir.join("truncated.mp4");
+    let bytes = std::fs::read(&whole).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(&whole).unwrap();
+    truncated
+}
