@@ -442,6 +442,7 @@ fn check_dashboard(daemon: &Daemon, named: &BTreeMap<String, Value>) {
     }
     assert_eq!(dom.matches(r#"class="thumb""#).count(), 21, "a thumbnail per painted video");
     assert!(dom.contains(r#"id="count-done">21<"#), "done count shown");
+    assert_eq!(dom.matches(r#"data-action="retry""#).count(), 3, "a retry button per failed job");
 }
 
 #[test]

@@ -288,7 +288,7 @@ fn load_slots(config: &ServiceConfig, watches: &[Arc<Watch>], metrics: &Metrics)
             let name = crate::device::device_name(device.resolve()?);
             let mut models: HashMap<String, Vgg> = HashMap::new();
             for watch in watches {
-                let key = crate::model::identity(&watch.profile.model)?.to_string();
+                let key = watch.model_identity.to_string();
                 if !models.contains_key(&key) {
                     let settings =
                         crate::model::ModelSettings { device: device.clone(), ..watch.profile.model.clone() };

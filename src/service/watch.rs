@@ -20,6 +20,9 @@ pub struct Watch {
     pub styles: Vec<StyleImage>,
     /// Which file names it takes.
     pub filter: Filter,
+    /// What identifies its network (weights file and preparation): keys the networks loaded per
+    /// device and the jobs' checkpoints.
+    pub model_identity: serde_json::Value,
     /// Hash of everything that decides its output.
     pub profile_key: String,
 }
@@ -39,15 +42,14 @@ impl Watch {
         for dir in [config.output.clone(), config.done_dir(), config.failed_dir(), config.incoming_dir()] {
             std::fs::create_dir_all(&dir).map_err(|e| ServiceError::io(&dir, e))?;
         }
-        let profile_key = profile_key(&config, &profile, &styles)?;
-        Ok(Watch { config, profile, styles, filter, profile_key })
+        let model_identity = crate::model::identity(&profile.model).map_err(|e| problem(e.to_string()))?;
+        let profile_key = profile_key(&config, &profile, &styles, &model_identity);
+        Ok(Watch { config, profile, styles, filter, model_identity, profile_key })
     }
 }
 
 /// Hash of the profile, the styles' pixels, the model's identity and the output container.
-fn profile_key(config: &WatchConfig, profile: &Profile, styles: &[StyleImage]) -> Result<String, ServiceError> {
-    let model = crate::model::identity(&profile.model)
-        .map_err(|e| ServiceError::Config(format!("watch '{}': {e}", config.name)))?;
+fn profile_key(config: &WatchConfig, profile: &Profile, styles: &[StyleImage], model: &serde_json::Value) -> String {
     let styles: Vec<String> = styles.iter().map(|s| crate::pipeline::checkpoint::image_digest(&s.image)).collect();
     let identity = serde_json::json!({
         "style": profile.style,
@@ -56,5 +58,5 @@ fn profile_key(config: &WatchConfig, profile: &Profile, styles: &[StyleImage]) -
         "styles": styles,
         "extension": config.extension,
     });
-    Ok(hex::encode(Sha256::digest(identity.to_string().as_bytes()))[..16].to_string())
+    hex::encode(Sha256::digest(identity.to_string().as_bytes()))[..16].to_string()
 }

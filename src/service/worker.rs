@@ -127,14 +127,13 @@ fn run_job(shared: &Shared, slot: &mut Slot, job: Job) {
 
 /// Prepares and runs the video job with the slot's network.
 fn paint(shared: &Shared, slot: &mut Slot, watch: &Watch, job: &Job, live: &Arc<Live>) -> crate::Result<Report> {
-    let model_identity = crate::model::identity(&watch.profile.model)?;
     let video_job = VideoJob {
         input: job.input_path.clone(),
         output: job.output.clone(),
         styles: watch.styles.clone(),
         style: watch.profile.style.clone(),
         video: watch.profile.video.clone(),
-        model_identity: model_identity.clone(),
+        model_identity: watch.model_identity.clone(),
         measure_warping: false,
     };
     let prepared = video_job.prepare()?;
@@ -143,7 +142,7 @@ fn paint(shared: &Shared, slot: &mut Slot, watch: &Watch, job: &Job, live: &Arc<
     if shared.shutdown.load(Ordering::SeqCst) {
         live.raise_stop();
     }
-    let vgg = slot.models.get(&model_identity.to_string()).ok_or_else(|| {
+    let vgg = slot.models.get(&watch.model_identity.to_string()).ok_or_else(|| {
         Error::Internal(format!("no network loaded on {} for watch '{}'", slot.device, watch.config.name))
     })?;
     let mut observer =
