@@ -15,7 +15,8 @@
 # It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
 # `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
 # card, date, command and commit), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one
-# process each) and gpu-bench.log (stderr of every command).
+# process each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every
+# iteration against every 5th (the default) and every 10th) and gpu-bench.log (stderr of every command).
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
 # where there is no GPU. Environment: IMPASTO_BIN, OUT, IMPASTO_MODEL, IMPASTO_DEVICE (default cuda:0),
@@ -156,6 +157,50 @@ for r in rows:
     print(f"| {r['width']}×{r['height']} | {tile} | {r['seconds_per_iteration']:.4f} | {r['peak_rss_mib']:.0f} | {cuda} |")
 PY
 
+# Batches (several images in one forward and backward pass) and how often the losses are read (each
+# read waits for the device): bf16, channels-last.
+batch_jsonl="$out/gpu-batch.jsonl"
+batch_md="$out/gpu-batch.md"
+: >"$batch_jsonl"
+if [[ "$quick" == 1 ]]; then
+    batched=("32 1,2 0" "32 1 1" "32 1 3") batch_iterations=2 batch_warmup=1
+else
+    batched=("512 1,2,4,8 0" "1280x720 1,2,4 0" "256 1 1" "256 1 0" "256 1 10" "512 1 1") batch_iterations=10 batch_warmup=3
+fi
+for entry in "${batched[@]}"; do
+    read -r size batches interval <<<"$entry"
+    left=$((budget - (SECONDS - started)))
+    if ((left < 10)); then
+        echo "skipped $size batch $batches interval $interval: the ${budget} s budget is spent" | tee -a "$log"
+        failures=$((failures + 1))
+        continue
+    fi
+    limit=$((left < per_command ? left : per_command))
+    echo "== batch $size × $batches, loss read interval $interval (limit ${limit} s)" | tee -a "$log"
+    timeout -k 5 "$limit" "$bin" bench --sizes "$size" --batch "$batches" --loss-read-interval "$interval" \
+        --iterations "$batch_iterations" --warmup "$batch_warmup" --device "$device" --precision bf16 \
+        --layout channels-last "${model_args[@]}" >>"$batch_jsonl" 2>>"$log"
+    status=$?
+    if ((status != 0)); then
+        echo "   exit status $status (124: timed out; rows already printed are kept)" | tee -a "$log"
+        failures=$((failures + 1))
+    fi
+done
+CARD="$card" COMMIT="$commit" python3 - "$batch_jsonl" >"$batch_md" <<'PY'
+import datetime, json, os, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. bf16, channels-last.")
+print()
+print("| size | batch | loss read every | s/iteration (batch) | s/iteration per image | TFLOP/s | peak RSS MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
+    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
+    print(f"| {size} | {r['batch']} | {r['loss_read_interval']} | {r['seconds_per_iteration']:.4f} "
+          f"| {r['seconds_per_image_iteration']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+PY
+
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
-cat "$md" "$memory_md"
+cat "$md" "$memory_md" "$batch_md"
 exit $((failures > 0 ? 1 : 0))

@@ -14,7 +14,7 @@ use crate::device::{device_name, memory};
 use crate::error::Result;
 use crate::model::{LayerId, Vgg};
 use crate::pipeline::{FrameSeconds, Report};
-use crate::style::{StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// One measured size.
 #[derive(Clone, Debug, Serialize)]
@@ -31,11 +31,17 @@ pub struct BenchRow {
     pub arch: String,
     /// Activation memory layout.
     pub layout: String,
-    /// Mean seconds per full iteration (forward, backward, losses, optimiser step).
+    /// Images optimised together in one batch (one forward and backward pass for all).
+    pub batch: usize,
+    /// Mean seconds per full iteration of the whole batch (forward, backward, losses, optimiser step).
     pub seconds_per_iteration: f64,
-    /// Mean seconds per forward pass alone (no gradient).
+    /// `seconds_per_iteration` / `batch`: the cost of one image's iteration.
+    pub seconds_per_image_iteration: f64,
+    /// Iterations between two reads of the losses (each read waits for the device).
+    pub loss_read_interval: usize,
+    /// Mean seconds per forward pass of the whole batch alone (no gradient).
     pub seconds_per_forward: f64,
-    /// Convolution FLOPs of one iteration (forward + input-gradient backward ≈ 2 × forward).
+    /// Convolution FLOPs of one iteration of the whole batch (forward + input-gradient backward ≈ 2 × forward).
     pub gflop_per_iteration: f64,
     /// Achieved TFLOP/s over a full iteration.
     pub tflops: f64,
@@ -91,32 +97,58 @@ fn synchronize(device: Device) {
     }
 }
 
-/// Times `iterations` iterations (after `warmup`) at `width` × `height` with `settings`' layers.
-pub fn bench_size(
-    vgg: &Vgg,
-    settings: &StyleSettings,
-    width: u32,
-    height: u32,
-    warmup: usize,
-    iterations: usize,
-) -> BenchRow {
+/// Where and how much to time: `batch` images of `width` × `height` optimised together,
+/// `iterations` timed after `warmup`.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchCase {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Images per batch.
+    pub batch: usize,
+    /// Untimed iterations first.
+    pub warmup: usize,
+    /// Timed iterations.
+    pub iterations: usize,
+}
+
+/// Times one [`BenchCase`] with `settings`' layers (each image of the batch its own content).
+pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> BenchRow {
+    let BenchCase { width, height, batch, warmup, iterations } = case;
+    let batch = batch.max(1);
     let mut settings = settings.clone();
     settings.tolerance = 0.0;
     let stylizer = Stylizer::new(vgg, settings.clone()).expect("bench settings are valid");
-    let content = crate::imageio::rgb_to_tensor(&synthetic_image(width, height, 1)).to_device(vgg.device());
     let style = StyleImage { image: synthetic_image(width, height, 2), weight: 1.0 };
-    let targets = Targets {
-        content: stylizer.content_targets(&content),
-        style: stylizer.style_targets(&[style], width.max(height)),
-        temporal: None,
+    let style_targets = stylizer.style_targets(&[style], width.max(height));
+    let contents: Vec<Tensor> = (0..batch as u32)
+        .map(|item| {
+            crate::imageio::rgb_to_tensor(&synthetic_image(width, height, 1 + 2 * item)).to_device(vgg.device())
+        })
+        .collect();
+    let targets: Vec<Targets> = contents
+        .iter()
+        .map(|content| Targets {
+            content: stylizer.content_targets(content),
+            style: style_targets.iter().map(Tensor::shallow_clone).collect(),
+            temporal: None,
+        })
+        .collect();
+    let run = |planned: usize| {
+        let items: Vec<BatchItem> = targets
+            .iter()
+            .zip(&contents)
+            .map(|(targets, start)| BatchItem { targets, start, iterations: planned })
+            .collect();
+        let _ = stylizer.optimise_batch(&items, &mut |_, _, _, _| {});
+        synchronize(vgg.device());
     };
-    let mut ignore = |_: usize, _: crate::style::Losses, _: &Tensor| {};
-    let _ = stylizer.optimise(&targets, &content, warmup, &mut ignore);
-    synchronize(vgg.device());
+    run(warmup);
     let started = Instant::now();
-    let _ = stylizer.optimise(&targets, &content, iterations, &mut ignore);
-    synchronize(vgg.device());
+    run(iterations);
     let seconds_per_iteration = started.elapsed().as_secs_f64() / iterations as f64;
+    let content = Tensor::cat(&contents, 0);
 
     let layers: Vec<LayerId> = settings.content_layers.iter().chain(&settings.style_layers).copied().collect();
     let deepest = *layers.iter().max().expect("layers");
@@ -134,8 +166,11 @@ pub fn bench_size(
         started.elapsed().as_secs_f64() / iterations as f64
     };
     let (h, w) = (content.size()[2], content.size()[3]);
-    let flops = 2.0 * forward_flops(vgg, deepest, w, h);
+    let flops = 2.0 * forward_flops(vgg, deepest, w, h) * batch as f64;
     BenchRow {
+        batch,
+        seconds_per_image_iteration: seconds_per_iteration / batch as f64,
+        loss_read_interval: settings.loss_read_interval_on(vgg.device()),
         width: w,
         height: h,
         device: device_name(vgg.device()),

@@ -1,5 +1,6 @@
-//! `impasto bench` as the benchmarks run it: the iteration benchmark in every precision and layout
-//! through the prepared GPU script in its CPU mode (`benches/gpu.sh --quick`), and the end-to-end video
+//! `impasto bench` as the benchmarks run it: the iteration benchmark in every precision and layout,
+//! tiles, batches and loss-read intervals through the prepared GPU script in its CPU mode
+//! (`benches/gpu.sh --quick`), and the end-to-end video
 //! benchmark on the sample clip. Only the shape of the output is checked, never a time.
 
 use std::collections::BTreeSet;
@@ -48,6 +49,21 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert_eq!(tiles, [(160, 0), (160, 96), (320, 96)], "{memory:?}");
     let memory_table = std::fs::read_to_string(out.path().join("gpu-memory.md")).unwrap();
     assert!(memory_table.contains("| 320×192 | 96 |"), "{memory_table}");
+    let batched = json_lines(&std::fs::read_to_string(out.path().join("gpu-batch.jsonl")).unwrap());
+    let cases: Vec<(u64, u64)> =
+        batched.iter().map(|r| (r["batch"].as_u64().unwrap(), r["loss_read_interval"].as_u64().unwrap())).collect();
+    // interval 0 means "the device's default": every iteration on the CPU
+    assert_eq!(cases, [(1, 1), (2, 1), (1, 1), (1, 3)], "{batched:?}");
+    for row in &batched {
+        let (batch, whole, per_image) = (
+            row["batch"].as_f64().unwrap(),
+            row["seconds_per_iteration"].as_f64().unwrap(),
+            row["seconds_per_image_iteration"].as_f64().unwrap(),
+        );
+        assert!((per_image * batch - whole).abs() <= 1e-9 * whole.max(1.0), "{row}");
+    }
+    let batch_table = std::fs::read_to_string(out.path().join("gpu-batch.md")).unwrap();
+    assert!(batch_table.contains("| 32² | 2 | 1 |"), "{batch_table}");
 }
 
 #[cfg(feature = "media")]

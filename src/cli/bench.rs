@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use impasto::bench::BenchCase;
 use impasto::model::{self, Arch, ModelSettings, Vgg};
 
 use super::image::StyleFlags;
@@ -22,6 +23,9 @@ pub struct BenchArgs {
     /// Untimed iterations first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Images optimised together per size, e.g. `1,4` (one forward and backward pass for a batch).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
     /// Use random weights of this architecture instead of a weight file.
     #[arg(long)]
     pub random: Option<Arch>,
@@ -55,12 +59,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let style = args.style_flags.apply(profile.style);
     let settings: ModelSettings = args.model_flags.apply(profile.model);
     let sizes = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>>>()?;
+    if args.batch.contains(&0) {
+        anyhow::bail!("--batch: a batch holds at least one image");
+    }
     let device_name = settings.device.to_string();
     super::catch_torch(&device_name, || {
         let vgg = network(args.random, &settings)?;
         for (width, height) in &sizes {
-            let row = impasto::bench::bench_size(&vgg, &style, *width, *height, args.warmup, args.iterations);
-            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+            for batch in &args.batch {
+                let case = BenchCase {
+                    width: *width,
+                    height: *height,
+                    batch: *batch,
+                    warmup: args.warmup,
+                    iterations: args.iterations,
+                };
+                let row = impasto::bench::bench_size(&vgg, &style, case);
+                println!("{}", serde_json::to_string(&row).expect("serialisable"));
+            }
         }
         Ok(())
     })?;

@@ -89,6 +89,9 @@ pub struct LossFlags {
     /// Overlap between tiles in pixels.
     #[arg(long)]
     pub tile_overlap: Option<u32>,
+    /// Read the losses from the device every N iterations (0: every one on the CPU, every 5 on a GPU).
+    #[arg(long, value_name = "N")]
+    pub loss_read_interval: Option<u32>,
 }
 
 impl LossFlags {
@@ -97,6 +100,7 @@ impl LossFlags {
         apply_flags!(self => s; ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights);
         apply_flags!(self => s; optimizer);
         apply_flags!(self => s; learning_rate, style_scale, style_blend, color, tile_size, tile_overlap);
+        apply_flags!(self => s; loss_read_interval);
         s
     }
 }

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 pub use reliability::{disocclusions, motion_boundaries, reliability};
 pub use scene::{SceneChange, SceneCutSettings, histogram_distance, scene_change};
 pub use solver::{FlowPair, flow_backward, flow_pair};
-pub use temporal::{temporal_loss, warping_error};
+pub use temporal::{item_temporal_losses, temporal_loss, warping_error};
 pub use warp::{source_in_frame, warp};
 
 use crate::error::{Error, Result};

@@ -25,6 +25,12 @@ pub fn temporal_loss(x: &Tensor, warped: &Tensor, mask: &Tensor) -> Tensor {
     (squared_colour_distance(x, warped) * mask).mean(Kind::Float)
 }
 
+/// [`temporal_loss`] of each item of a batch `[B, C, H, W]` (averaged over its own H·W pixels): `[B]`.
+pub fn item_temporal_losses(x: &Tensor, warped: &Tensor, mask: &Tensor) -> Tensor {
+    let distances = squared_colour_distance(x, warped) * mask;
+    distances.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+}
+
 /// The warping error E_warp of Lai et al. (2018) between two consecutive output frames:
 /// `Σ_p M(p)·‖out_t(p) − warp(out_prev, flow)(p)‖² / Σ_p M(p)`, the squared distance summed over
 /// the RGB channels (0..1) and averaged over the reliable pixels. `flow` is the backward flow of the

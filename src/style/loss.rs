@@ -1,5 +1,6 @@
 //! The loss terms of Gatys et al. (2015), exactly as the paper writes them, plus total variation.
-//! Features are ReLU outputs `[1, N, h, w]` (N filters, M = h·w positions), f32.
+//! Features are ReLU outputs `[1, N, h, w]` (N filters, M = h·w positions), f32; the `item_` forms
+//! take a batch `[B, N, h, w]` and give each item's value, `[B]`.
 //! - content: ½ Σ (F − P)²
 //! - Gram: G = F Fᵀ (`[N, N]`, not divided by anything)
 //! - style layer: E_l = Σ (G − A)² / (4 N² M²)
@@ -18,6 +19,49 @@ fn as_matrix(features: &Tensor) -> Tensor {
 pub fn gram(features: &Tensor) -> Tensor {
     let f = as_matrix(&features.to_kind(Kind::Float));
     f.matmul(&f.tr())
+}
+
+/// Each item's Gram matrix, `[B, N, N]` in f32, of features `[B, N, h, w]`: one matrix product
+/// per item, as [`gram`] takes it (a batched product would be slower and, on NHWC activations, give
+/// gradients in the other layout).
+pub fn item_grams(features: &Tensor) -> Tensor {
+    let items = features.size()[0];
+    if items == 1 {
+        return gram(features).unsqueeze(0);
+    }
+    Tensor::stack(&(0..items).map(|item| gram(&features.narrow(0, item, 1))).collect::<Vec<_>>(), 0)
+}
+
+/// Σ over each item of `values` `[B, …]`: `[B]` in f32 (no flattening: that would copy NHWC
+/// activations, and their gradients would come back NCHW).
+pub fn item_sums(values: &Tensor) -> Tensor {
+    values.sum_dim_intlist(item_dims(values), false, Kind::Float)
+}
+
+/// Every dimension of `values` but the first.
+pub fn item_dims(values: &Tensor) -> Vec<i64> {
+    (1..values.dim() as i64).collect()
+}
+
+/// ½ Σ (F − P)² of each item: `[B]`.
+pub fn item_content_losses(features: &Tensor, target: &Tensor) -> Tensor {
+    item_sums(&(features - target).square()) * 0.5
+}
+
+/// E_l of each item of features `[B, N, h, w]` against target Grams `[B, N, N]` (or one `[N, N]`
+/// for all): `[B]`.
+pub fn item_style_losses(features: &Tensor, target_grams: &Tensor) -> Tensor {
+    let size = features.size();
+    let (filters, positions) = (size[1] as f64, (size[2] * size[3]) as f64);
+    item_sums(&(item_grams(features) - target_grams).square()) / (4.0 * filters * filters * positions * positions)
+}
+
+/// [`total_variation`] of each item of `[B, 3, H, W]`: `[B]`.
+pub fn item_total_variation(image: &Tensor) -> Tensor {
+    let (_, _, h, w) = image.size4().expect("image [B, 3, H, W]");
+    let dx = image.narrow(3, 1, w - 1) - image.narrow(3, 0, w - 1);
+    let dy = image.narrow(2, 1, h - 1) - image.narrow(2, 0, h - 1);
+    item_sums(&dx.square()) + item_sums(&dy.square())
 }
 
 /// ½ Σ (F − P)².
@@ -97,6 +141,24 @@ mod tests {
         let g = matrix.matmul(&matrix.tr());
         let expected = (matrix.tr().matmul(&(g - &a))).tr() / (9.0 * 16.0);
         assert!(f.grad().reshape([3, 4]).allclose(&expected, 1e-5, 1e-6, false));
+    }
+
+    #[test]
+    fn item_forms_give_each_item_its_own_value() {
+        let batch = Tensor::cat(&[features(5), features(6)], 0);
+        let targets = Tensor::cat(&[features(7), features(8)], 0);
+        let style = gram(&features(9));
+        let contents = item_content_losses(&batch, &targets);
+        let styles = item_style_losses(&batch, &style);
+        let smoothness = item_total_variation(&batch);
+        for item in 0..2 {
+            let (f, p) = (batch.narrow(0, item, 1), targets.narrow(0, item, 1));
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-6);
+            assert!(close(contents.double_value(&[item]), content_loss(&f, &p).double_value(&[])));
+            assert!(close(styles.double_value(&[item]), style_layer_loss(&f, &style).double_value(&[])));
+            assert!(close(smoothness.double_value(&[item]), total_variation(&f).double_value(&[])));
+            assert!(item_grams(&batch).get(item).allclose(&gram(&f), 1e-6, 1e-6, false));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Stylization: the paper's losses, the optimisers, colour preservation, settings, the `Stylizer`
 //! that runs them, and the quality score that measures the result.
 
+pub mod batch;
 pub mod color;
 pub mod loss;
 pub mod optim;
@@ -9,5 +10,6 @@ pub mod settings;
 pub mod stylizer;
 pub mod tiles;
 
+pub use batch::{BatchItem, Optimised};
 pub use settings::{Init, LayerBalance, ScaleStep, StyleSettings};
 pub use stylizer::{Losses, Progress, StyleImage, Stylized, Stylizer, Targets};

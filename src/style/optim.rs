@@ -1,11 +1,18 @@
-//! Optimisers over the image, in the ask/tell form the stylizer's loop needs: given the gradient at
-//! the current point, each proposes the step to add. L-BFGS follows the reference tools (torch's
-//! `optim.LBFGS` without line search: two-loop recursion, history ~100, first step scaled by
-//! 1/‖g‖₁); Adam is the usual bias-corrected one. Curvature pairs are accepted by a scale-free test,
-//! so the loss needs no particular magnitude.
+//! Optimisers over a batch of images, in the ask/tell form the stylizer's loop needs: given the
+//! gradient at the current points `[B, …]`, each proposes the steps to add. Every item of the batch
+//! is its own problem: products, curvature tests and step scales are taken per item, so a batch of
+//! frames optimises exactly as the frames would one by one. Everything stays on the device (per-item
+//! decisions are masks, not branches), so a GPU runs iteration after iteration without waiting for
+//! the host. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line search: two-loop
+//! recursion, history ~100, first step scaled by 1/‖g‖₁); Adam is the usual bias-corrected one.
+//! Curvature pairs are accepted by a scale-free test, so the loss needs no particular magnitude.
+
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+use super::loss::item_dims;
 
 /// Which optimiser, as the user asks for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,151 +36,217 @@ impl std::str::FromStr for OptimizerKind {
     }
 }
 
+/// The steps an optimiser proposes for a batch.
+pub struct Proposal {
+    /// The step to add to each item's point, `[B, …]` (zero where the item is stalled).
+    pub step: Tensor,
+    /// `[B]` booleans: the method found no descent direction for the item (it has converged).
+    pub stalled: Tensor,
+}
+
 /// Proposes steps from gradients.
 pub trait Optimizer {
-    /// The step to add to the current point, given the gradient there; `None` when the method
-    /// cannot find a descent direction (converged).
-    fn propose(&mut self, grad: &Tensor) -> Option<Tensor>;
+    /// The steps to add to the current points, given the gradients there (`[B, …]`, item first).
+    fn propose(&mut self, grad: &Tensor) -> Proposal;
 
-    /// Forgets the accumulated state (after a step that had to be undone).
-    fn reset(&mut self);
+    /// Forgets what was learnt about item `item` (after a step of it had to be undone).
+    fn reset(&mut self, item: usize);
 }
 
-fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    device_dot(a, b).double_value(&[])
+/// aᵀb of each item of `[B, …]` tensors: `[B]` in f64, on the tensors' device.
+fn item_dots(a: &Tensor, b: &Tensor) -> Tensor {
+    (a * b).sum_dim_intlist(item_dims(a), false, Kind::Double)
 }
 
-/// aᵀb as a 0-d tensor on the tensors' device: no wait for the device to finish.
-fn device_dot(a: &Tensor, b: &Tensor) -> Tensor {
-    (a * b).sum(Kind::Double)
+/// Per-item values `[B]` shaped to broadcast over `like` `[B, …]`, in `like`'s kind.
+fn per_item(values: &Tensor, like: &Tensor) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.resize(like.dim(), 1);
+    values.reshape(shape.as_slice()).to_kind(like.kind())
 }
 
-/// L-BFGS without line search (as torch.optim.LBFGS with `line_search_fn=None`).
+/// `value` where the per-item `condition` `[B]` holds, zero elsewhere (NaN-safe, unlike a product).
+pub(crate) fn where_items(value: &Tensor, condition: &Tensor) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.resize(value.dim(), 1);
+    value.where_scalarother(&condition.reshape(shape.as_slice()), 0.0)
+}
+
+/// Zeroes item `item` of `tensor` in place.
+fn clear_item(tensor: &Tensor, item: usize) {
+    let _ = tensor.narrow(0, item as i64, 1).fill_(0.0);
+}
+
+/// One curvature pair (s, y) and ρ = 1/(yᵀs) per item; rejected items hold zeros (a no-op in the
+/// two-loop recursion).
+struct Pair {
+    s: Tensor,
+    y: Tensor,
+    rho: Tensor,
+}
+
+/// Per-item state of L-BFGS, created at the first proposal (when the batch size is known).
+struct LbfgsItems {
+    /// γ = sᵀy/yᵀy of the newest accepted pair, `[B]` f64 (1 before any).
+    hessian_diagonal: Tensor,
+    /// `[B]` booleans: items with nothing learnt yet (first step scaled by 1/‖g‖₁, no pair from the
+    /// previous gradient).
+    fresh: Tensor,
+}
+
+/// L-BFGS without line search (as torch.optim.LBFGS with `line_search_fn=None`), per item.
 pub struct Lbfgs {
     history: usize,
     learning_rate: f64,
-    /// (s, y, 1/(yᵀs)) pairs, oldest first.
-    pairs: std::collections::VecDeque<(Tensor, Tensor, f64)>,
-    previous: Option<(Tensor, Tensor)>, // (gradient, step) at the last proposal
-    hessian_diagonal: f64,
+    /// Pairs, oldest first.
+    pairs: VecDeque<Pair>,
+    /// (gradient, step) at the last proposal.
+    previous: Option<(Tensor, Tensor)>,
+    items: Option<LbfgsItems>,
 }
 
 impl Lbfgs {
     /// An L-BFGS keeping `history` curvature pairs, with step scale `learning_rate` (1 in the references).
     pub fn new(history: usize, learning_rate: f64) -> Self {
-        Lbfgs {
-            history: history.max(1),
-            learning_rate,
-            pairs: Default::default(),
-            previous: None,
-            hessian_diagonal: 1.0,
-        }
+        Lbfgs { history: history.max(1), learning_rate, pairs: VecDeque::new(), previous: None, items: None }
     }
 
+    fn items(&mut self, grad: &Tensor) -> &mut LbfgsItems {
+        self.items.get_or_insert_with(|| {
+            let count = [grad.size()[0]];
+            LbfgsItems {
+                hessian_diagonal: Tensor::ones(count, (Kind::Double, grad.device())),
+                fresh: Tensor::ones(count, (Kind::Bool, grad.device())),
+            }
+        })
+    }
+
+    /// Adds the pair from the previous proposal to this gradient. The scale-free curvature test
+    /// (yᵀs > 1e-10·‖y‖‖s‖) is taken per item; a rejected item's pair is stored as zeros.
     fn remember(&mut self, grad: &Tensor) {
         let Some((old_grad, old_step)) = self.previous.take() else { return };
         let y = grad - old_grad;
-        // one read from the device for the three products
-        let products =
-            Tensor::stack(&[device_dot(&y, &old_step), device_dot(&y, &y), device_dot(&old_step, &old_step)], 0);
-        let products = Vec::<f64>::try_from(products.to_device(tch::Device::Cpu)).unwrap_or_default();
-        let [ys, yy, ss] = products[..] else { return };
-        // scale-free curvature test: yᵀs must be positive relative to ‖y‖‖s‖
-        if ys > 1e-10 * (yy * ss).sqrt() && yy > 0.0 {
-            if self.pairs.len() == self.history {
-                self.pairs.pop_front();
-            }
-            self.hessian_diagonal = ys / yy;
-            self.pairs.push_back((old_step, y, 1.0 / ys));
+        let (ys, yy, ss) = (item_dots(&y, &old_step), item_dots(&y, &y), item_dots(&old_step, &old_step));
+        let items = self.items(grad);
+        let accept = ys
+            .gt_tensor(&((&yy * &ss).sqrt() * 1e-10))
+            .logical_and(&yy.gt(0.0))
+            .logical_and(&items.fresh.logical_not());
+        items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
+        let rho = ys.reciprocal().where_scalarother(&accept, 0.0);
+        if self.pairs.len() == self.history {
+            self.pairs.pop_front();
         }
+        self.pairs.push_back(Pair { s: where_items(&old_step, &accept), y: where_items(&y, &accept), rho });
     }
 
-    /// The two-loop recursion, entirely on the device: the coefficients stay 0-d tensors, so a GPU
-    /// runs the whole recursion without waiting for the host (history 100 would otherwise mean 200
-    /// round trips per iteration).
-    fn direction(&self, grad: &Tensor) -> Tensor {
+    /// The two-loop recursion, entirely on the device: the coefficients stay tensors, so a GPU runs
+    /// the whole recursion without waiting for the host.
+    fn direction(&self, grad: &Tensor, hessian_diagonal: &Tensor) -> Tensor {
         let mut q = -grad;
         let mut alphas = Vec::with_capacity(self.pairs.len());
-        for (s, y, rho) in self.pairs.iter().rev() {
-            let alpha = (device_dot(s, &q) * *rho).to_kind(Kind::Float);
-            q -= y * &alpha;
+        for pair in self.pairs.iter().rev() {
+            let alpha = per_item(&(item_dots(&pair.s, &q) * &pair.rho), grad);
+            q -= &pair.y * &alpha;
             alphas.push(alpha);
         }
-        let mut r = q * self.hessian_diagonal;
-        for ((s, y, rho), alpha) in self.pairs.iter().zip(alphas.into_iter().rev()) {
-            let beta = (device_dot(y, &r) * *rho).to_kind(Kind::Float);
-            r += s * (alpha - beta);
+        let mut r = q * per_item(hessian_diagonal, grad);
+        for (pair, alpha) in self.pairs.iter().zip(alphas.into_iter().rev()) {
+            let beta = per_item(&(item_dots(&pair.y, &r) * &pair.rho), grad);
+            r += &pair.s * (alpha - beta);
         }
         r
     }
 }
 
 impl Optimizer for Lbfgs {
-    fn reset(&mut self) {
-        self.pairs.clear();
-        self.previous = None;
-        self.hessian_diagonal = 1.0;
+    fn reset(&mut self, item: usize) {
+        for pair in &self.pairs {
+            for tensor in [&pair.s, &pair.y, &pair.rho] {
+                clear_item(tensor, item);
+            }
+        }
+        if let Some(items) = &self.items {
+            let _ = items.hessian_diagonal.narrow(0, item as i64, 1).fill_(1.0);
+            let _ = items.fresh.narrow(0, item as i64, 1).fill_(1i64);
+        }
     }
 
-    fn propose(&mut self, grad: &Tensor) -> Option<Tensor> {
+    fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
-        let first = self.previous.is_none() && self.pairs.is_empty();
+        self.items(&grad);
         self.remember(&grad);
-        let direction = self.direction(&grad);
-        let slope = dot(&grad, &direction);
-        if !(slope < 0.0) {
-            return None;
-        }
-        let scale = if first {
-            let l1 = grad.abs().sum(Kind::Double).double_value(&[]);
-            (1.0f64).min(1.0 / l1.max(f64::MIN_POSITIVE)) * self.learning_rate
-        } else {
-            self.learning_rate
-        };
-        let step = direction * scale;
+        let items = self.items.as_ref().expect("created above");
+        let direction = self.direction(&grad, &items.hessian_diagonal);
+        let descent = item_dots(&grad, &direction).lt(0.0);
+        let l1 = grad.abs().sum_dim_intlist(item_dims(&grad), false, Kind::Double);
+        let first_scale = l1.clamp_min(f64::MIN_POSITIVE).reciprocal().clamp_max(1.0);
+        let scale = first_scale.where_scalarother(&items.fresh, 1.0) * self.learning_rate;
+        let step = where_items(&(direction * per_item(&scale, &grad)), &descent);
+        let nothing_fresh = items.fresh.zeros_like();
+        self.items.as_mut().expect("created above").fresh = nothing_fresh;
         self.previous = Some((grad, step.shallow_clone()));
-        Some(step)
+        Proposal { step, stalled: descent.logical_not() }
     }
 }
 
-/// Adam (Kingma & Ba) with bias correction.
+/// Adam's per-item state.
+struct AdamItems {
+    first_moment: Tensor,
+    second_moment: Tensor,
+    /// Steps taken, `[B]` f64 (for the bias correction).
+    steps: Tensor,
+    /// `[B]` f64; halved for an item at each reset.
+    learning_rate: Tensor,
+}
+
+/// Adam (Kingma & Ba) with bias correction, per item.
 pub struct Adam {
     learning_rate: f64,
     beta1: f64,
     beta2: f64,
     epsilon: f64,
-    moments: Option<(Tensor, Tensor)>,
-    steps: i32,
+    items: Option<AdamItems>,
 }
 
 impl Adam {
     /// Adam with the usual β₁ = 0.9, β₂ = 0.999, ε = 1e-8.
     pub fn new(learning_rate: f64) -> Self {
-        Adam { learning_rate, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, moments: None, steps: 0 }
+        Adam { learning_rate, beta1: 0.9, beta2: 0.999, epsilon: 1e-8, items: None }
     }
 }
 
 impl Optimizer for Adam {
-    fn reset(&mut self) {
-        self.moments = None;
-        self.steps = 0;
-        self.learning_rate *= 0.5;
+    fn reset(&mut self, item: usize) {
+        if let Some(items) = &self.items {
+            for tensor in [&items.first_moment, &items.second_moment, &items.steps] {
+                clear_item(tensor, item);
+            }
+            let _ = items.learning_rate.narrow(0, item as i64, 1).g_mul_scalar_(0.5);
+        }
     }
 
-    fn propose(&mut self, grad: &Tensor) -> Option<Tensor> {
+    fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
-        self.steps += 1;
-        let (m, v) = match self.moments.take() {
-            None => (&grad * (1.0 - self.beta1), grad.square() * (1.0 - self.beta2)),
-            Some((m, v)) => {
-                (m * self.beta1 + &grad * (1.0 - self.beta1), v * self.beta2 + grad.square() * (1.0 - self.beta2))
+        let learning_rate = self.learning_rate;
+        let items = self.items.get_or_insert_with(|| {
+            let count = [grad.size()[0]];
+            AdamItems {
+                first_moment: grad.zeros_like(),
+                second_moment: grad.zeros_like(),
+                steps: Tensor::zeros(count, (Kind::Double, grad.device())),
+                learning_rate: Tensor::full(count, learning_rate, (Kind::Double, grad.device())),
             }
-        };
-        let m_hat = &m / (1.0 - self.beta1.powi(self.steps));
-        let v_hat = &v / (1.0 - self.beta2.powi(self.steps));
-        let step = -(m_hat / (v_hat.sqrt() + self.epsilon)) * self.learning_rate;
-        self.moments = Some((m, v));
-        Some(step)
+        });
+        items.steps += 1.0;
+        items.first_moment = &items.first_moment * self.beta1 + &grad * (1.0 - self.beta1);
+        items.second_moment = &items.second_moment * self.beta2 + grad.square() * (1.0 - self.beta2);
+        let correction = |beta: f64| -(&items.steps * beta.ln()).exp() + 1.0;
+        let m_hat = &items.first_moment / per_item(&correction(self.beta1), &grad);
+        let v_hat = &items.second_moment / per_item(&correction(self.beta2), &grad);
+        let step = -(m_hat / (v_hat.sqrt() + self.epsilon)) * per_item(&items.learning_rate, &grad);
+        let stalled = Tensor::zeros([grad.size()[0]], (Kind::Bool, grad.device()));
+        Proposal { step, stalled }
     }
 }
 
@@ -182,64 +255,115 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// Runs `iterations` proposals on `objective` from `start`; returns the final point.
+    /// Runs `iterations` proposals on `objective` (per item, `[B]`) from `start` `[B, n]`, with
+    /// `reset_at` = (iteration, item) resets; returns the final points.
+    fn minimise_with_resets(
+        optimizer: &mut dyn Optimizer,
+        start: &Tensor,
+        iterations: usize,
+        objective: impl Fn(&Tensor) -> Tensor,
+        resets: &[(usize, usize)],
+    ) -> Tensor {
+        let mut x = start.copy();
+        for iteration in 0..iterations {
+            for (_, item) in resets.iter().filter(|(at, _)| *at == iteration) {
+                optimizer.reset(*item);
+            }
+            let point = x.detach().set_requires_grad(true);
+            objective(&point).sum(Kind::Double).backward();
+            x = x.detach() + optimizer.propose(&point.grad()).step;
+        }
+        x
+    }
+
     fn minimise(
         optimizer: &mut dyn Optimizer,
         start: &Tensor,
         iterations: usize,
         objective: impl Fn(&Tensor) -> Tensor,
     ) -> Tensor {
-        let mut x = start.copy();
-        for _ in 0..iterations {
-            let point = x.detach().set_requires_grad(true);
-            objective(&point).backward();
-            match optimizer.propose(&point.grad()) {
-                Some(step) => x = x.detach() + step,
-                None => break,
-            }
-        }
-        x
+        minimise_with_resets(optimizer, start, iterations, objective, &[])
     }
 
+    /// Rosenbrock's function of each row `[x, y]` of `[B, 2]`.
     fn rosenbrock(p: &Tensor) -> Tensor {
-        let x = p.get(0);
-        let y = p.get(1);
+        let x = p.select(1, 0);
+        let y = p.select(1, 1);
         (-&x + 1.0).square() + (y - x.square()).square() * 100.0
+    }
+
+    fn points(rows: &[[f64; 2]]) -> Tensor {
+        Tensor::from_slice(&rows.concat()).view([rows.len() as i64, 2])
     }
 
     #[test]
     fn lbfgs_solves_a_quadratic_in_few_steps() {
-        let scales = Tensor::from_slice(&[1.0f64, 10.0, 100.0, 0.5]);
-        let target = Tensor::from_slice(&[1.0f64, -2.0, 3.0, 0.25]);
-        let objective = |x: &Tensor| ((x - &target).square() * &scales).sum(Kind::Double);
-        let start = Tensor::zeros([4], (Kind::Double, Device::Cpu));
+        let scales = Tensor::from_slice(&[1.0f64, 10.0, 100.0, 0.5]).view([1, 4]);
+        let target = Tensor::from_slice(&[1.0f64, -2.0, 3.0, 0.25]).view([1, 4]);
+        let objective = |x: &Tensor| ((x - &target).square() * &scales).sum_dim_intlist(1, false, Kind::Double);
+        let start = Tensor::zeros([1, 4], (Kind::Double, Device::Cpu));
         let x = minimise(&mut Lbfgs::new(10, 1.0), &start, 30, objective);
         assert!(x.allclose(&target, 1e-6, 1e-6, false), "{x:?}");
     }
 
     #[test]
     fn lbfgs_solves_rosenbrock() {
-        let start = Tensor::from_slice(&[-1.2f64, 1.0]);
-        let x = minimise(&mut Lbfgs::new(100, 1.0), &start, 400, rosenbrock);
-        let expected = Tensor::from_slice(&[1.0f64, 1.0]);
-        assert!(x.allclose(&expected, 1e-3, 1e-3, false), "{:?}", Vec::<f64>::try_from(&x).unwrap());
+        let x = minimise(&mut Lbfgs::new(100, 1.0), &points(&[[-1.2, 1.0]]), 400, rosenbrock);
+        assert!(x.allclose(&points(&[[1.0, 1.0]]), 1e-3, 1e-3, false), "{:?}", Vec::<f64>::try_from(x.view([-1])));
     }
 
     #[test]
     fn lbfgs_is_indifferent_to_the_loss_scale() {
-        let target = Tensor::from_slice(&[0.3f64, -0.7]);
-        let tiny = |x: &Tensor| (x - &target).square().sum(Kind::Double) * 1e-12;
-        let start = Tensor::zeros([2], (Kind::Double, Device::Cpu));
+        let target = points(&[[0.3, -0.7]]);
+        let tiny = |x: &Tensor| (x - &target).square().sum_dim_intlist(1, false, Kind::Double) * 1e-12;
+        let start = Tensor::zeros([1, 2], (Kind::Double, Device::Cpu));
         let x = minimise(&mut Lbfgs::new(10, 1.0), &start, 60, tiny);
-        assert!(x.allclose(&target, 1e-4, 1e-4, false), "{:?}", Vec::<f64>::try_from(&x).unwrap());
+        assert!(x.allclose(&target, 1e-4, 1e-4, false), "{:?}", Vec::<f64>::try_from(x.view([-1])));
+    }
+
+    #[test]
+    fn a_batch_runs_each_item_as_if_alone() {
+        let starts = [[-1.2, 1.0], [0.5, -0.5], [2.0, 3.0]];
+        for make in [|| Box::new(Lbfgs::new(20, 1.0)) as Box<dyn Optimizer>, || Box::new(Adam::new(0.02)) as _] {
+            let together = minimise(&mut *make(), &points(&starts), 60, rosenbrock);
+            for (item, start) in starts.iter().enumerate() {
+                let alone = minimise(&mut *make(), &points(&[*start]), 60, rosenbrock);
+                let row = together.narrow(0, item as i64, 1);
+                assert!(row.allclose(&alone, 1e-9, 1e-12, false), "item {item}: {row:?} vs {alone:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn resetting_one_item_leaves_the_others_as_they_were() {
+        let starts = [[-1.2, 1.0], [0.5, -0.5]];
+        for make in [|| Box::new(Lbfgs::new(20, 1.0)) as Box<dyn Optimizer>, || Box::new(Adam::new(0.02)) as _] {
+            let together = minimise_with_resets(&mut *make(), &points(&starts), 40, rosenbrock, &[(7, 0)]);
+            let undisturbed = minimise(&mut *make(), &points(&[starts[1]]), 40, rosenbrock);
+            let reset_alone = minimise_with_resets(&mut *make(), &points(&[starts[0]]), 40, rosenbrock, &[(7, 0)]);
+            assert!(together.narrow(0, 1, 1).allclose(&undisturbed, 1e-9, 1e-12, false));
+            assert!(together.narrow(0, 0, 1).allclose(&reset_alone, 1e-9, 1e-12, false));
+            let uninterrupted = minimise(&mut *make(), &points(&[starts[0]]), 40, rosenbrock);
+            assert!(!reset_alone.allclose(&uninterrupted, 1e-9, 1e-12, false), "the reset changed nothing");
+        }
+    }
+
+    #[test]
+    fn lbfgs_stalls_without_a_descent_direction() {
+        // a flat objective: zero gradient, no descent direction, a zero step
+        let start = points(&[[0.5, 0.5]]);
+        let mut lbfgs = Lbfgs::new(10, 1.0);
+        let proposal = lbfgs.propose(&start.zeros_like());
+        assert!(bool::try_from(proposal.stalled.all()).unwrap());
+        assert_eq!(proposal.step.abs().sum(Kind::Double).double_value(&[]), 0.0);
     }
 
     #[test]
     fn adam_descends_rosenbrock() {
-        let start = Tensor::from_slice(&[-1.2f64, 1.0]);
-        let before = rosenbrock(&start).double_value(&[]);
+        let start = points(&[[-1.2, 1.0]]);
+        let before = rosenbrock(&start).double_value(&[0]);
         let x = minimise(&mut Adam::new(0.02), &start, 3000, rosenbrock);
-        let after = rosenbrock(&x).double_value(&[]);
+        let after = rosenbrock(&x).double_value(&[0]);
         assert!(after < before * 1e-3, "{before} → {after}");
     }
 }

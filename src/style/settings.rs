@@ -122,6 +122,11 @@ pub struct StyleSettings {
     pub tile_size: u32,
     /// Overlap between neighbouring tiles in pixels (feathered).
     pub tile_overlap: u32,
+    /// Read the losses from the device every this many iterations (0: every iteration on the CPU,
+    /// every 5 on a GPU). Each read waits for the device to finish its queue; the result is the
+    /// same whatever the interval (a read replays the iterations in order), but up to interval − 1
+    /// iterations after an early stop are computed and dropped.
+    pub loss_read_interval: u32,
 }
 
 impl Default for StyleSettings {
@@ -150,6 +155,7 @@ impl Default for StyleSettings {
             color: ColorMode::Style,
             tile_size: 0,
             tile_overlap: 64,
+            loss_read_interval: 0,
         }
     }
 }
@@ -161,6 +167,15 @@ impl StyleSettings {
             vec![ScaleStep { size: self.size, iterations: self.iterations }]
         } else {
             self.scales.clone()
+        }
+    }
+
+    /// Iterations between two reads of the losses on `device` (see `loss_read_interval`).
+    pub fn loss_read_interval_on(&self, device: tch::Device) -> usize {
+        match (self.loss_read_interval, device) {
+            (0, tch::Device::Cpu) => 1,
+            (0, _) => 5,
+            (interval, _) => interval as usize,
         }
     }
 

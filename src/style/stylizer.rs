@@ -1,21 +1,23 @@
 //! The `Stylizer`: one network and one set of settings, turning a content image and style images
 //! into a painting. `stylize` is the whole still-image path (coarse-to-fine schedule, colour modes,
-//! initialisation); `optimise` is the inner loop that video frames reuse with their own targets,
-//! starting points and temporal term.
+//! initialisation); `optimise_batch` is the inner loop that video frames reuse with their own
+//! targets, starting points and temporal term, one image at a time or several as one batch (one
+//! forward and backward pass for all), with the losses read from the device every few iterations.
 
 use std::time::Instant;
 
 use image::RgbImage;
 use tch::{Kind, Tensor};
 
+use super::batch::{BatchItem, BatchTargets, ItemRun, Optimised, Stopping};
 use super::color::{self, ColorMode};
 use super::loss;
-use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind};
+use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind, where_items};
 use super::settings::{Init, LayerBalance, StyleSettings};
 use super::tiles::{Tile, TileGrid, weighted_content_loss, weighted_gram};
 use crate::error::{Error, Result};
 use crate::imageio;
-use crate::model::{LayerId, Vgg};
+use crate::model::{LayerId, Layout, Vgg};
 
 /// A style image with its blend weight.
 #[derive(Clone)]
@@ -185,50 +187,57 @@ impl<'m> Stylizer<'m> {
         }
     }
 
-    /// Per-layer scales and weights of the paper's terms under the chosen balance (once per run).
-    fn balance(&self, targets: &Targets, image: &Tensor) -> Balance {
-        let (_, _, height, width) = image.size4().expect("image [1, 3, H, W]");
-        let style_weights = self.settings.layer_weights();
-        let content_weights = vec![1.0; targets.content.len()];
-        if self.settings.layer_balance == LayerBalance::Paper {
-            let ones = |n: usize| vec![1.0; n];
-            return Balance {
-                content: ones(targets.content.len()).into_iter().zip(content_weights).collect(),
-                style: ones(targets.style.len()).into_iter().zip(style_weights).collect(),
-                root: false,
-            };
-        }
+    /// Per-layer scales and weights of the paper's terms under the chosen balance, per item (once per run).
+    fn balance(&self, items: &[&Targets], image: &Tensor) -> Balance {
+        let (_, _, height, width) = image.size4().expect("image [B, 3, H, W]");
+        let paper = self.settings.layer_balance == LayerBalance::Paper;
         let inverse = |value: f64| 1.0 / value.max(f64::MIN_POSITIVE);
-        let content_scales =
-            targets.content.iter().map(|p| inverse(loss::content_loss(p, &p.zeros_like()).double_value(&[])));
-        let style_scales = targets.style.iter().zip(&self.settings.style_layers).map(|(gram, layer)| {
+        let content_scale = |p: &Tensor| {
+            if paper { 1.0 } else { inverse(loss::content_loss(p, &p.zeros_like()).double_value(&[])) }
+        };
+        let style_scale = |gram: &Tensor, layer: &LayerId| {
+            if paper {
+                return 1.0;
+            }
             let positions = layer_positions(*layer, height, width);
             let target = gram * positions as f64;
             inverse(loss::style_layer_loss_of_gram(&target.zeros_like(), &target, positions).double_value(&[]))
-        });
-        Balance {
-            content: content_scales.zip(content_weights).collect(),
-            style: style_scales.zip(style_weights).collect(),
-            root: self.settings.layer_balance == LayerBalance::Distance,
-        }
+        };
+        let device = image.device();
+        let content_count = items.first().map_or(0, |t| t.content.len());
+        let content = (0..content_count)
+            .map(|l| Term::new(items.iter().map(|t| content_scale(&t.content[l])).collect(), 1.0, device))
+            .collect();
+        let style = self
+            .settings
+            .layer_weights()
+            .into_iter()
+            .zip(&self.settings.style_layers)
+            .enumerate()
+            .map(|(l, (weight, layer))| {
+                Term::new(items.iter().map(|t| style_scale(&t.style[l], layer)).collect(), weight, device)
+            })
+            .collect();
+        Balance { content, style, root: self.settings.layer_balance == LayerBalance::Distance }
     }
 
     /// The loss is taken on the image as it will be saved: clamped to 0..1 (pixels pushed out of
     /// range stop pulling) and rounded to 8 bits with a straight-through gradient (deep-layer Grams
     /// react to sub-quantum patterns that saving would erase).
-    fn evaluate(&self, image: &Tensor, targets: &Targets, balance: &Balance) -> (Tensor, [Tensor; 4]) {
+    /// Each item's terms, `[B]`, for a batch `[B, 3, H, W]`.
+    fn evaluate(&self, image: &Tensor, targets: &BatchTargets, balance: &Balance) -> (Tensor, [Tensor; 4]) {
         let image = &as_saved(image);
         let features = self.vgg.features(image, &self.layers);
         let (content_features, style_features) = features.split_at(self.settings.content_layers.len());
-        let zero = || Tensor::zeros([], (Kind::Float, image.device()));
+        let zero = || Tensor::zeros([image.size()[0]], (Kind::Float, image.device()));
         let content = content_features
             .iter()
             .zip(&targets.content)
             .zip(&balance.content)
-            .fold(zero(), |sum, ((f, p), term)| sum + balance.weigh(loss::content_loss(f, p), *term));
+            .fold(zero(), |sum, ((f, p), term)| sum + balance.weigh(loss::item_content_losses(f, p), term));
         let style =
             style_features.iter().zip(&targets.style).zip(&balance.style).fold(zero(), |sum, ((f, a), term)| {
-                sum + balance.weigh(loss::style_layer_loss(f, &(a * positions(f))), *term)
+                sum + balance.weigh(loss::item_style_losses(f, &(a * positions(f))), term)
             });
         let (tv, temporal) = self.pixel_terms(image, targets);
         let content = content * (self.settings.ratio * self.settings.style_weight);
@@ -237,15 +246,18 @@ impl<'m> Stylizer<'m> {
         (total, [content, style, tv, temporal])
     }
 
-    /// The terms taken on the pixels, not the features: weighted total variation and the weighted
-    /// temporal term (zero when off).
-    fn pixel_terms(&self, image: &Tensor, targets: &Targets) -> (Tensor, Tensor) {
-        let zero = || Tensor::zeros([], (Kind::Float, image.device()));
-        let tv =
-            if self.settings.tv_weight > 0.0 { loss::total_variation(image) * self.settings.tv_weight } else { zero() };
+    /// The terms taken on the pixels, not the features, per item: weighted total variation and the
+    /// weighted temporal term (zero when off).
+    fn pixel_terms(&self, image: &Tensor, targets: &BatchTargets) -> (Tensor, Tensor) {
+        let zero = || Tensor::zeros([image.size()[0]], (Kind::Float, image.device()));
+        let tv = if self.settings.tv_weight > 0.0 {
+            loss::item_total_variation(image) * self.settings.tv_weight
+        } else {
+            zero()
+        };
         let temporal = match &targets.temporal {
-            Some((warped, mask, weight)) if *weight > 0.0 => crate::flow::temporal_loss(image, warped, mask) * *weight,
-            _ => zero(),
+            Some((warped, mask, weights)) => crate::flow::item_temporal_losses(image, warped, mask) * weights,
+            None => zero(),
         };
         (tv, temporal)
     }
@@ -255,10 +267,11 @@ impl<'m> Stylizer<'m> {
     /// total against it; a second pass back-propagates, tile by tile, a surrogate whose gradient is
     /// the tile's share of the whole-frame gradient (Σ ∂L/∂G ⊙ G_tile for style). Only one tile's
     /// activations are alive at a time.
+    /// One image at a time (`[1, 3, H, W]`); the terms come as `[1]`.
     fn evaluate_tiled(
         &self,
         point: &Tensor,
-        targets: &Targets,
+        targets: &BatchTargets,
         balance: &Balance,
         grid: &TileGrid,
     ) -> (Tensor, [Tensor; 4], Tensor) {
@@ -269,21 +282,21 @@ impl<'m> Stylizer<'m> {
             self.surrogate(&tile.window(&saved), tile, targets, &slopes).backward();
         }
         let (tv, temporal) = self.pixel_terms(&saved, targets);
-        let pixel_terms = &tv + &temporal;
+        let pixel_terms = (&tv + &temporal).sum(Kind::Float);
         if pixel_terms.requires_grad() {
             pixel_terms.backward();
         }
         let in_range = point.ge(0.0).logical_and(&point.le(1.0)).to_kind(Kind::Float);
         let gradient = saved.grad() * in_range;
-        let content = Tensor::from(slopes.content_total).to_device(saved.device());
-        let style = Tensor::from(slopes.style_total).to_device(saved.device());
+        let content = Tensor::from_slice(&[slopes.content_total]).to_device(saved.device());
+        let style = Tensor::from_slice(&[slopes.style_total]).to_device(saved.device());
         let total = &content + &style + tv.detach().to_kind(Kind::Double) + temporal.detach().to_kind(Kind::Double);
         (total, [content, style, tv.detach(), temporal.detach()], gradient)
     }
 
     /// First tiled pass: the whole frame's Gram matrix at each style layer and content distance at
     /// each content layer.
-    fn tile_statistics(&self, saved: &Tensor, targets: &Targets, grid: &TileGrid) -> (Vec<Tensor>, Vec<f64>) {
+    fn tile_statistics(&self, saved: &Tensor, targets: &BatchTargets, grid: &TileGrid) -> (Vec<Tensor>, Vec<f64>) {
         let content_count = self.settings.content_layers.len();
         let mut grams: Vec<Option<Tensor>> = self.settings.style_layers.iter().map(|_| None).collect();
         let mut distances: Vec<Option<Tensor>> = self.settings.content_layers.iter().map(|_| None).collect();
@@ -306,7 +319,7 @@ impl<'m> Stylizer<'m> {
     fn tiled_slopes(
         &self,
         saved: &Tensor,
-        targets: &Targets,
+        targets: &BatchTargets,
         balance: &Balance,
         grams: &[Tensor],
         content_values: &[f64],
@@ -316,17 +329,17 @@ impl<'m> Stylizer<'m> {
         let content_factor = self.settings.ratio * style_weight;
         let mut slopes = TiledSlopes::default();
         for (value, term) in content_values.iter().zip(&balance.content) {
-            slopes.content_total += balance.weigh_value(*value, *term) * content_factor;
-            slopes.content.push(balance.slope(*value, *term) * content_factor);
+            slopes.content_total += balance.weigh_value(*value, term) * content_factor;
+            slopes.content.push(balance.slope(*value, term) * content_factor);
         }
         let layers = balance.style.iter().zip(&self.settings.style_layers);
         for ((gram, per_position), (term, layer)) in grams.iter().zip(&targets.style).zip(layers) {
             let positions = layer_positions(*layer, height, width);
-            let target = per_position * positions as f64;
+            let target = per_position.squeeze_dim(0) * positions as f64;
             let value = loss::style_layer_loss_of_gram(gram, &target, positions).double_value(&[]);
-            slopes.style_total += balance.weigh_value(value, *term) * style_weight;
+            slopes.style_total += balance.weigh_value(value, term) * style_weight;
             let (filters, positions) = (gram.size()[0] as f64, positions as f64);
-            let scale = balance.slope(value, *term) * style_weight / (2.0 * filters * filters * positions * positions);
+            let scale = balance.slope(value, term) * style_weight / (2.0 * filters * filters * positions * positions);
             slopes.style.push((gram - target) * scale);
         }
         slopes
@@ -334,7 +347,7 @@ impl<'m> Stylizer<'m> {
 
     /// The second tiled pass's loss for one tile: its gradient is the tile's share of the gradient
     /// of the whole-frame loss.
-    fn surrogate(&self, window: &Tensor, tile: &Tile, targets: &Targets, slopes: &TiledSlopes) -> Tensor {
+    fn surrogate(&self, window: &Tensor, tile: &Tile, targets: &BatchTargets, slopes: &TiledSlopes) -> Tensor {
         let content_count = self.settings.content_layers.len();
         let features = self.vgg.features(window, &self.layers);
         let (content_features, style_features) = features.split_at(content_count);
@@ -352,8 +365,9 @@ impl<'m> Stylizer<'m> {
         surrogate
     }
 
-    /// Runs `iterations` optimisation steps from `start` towards `targets`.
-    /// `observer` sees every iteration; `first_iteration`/`total_iterations` place it in a longer run.
+    /// Runs `iterations` optimisation steps from `start` towards `targets`; `observer` sees every
+    /// iteration (count so far, losses, point). Returns the last good point, its losses and the
+    /// iterations run.
     pub fn optimise(
         &self,
         targets: &Targets,
@@ -361,66 +375,117 @@ impl<'m> Stylizer<'m> {
         iterations: usize,
         observer: &mut dyn FnMut(usize, Losses, &Tensor),
     ) -> (Tensor, Losses, usize) {
-        let mut optimizer: Box<dyn Optimizer> = match self.settings.optimizer {
-            OptimizerKind::Lbfgs => Box::new(Lbfgs::new(self.settings.lbfgs_history, 1.0)),
-            OptimizerKind::Adam => Box::new(Adam::new(self.settings.learning_rate)),
-        };
-        let mut image = start.detach().to_kind(Kind::Float).to_device(self.vgg.device());
-        let balance = self.balance(targets, &image);
-        let grid = self.grid_for(&image);
-        let mut accepted: Option<(Tensor, Losses)> = None;
-        let mut losses = Losses::default();
-        let mut calm_iterations = 0;
-        let mut done = 0;
-        for iteration in 0..iterations {
-            let point = image.detach().set_requires_grad(true);
-            let (total, parts, gradient) = match &grid {
-                None => {
-                    let (total, parts) = self.evaluate(&point, targets, &balance);
-                    total.backward();
-                    (total, parts, point.grad())
-                }
-                Some(grid) => self.evaluate_tiled(&point, targets, &balance, grid),
-            };
-            let previous_total = losses.total;
-            losses = read_losses(&total, &parts);
-            done = iteration + 1;
-            observer(done, losses, &point);
-            if let Some((good, good_losses)) = accepted.as_ref().filter(|(_, good)| diverged(good.total, losses.total))
-            {
-                // without a line search a step can overshoot: go back and rebuild the curvature memory
-                tracing::debug!(
-                    iteration = done,
-                    loss = losses.total,
-                    "step diverged; restarting from the last good point"
-                );
-                image = good.shallow_clone();
-                losses = *good_losses;
-                optimizer.reset();
-                continue;
-            }
-            accepted = Some((point.detach(), losses));
-            if self.converged(previous_total, losses.total, iteration, &mut calm_iterations) {
-                break;
-            }
-            let Some(step) = optimizer.propose(&gradient) else { break };
-            image = point.detach() + step;
-        }
-        let image = accepted.map_or(image, |(good, _)| good);
-        (image.detach(), losses, done)
+        let item = BatchItem { targets, start, iterations };
+        let mut observe = |_: usize, done: usize, losses: Losses, point: &Tensor| observer(done, losses, point);
+        let outcome = self.optimise_batch(std::slice::from_ref(&item), &mut observe).pop().expect("one item");
+        (outcome.image, outcome.losses, outcome.iterations)
     }
 
-    fn converged(&self, previous: f64, current: f64, iteration: usize, calm_iterations: &mut u32) -> bool {
-        if self.settings.tolerance <= 0.0 || iteration == 0 {
-            return false;
+    /// Optimises several images of one size together: one forward and backward pass for the whole
+    /// batch per iteration, each item with its own targets, optimiser state, overshoot restarts and
+    /// early stop, so each comes out as it would alone. The losses are read from the device every
+    /// `loss_read_interval` iterations (one wait for the device per read). `observer` sees (item,
+    /// iteration count, losses, point `[1, 3, H, W]`) for every iteration of every item.
+    ///
+    /// # Panics
+    /// If the items' starting images differ in size.
+    pub fn optimise_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        observer: &mut dyn FnMut(usize, usize, Losses, &Tensor),
+    ) -> Vec<Optimised> {
+        let device = self.vgg.device();
+        let starts: Vec<Tensor> =
+            items.iter().map(|item| item.start.detach().to_kind(Kind::Float).to_device(device)).collect();
+        let Some(first) = starts.first() else { return Vec::new() };
+        assert!(starts.iter().all(|s| s.size() == first.size()), "the images of a batch must have one size");
+        let grid = self.grid_for(first);
+        if grid.is_some() && items.len() > 1 {
+            return self.optimise_one_by_one(items, observer);
         }
-        let change = (previous - current).abs() / current.abs().max(f64::MIN_POSITIVE);
-        if change < self.settings.tolerance {
-            *calm_iterations += 1
-        } else {
-            *calm_iterations = 0
+        // NHWC strides, as images read from files have: the convolutions' fastest path
+        let mut image = Layout::ChannelsLast.apply(&Tensor::cat(&starts, 0));
+        let item_targets: Vec<&Targets> = items.iter().map(|item| item.targets).collect();
+        let targets = BatchTargets::stack(&item_targets, &image, device);
+        let balance = self.balance(&item_targets, &image);
+        let mut optimizer = self.optimizer();
+        let mut runs: Vec<ItemRun> = items.iter().map(|item| ItemRun::new(item.iterations)).collect();
+        let interval = self.settings.loss_read_interval_on(device);
+        while let Some(span) = runs.iter().map(ItemRun::remaining).max().filter(|r| *r > 0) {
+            let active = Tensor::from_slice(&runs.iter().map(|r| !r.finished()).collect::<Vec<_>>()).to_device(device);
+            let mut queued = Vec::with_capacity(span.min(interval));
+            for _ in 0..span.min(interval) {
+                let point = image.detach().set_requires_grad(true);
+                let (values, gradient) = self.loss_and_gradient(&point, &targets, &balance, grid.as_ref());
+                let proposal = optimizer.propose(&gradient);
+                // (masked steps come back NCHW; the next point keeps NHWC strides)
+                image = Layout::ChannelsLast.apply(&(point.detach() + where_items(&proposal.step, &active)));
+                let values = Tensor::cat(&[values, proposal.stalled.to_kind(Kind::Double).unsqueeze(0)], 0);
+                queued.push((point.detach(), values));
+            }
+            let read = read_values(&queued);
+            runs.iter_mut().for_each(ItemRun::begin_read);
+            for ((point, _), values) in queued.iter().zip(read) {
+                for (index, run) in runs.iter_mut().enumerate() {
+                    let item_point = point.narrow(0, index as i64, 1);
+                    let (losses, stalled) = values[index];
+                    let mut observe = |done: usize, losses: Losses, p: &Tensor| observer(index, done, losses, p);
+                    if let Some(good) = run.replay(losses, &item_point, stalled, self.stopping(), &mut observe) {
+                        let _ = image.narrow(0, index as i64, 1).copy_(&good);
+                        optimizer.reset(index);
+                    }
+                }
+            }
         }
-        *calm_iterations >= self.settings.patience.max(1)
+        runs.into_iter().zip(starts).map(|(run, start)| run.outcome(start)).collect()
+    }
+
+    /// Each item alone (tiled images: one at a time).
+    fn optimise_one_by_one(
+        &self,
+        items: &[BatchItem<'_>],
+        observer: &mut dyn FnMut(usize, usize, Losses, &Tensor),
+    ) -> Vec<Optimised> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let mut observe =
+                |_: usize, done: usize, losses: Losses, point: &Tensor| observer(index, done, losses, point);
+            outcomes.extend(self.optimise_batch(std::slice::from_ref(item), &mut observe));
+        }
+        outcomes
+    }
+
+    /// The values of one evaluation as one `[5, B]` f64 tensor (total, content, style, tv,
+    /// temporal) and the gradient.
+    fn loss_and_gradient(
+        &self,
+        point: &Tensor,
+        targets: &BatchTargets,
+        balance: &Balance,
+        grid: Option<&TileGrid>,
+    ) -> (Tensor, Tensor) {
+        let (total, parts, gradient) = match grid {
+            None => {
+                let (total, parts) = self.evaluate(point, targets, balance);
+                total.sum(Kind::Float).backward();
+                (total, parts, point.grad())
+            }
+            Some(grid) => self.evaluate_tiled(point, targets, balance, grid),
+        };
+        let values: Vec<Tensor> =
+            std::iter::once(&total).chain(&parts).map(|v| v.detach().to_kind(Kind::Double)).collect();
+        (Tensor::stack(&values, 0), gradient)
+    }
+
+    fn optimizer(&self) -> Box<dyn Optimizer> {
+        match self.settings.optimizer {
+            OptimizerKind::Lbfgs => Box::new(Lbfgs::new(self.settings.lbfgs_history, 1.0)),
+            OptimizerKind::Adam => Box::new(Adam::new(self.settings.learning_rate)),
+        }
+    }
+
+    fn stopping(&self) -> Stopping {
+        Stopping { tolerance: self.settings.tolerance, patience: self.settings.patience }
     }
 
     /// Stylizes a still image: the whole coarse-to-fine schedule, colour handling and initialisation.
@@ -522,13 +587,32 @@ fn as_saved(image: &Tensor) -> Tensor {
     &clamped + (rounded - &clamped).detach()
 }
 
-/// (scale, weight) of each content and style layer's term: the term enters as weight·scale·E
-/// (or weight·√(scale·E) when `root`).
+/// How each content and style layer's term enters the loss: weight·scale·E (or weight·√(scale·E)
+/// when `root`), with one scale per item.
 struct Balance {
-    content: Vec<(f64, f64)>,
-    style: Vec<(f64, f64)>,
+    content: Vec<Term>,
+    style: Vec<Term>,
     /// Take the square root of each scaled term (relative distances instead of squared ones).
     root: bool,
+}
+
+/// One layer's scales (per item, on the host and on the device) and weight.
+struct Term {
+    scales: Vec<f64>,
+    device_scales: Tensor,
+    weight: f64,
+}
+
+impl Term {
+    fn new(scales: Vec<f64>, weight: f64, device: tch::Device) -> Self {
+        let device_scales = Tensor::from_slice(&scales).to_kind(Kind::Float).to_device(device);
+        Term { scales, device_scales, weight }
+    }
+
+    /// The scale of a run of one item (the tiled path).
+    fn only_scale(&self) -> f64 {
+        self.scales[0]
+    }
 }
 
 /// What the tiled pass needs of the first: totals, and each layer's slope.
@@ -570,22 +654,24 @@ fn layer_stride(layer: LayerId) -> i64 {
 }
 
 impl Balance {
-    /// [`Balance::weigh`] of a value.
-    fn weigh_value(&self, term: f64, (scale, weight): (f64, f64)) -> f64 {
-        let scaled = term * scale;
+    /// [`Balance::weigh`] of one item's value (a run of one item).
+    fn weigh_value(&self, value: f64, term: &Term) -> f64 {
+        let scaled = value * term.only_scale();
         let shaped = if self.root { (scaled + 1e-12).sqrt() } else { scaled };
-        shaped * weight
+        shaped * term.weight
     }
 
-    /// The derivative of [`Balance::weigh`] at `term`.
-    fn slope(&self, term: f64, (scale, weight): (f64, f64)) -> f64 {
-        if self.root { weight * scale / (2.0 * (term * scale + 1e-12).sqrt()) } else { weight * scale }
+    /// The derivative of [`Balance::weigh`] at one item's `value`.
+    fn slope(&self, value: f64, term: &Term) -> f64 {
+        let (scale, weight) = (term.only_scale(), term.weight);
+        if self.root { weight * scale / (2.0 * (value * scale + 1e-12).sqrt()) } else { weight * scale }
     }
 
-    fn weigh(&self, term: Tensor, (scale, weight): (f64, f64)) -> Tensor {
-        let scaled = term * scale;
+    /// The layer's term of each item, from its values `[B]`.
+    fn weigh(&self, values: Tensor, term: &Term) -> Tensor {
+        let scaled = values * &term.device_scales;
         let shaped = if self.root { (scaled + 1e-12).sqrt() } else { scaled };
-        shaped * weight
+        shaped * term.weight
     }
 }
 
@@ -601,11 +687,6 @@ fn layer_positions(layer: LayerId, height: i64, width: i64) -> i64 {
     shrink(height) * shrink(width)
 }
 
-/// A loss that is not finite or more than doubled means the last step overshot.
-fn diverged(previous: f64, current: f64) -> bool {
-    !current.is_finite() || current > 2.0 * previous.abs()
-}
-
 fn blend_weights(styles: &[StyleImage], blend: &[f64]) -> Vec<f64> {
     let raw: Vec<f64> =
         if blend.len() == styles.len() { blend.to_vec() } else { styles.iter().map(|s| s.weight).collect() };
@@ -613,12 +694,30 @@ fn blend_weights(styles: &[StyleImage], blend: &[f64]) -> Vec<f64> {
     if sum > 0.0 { raw.iter().map(|w| w / sum).collect() } else { vec![1.0 / styles.len() as f64; styles.len()] }
 }
 
-/// The loss values, read from the device at once.
-fn read_losses(total: &Tensor, parts: &[Tensor; 4]) -> Losses {
-    let values: Vec<Tensor> = std::iter::once(total).chain(parts).map(|v| v.to_kind(Kind::Double)).collect();
-    let values = Vec::<f64>::try_from(Tensor::stack(&values, 0).to_device(tch::Device::Cpu)).unwrap_or_default();
-    let [total, content, style, tv, temporal] = values[..] else { return Losses::default() };
-    Losses { content, style, tv, temporal, total }
+/// The queued evaluations' values (`[6, B]` each: five losses and the stall flag), read from the
+/// device at once: per evaluation, per item, the losses and whether the item stalled.
+fn read_values(queued: &[(Tensor, Tensor)]) -> Vec<Vec<(Losses, bool)>> {
+    let stacked = Tensor::stack(&queued.iter().map(|(_, values)| values.shallow_clone()).collect::<Vec<_>>(), 0);
+    let (count, rows, items) = stacked.size3().expect("[evaluations, 6, items]");
+    let flat = Vec::<f64>::try_from(stacked.to_device(tch::Device::Cpu).reshape([-1])).unwrap_or_default();
+    let at =
+        |e: i64, row: i64, item: i64| flat.get(((e * rows + row) * items + item) as usize).copied().unwrap_or(f64::NAN);
+    (0..count)
+        .map(|e| {
+            (0..items)
+                .map(|i| {
+                    let losses = Losses {
+                        total: at(e, 0, i),
+                        content: at(e, 1, i),
+                        style: at(e, 2, i),
+                        tv: at(e, 3, i),
+                        temporal: at(e, 4, i),
+                    };
+                    (losses, at(e, 5, i) != 0.0)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -655,22 +754,91 @@ mod tests {
     /// Loss and gradient without tiles.
     fn whole(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (f64, Tensor) {
         let point = image.detach().set_requires_grad(true);
-        let balance = stylizer.balance(targets, &point);
-        let (total, _) = stylizer.evaluate(&point, targets, &balance);
-        total.backward();
-        (total.double_value(&[]), point.grad())
+        let balance = stylizer.balance(&[targets], &point);
+        let batch = BatchTargets::stack(&[targets], &point, Device::Cpu);
+        let (total, _) = stylizer.evaluate(&point, &batch, &balance);
+        total.sum(Kind::Float).backward();
+        (total.double_value(&[0]), point.grad())
     }
 
     fn tiled(stylizer: &Stylizer, targets: &Targets, image: &Tensor, grid: &TileGrid) -> (f64, Tensor) {
         let point = image.detach().set_requires_grad(true);
-        let balance = stylizer.balance(targets, &point);
-        let (total, _, gradient) = stylizer.evaluate_tiled(&point, targets, &balance, grid);
-        (total.double_value(&[]), gradient)
+        let balance = stylizer.balance(&[targets], &point);
+        let batch = BatchTargets::stack(&[targets], &point, Device::Cpu);
+        let (total, _, gradient) = stylizer.evaluate_tiled(&point, &batch, &balance, grid);
+        (total.double_value(&[0]), gradient)
     }
 
     fn cosine(a: &Tensor, b: &Tensor) -> f64 {
         let dot = (a * b).sum(Kind::Double).double_value(&[]);
         dot / (a.norm().double_value(&[]) * b.norm().double_value(&[]))
+    }
+
+    /// `iterations` of L-BFGS on `starts` (one batch), with the losses read every `interval`.
+    fn run_batch(
+        vgg: &Vgg,
+        settings: StyleSettings,
+        items: &[(&Targets, &Tensor)],
+        iterations: usize,
+    ) -> (Vec<Optimised>, Vec<Vec<f64>>) {
+        let stylizer = Stylizer::new(vgg, settings).unwrap();
+        let batch: Vec<BatchItem> =
+            items.iter().map(|(targets, start)| BatchItem { targets, start, iterations }).collect();
+        let mut seen = vec![Vec::new(); items.len()];
+        let mut observer = |item: usize, _: usize, losses: Losses, _: &Tensor| seen[item].push(losses.total);
+        (stylizer.optimise_batch(&batch, &mut observer), seen)
+    }
+
+    #[test]
+    fn reading_the_losses_less_often_changes_nothing() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let targets = targets(&stylizer, 64, 48);
+        let start = imageio::rgb_to_tensor(&picture(64, 48, 0.3));
+        let every = StyleSettings { loss_read_interval: 1, ..StyleSettings::default() };
+        let (each, each_seen) = run_batch(&vgg, every.clone(), &[(&targets, &start)], 12);
+        let seldom = StyleSettings { loss_read_interval: 5, ..every.clone() };
+        let (grouped, grouped_seen) = run_batch(&vgg, seldom, &[(&targets, &start)], 12);
+        assert_eq!(each_seen, grouped_seen);
+        assert_eq!((each[0].iterations, grouped[0].iterations), (12, 12));
+        assert!(each[0].image.equal(&grouped[0].image));
+        // an early stop replayed from a read of several iterations stops where it would have
+        let early = StyleSettings { tolerance: 0.05, patience: 2, ..every };
+        let (stopped, _) = run_batch(&vgg, early.clone(), &[(&targets, &start)], 40);
+        let early_seldom = StyleSettings { loss_read_interval: 7, ..early };
+        let (stopped_seldom, _) = run_batch(&vgg, early_seldom, &[(&targets, &start)], 40);
+        assert!(stopped[0].iterations < 40, "no early stop to compare");
+        assert_eq!(stopped[0].iterations, stopped_seldom[0].iterations);
+        assert!(stopped[0].image.equal(&stopped_seldom[0].image));
+    }
+
+    #[test]
+    fn a_batch_paints_each_image_as_if_alone() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 64, 48);
+        let mut second = targets(&stylizer, 64, 48);
+        let other_content = imageio::rgb_to_tensor(&picture(64, 48, 1.9));
+        second.content = stylizer.content_targets(&other_content);
+        let warped = imageio::rgb_to_tensor(&picture(64, 48, 0.5));
+        second.temporal = Some((warped, Tensor::ones([1, 1, 48, 64], (Kind::Float, Device::Cpu)), 0.5));
+        let starts = [imageio::rgb_to_tensor(&picture(64, 48, 0.2)), imageio::rgb_to_tensor(&picture(64, 48, 2.3))];
+        let settings = StyleSettings::default();
+        // (a start exactly at the content would put the distance balance's square root at zero, where
+        // the last bits of the batched convolutions decide the first steps)
+        let (together, seen) = run_batch(&vgg, settings.clone(), &[(&first, &starts[0]), (&second, &starts[1])], 6);
+        for (index, (targets, start)) in [(&first, &starts[0]), (&second, &starts[1])].into_iter().enumerate() {
+            let (alone, alone_seen) = run_batch(&vgg, settings.clone(), &[(targets, start)], 6);
+            // the same steps, up to the last bits of batched against single convolutions (which
+            // L-BFGS amplifies a little from step to step)
+            assert_eq!(seen[index].len(), alone_seen[0].len());
+            for (a, b) in seen[index].iter().zip(&alone_seen[0]) {
+                assert!((a - b).abs() <= 2e-3 * b.abs(), "item {index}: loss {a} vs {b}");
+            }
+            let difference = (&together[index].image - &alone[0].image).abs().mean(Kind::Float).double_value(&[]);
+            assert!(difference < 1.0 / 255.0, "item {index}: mean difference {difference}");
+        }
+        assert!(together[1].losses.temporal > 0.0 && together[0].losses.temporal == 0.0);
     }
 
     #[test]
