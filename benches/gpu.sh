@@ -14,7 +14,8 @@
 #   IMPASTO_BIN=target/gpu/impasto OUT=./bench-out bash benches/gpu.sh
 # It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
 # `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
-# card, date, command and commit), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one
+# card, date, command and commit; memory: peak RSS, the CUDA caching allocator's max allocated, and
+# the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one
 # process each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every
 # iteration against every 5th (the default) and every 10th) and gpu-bench.log (stderr of every command).
 #
@@ -107,17 +108,18 @@ CARD="$card" COMMIT="$commit" COMMAND="$command_line" python3 - "$jsonl" >"$md" 
 import datetime, json, os, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+mib = lambda value: "–" if value is None else f"{value:.0f}"
 print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}.")
 print(f"Command: `{os.environ['COMMAND']}`")
 print()
-print("| precision | layout | size | s/iteration | s/forward | TFLOP/s | peak RSS MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| precision | layout | size | s/iteration | s/forward | TFLOP/s | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 layouts = {"ChannelsFirst": "channels-first", "ChannelsLast": "channels-last"}
 for r in rows:
     size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
     cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
     print(f"| {r['precision']} | {layouts.get(r['layout'], r['layout'])} | {size} | {r['seconds_per_iteration']:.4f} "
-          f"| {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+          f"| {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
 PY
 
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).
@@ -147,14 +149,16 @@ CARD="$card" COMMIT="$commit" python3 - "$memory_jsonl" >"$memory_md" <<'PY'
 import datetime, json, os, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+mib = lambda value: "–" if value is None else f"{value:.0f}"
 print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. f32, one process per row.")
 print()
-print("| size | tile | s/iteration | peak RSS MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|")
+print("| size | tile | s/iteration | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|---|")
 for r in rows:
     cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
     tile = r.get("tile_size") or "none"
-    print(f"| {r['width']}×{r['height']} | {tile} | {r['seconds_per_iteration']:.4f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+    print(f"| {r['width']}×{r['height']} | {tile} | {r['seconds_per_iteration']:.4f} | {r['peak_rss_mib']:.0f} "
+          f"| {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
 PY
 
 # Batches (several images in one forward and backward pass) and how often the losses are read (each
@@ -190,15 +194,17 @@ CARD="$card" COMMIT="$commit" python3 - "$batch_jsonl" >"$batch_md" <<'PY'
 import datetime, json, os, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+mib = lambda value: "–" if value is None else f"{value:.0f}"
 print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. bf16, channels-last.")
 print()
-print("| size | batch | loss read every | s/iteration (batch) | s/iteration per image | TFLOP/s | peak RSS MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| size | batch | loss read every | s/iteration (batch) | s/iteration per image | TFLOP/s | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
     cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
     print(f"| {size} | {r['batch']} | {r['loss_read_interval']} | {r['seconds_per_iteration']:.4f} "
-          f"| {r['seconds_per_image_iteration']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {cuda} |")
+          f"| {r['seconds_per_image_iteration']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} "
+          f"| {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
 PY
 
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"

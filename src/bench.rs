@@ -1,6 +1,7 @@
 //! `impasto bench`: seconds per optimisation iteration (forward + backward through the network,
 //! losses, optimiser step) and per forward pass at given sizes, with achieved TFLOP/s against the
-//! convolutions' FLOP count and the peak memory (resident, and on CUDA the device memory in use).
+//! convolutions' FLOP count and the peak memory (resident; on CUDA the caching allocator's peaks and
+//! the device memory in use).
 //! Engine-only, so it runs where only libtorch is. [`VideoBenchRow`] sums up a real video job's
 //! report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
 
@@ -51,6 +52,11 @@ pub struct BenchRow {
     /// the CUDA context, so it bounds this process's peak from above); `None` on the CPU or when the
     /// CUDA runtime cannot tell.
     pub cuda_peak_mib: Option<f64>,
+    /// On CUDA: the most libtorch's caching allocator held in tensors during this row's run, MiB
+    /// (the "max allocated" of `torch.cuda`); `None` on the CPU.
+    pub cuda_max_allocated_mib: Option<f64>,
+    /// On CUDA: the most the caching allocator reserved from the driver during this row's run, MiB.
+    pub cuda_max_reserved_mib: Option<f64>,
     /// Iterations timed.
     pub iterations: usize,
     /// Tile side (0: the whole image at once); tiled iterations do more work than the nominal FLOPs.
@@ -117,6 +123,7 @@ pub struct BenchCase {
 pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> BenchRow {
     let BenchCase { width, height, batch, warmup, iterations } = case;
     let batch = batch.max(1);
+    memory::reset_allocator_peaks(vgg.device());
     let mut settings = settings.clone();
     settings.tolerance = 0.0;
     let stylizer = Stylizer::new(vgg, settings.clone()).expect("bench settings are valid");
@@ -166,6 +173,7 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
         started.elapsed().as_secs_f64() / iterations as f64
     };
     let (h, w) = (content.size()[2], content.size()[3]);
+    let allocator_peaks = memory::allocator_peaks_mib(vgg.device());
     let flops = 2.0 * forward_flops(vgg, deepest, w, h) * batch as f64;
     BenchRow {
         batch,
@@ -183,6 +191,8 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
         tflops: flops / seconds_per_iteration / 1e12,
         peak_rss_mib: peak_rss_mib(),
         cuda_peak_mib: memory::in_use_mib(vgg.device()),
+        cuda_max_allocated_mib: allocator_peaks.map(|(allocated, _)| allocated),
+        cuda_max_reserved_mib: allocator_peaks.map(|(_, reserved)| reserved),
         iterations,
         tile_size: settings.tile_size,
         threads: tch::get_num_threads(),
@@ -257,6 +267,8 @@ pub struct VideoBenchRow {
     pub peak_rss_mib: f64,
     /// On CUDA: device memory in use after the job, MiB (as in [`BenchRow::cuda_peak_mib`]).
     pub cuda_peak_mib: Option<f64>,
+    /// On CUDA: the most the caching allocator held in tensors since the process started, MiB.
+    pub cuda_max_allocated_mib: Option<f64>,
 }
 
 impl VideoBenchRow {
@@ -277,6 +289,7 @@ impl VideoBenchRow {
             wall_seconds: report.wall_seconds,
             peak_rss_mib: peak_rss_mib(),
             cuda_peak_mib: memory::in_use_mib(vgg.device()),
+            cuda_max_allocated_mib: memory::allocator_peaks_mib(vgg.device()).map(|(allocated, _)| allocated),
         }
     }
 }

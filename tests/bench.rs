@@ -37,10 +37,11 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
         .collect();
     assert_eq!(rows.len(), 12, "{rows:?}");
     assert_eq!(measured.len(), 12, "2 sizes × 3 precisions × 2 layouts, each once: {measured:?}");
-    assert!(rows.iter().all(|r| r["arch"] == "vgg19" && r["cuda_peak_mib"].is_null()), "{rows:?}");
+    let off_cuda = |r: &serde_json::Value| r["cuda_peak_mib"].is_null() && r["cuda_max_allocated_mib"].is_null();
+    assert!(rows.iter().all(|r| r["arch"] == "vgg19" && off_cuda(r)), "{rows:?}");
     assert!(rows.iter().any(|r| r["precision"] == "tf32 (f32 on cpu)"), "{rows:?}");
     let table = std::fs::read_to_string(out.path().join("gpu-bench.md")).unwrap();
-    assert!(table.contains("| precision | layout | size |"), "{table}");
+    assert!(table.contains("| precision | layout | size |") && table.contains("CUDA max allocated MiB"), "{table}");
     assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| precision")).count(), 12, "{table}");
     assert!(out.path().join("probe.txt").is_file());
     let memory = json_lines(&std::fs::read_to_string(out.path().join("gpu-memory.jsonl")).unwrap());

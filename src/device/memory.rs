@@ -1,8 +1,10 @@
-//! Device memory in use on a CUDA device, for benchmarks. libtorch's caching-allocator statistics are
-//! not reachable through tch, so this asks the CUDA runtime that libtorch loaded (`cudaMemGetInfo`,
-//! opened with `dlopen`) for total − free memory. That figure includes the caching allocator's reserve
-//! (which keeps the largest working set it has held) and the CUDA context itself, so it bounds the
-//! peak from above. Anything missing (no CUDA runtime, no device, a failing call) gives `None`.
+//! Device memory on a CUDA device, for benchmarks, two ways. [`allocator_peaks_mib`]: the peaks of
+//! libtorch's caching allocator (the most the tensors held, and the most it reserved from the
+//! driver), read through a small C++ layer (`allocator.cpp`) because tch does not expose them, and
+//! [`reset_allocator_peaks`] to start them again. [`in_use_mib`]: what the CUDA runtime that libtorch
+//! loaded (`cudaMemGetInfo`, opened with `dlopen`) reports as total − free, which includes the
+//! caching allocator's reserve and the CUDA context itself, so it bounds the peak from above.
+//! Anything missing (no CUDA runtime, no device, a failing call) gives `None`.
 
 use std::ffi::{CString, c_int, c_void};
 use std::sync::OnceLock;
@@ -37,6 +39,61 @@ pub fn in_use_mib(device: Device) -> Option<f64> {
     let index = c_int::try_from(index).ok()?;
     let (free, total) = runtime.mem_info_on(index)?;
     Some(total.saturating_sub(free) as f64 / (1024.0 * 1024.0))
+}
+
+/// The caching allocator's peaks on `device` since the process started or the last
+/// [`reset_allocator_peaks`], MiB: (allocated by tensors, reserved from the driver). `None` off CUDA,
+/// before the allocator has started, or in a build without the C++ layer.
+pub fn allocator_peaks_mib(device: Device) -> Option<(f64, f64)> {
+    let Device::Cuda(index) = device else { return None };
+    let index = c_int::try_from(index).ok()?;
+    allocator::peaks(index).map(|(allocated, reserved)| (mib(allocated), mib(reserved)))
+}
+
+/// Starts the caching allocator's peaks on `device` again from what is held now; false when there is
+/// nothing to reset (see [`allocator_peaks_mib`]).
+pub fn reset_allocator_peaks(device: Device) -> bool {
+    let Device::Cuda(index) = device else { return false };
+    c_int::try_from(index).is_ok_and(allocator::reset_peaks)
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[cfg(impasto_cpp_layer)]
+mod allocator {
+    use std::ffi::c_int;
+
+    unsafe extern "C" {
+        fn impasto_cuda_allocator_peaks(device: c_int, allocated: *mut i64, reserved: *mut i64) -> c_int;
+        fn impasto_cuda_allocator_reset_peaks(device: c_int) -> c_int;
+    }
+
+    pub fn peaks(device: c_int) -> Option<(i64, i64)> {
+        let (mut allocated, mut reserved) = (0i64, 0i64);
+        // SAFETY: valid out-pointers; the C++ side catches every exception.
+        let status = unsafe { impasto_cuda_allocator_peaks(device, &mut allocated, &mut reserved) };
+        (status == 0).then_some((allocated, reserved))
+    }
+
+    pub fn reset_peaks(device: c_int) -> bool {
+        // SAFETY: a plain C function; the C++ side catches every exception.
+        unsafe { impasto_cuda_allocator_reset_peaks(device) == 0 }
+    }
+}
+
+#[cfg(not(impasto_cpp_layer))]
+mod allocator {
+    use std::ffi::c_int;
+
+    pub fn peaks(_device: c_int) -> Option<(i64, i64)> {
+        None
+    }
+
+    pub fn reset_peaks(_device: c_int) -> bool {
+        false
+    }
 }
 
 impl Runtime {
@@ -101,6 +158,26 @@ mod tests {
     #[test]
     fn nothing_off_cuda() {
         assert_eq!(in_use_mib(Device::Cpu), None);
+        assert_eq!(allocator_peaks_mib(Device::Cpu), None);
+        assert!(!reset_allocator_peaks(Device::Cpu));
+    }
+
+    #[test]
+    fn allocator_peaks_follow_a_tensor_on_cuda_and_are_unknown_without_it() {
+        crate::device::load_cuda_backend();
+        if !tch::Cuda::is_available() {
+            // the CUDA allocator is absent or never started: asking must not fail or crash
+            assert_eq!(allocator_peaks_mib(Device::Cuda(0)), None);
+            assert!(!reset_allocator_peaks(Device::Cuda(0)));
+            return;
+        }
+        let tensor = tch::Tensor::zeros([64, 1024, 1024], (tch::Kind::Float, Device::Cuda(0))); // 256 MiB
+        let (allocated, reserved) = allocator_peaks_mib(Device::Cuda(0)).expect("peaks on a CUDA device");
+        assert!(allocated >= 256.0 && reserved >= allocated, "{allocated} {reserved}");
+        drop(tensor);
+        assert!(reset_allocator_peaks(Device::Cuda(0)));
+        let (after, _) = allocator_peaks_mib(Device::Cuda(0)).unwrap();
+        assert!(after < 256.0, "{after}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct Tf32 {
     pub matmuls: bool,
 }
 
-#[cfg(impasto_tf32_switch)]
+#[cfg(impasto_cpp_layer)]
 unsafe extern "C" {
     fn impasto_set_tf32(allowed: std::ffi::c_int) -> std::ffi::c_int;
     fn impasto_tf32_allowed() -> std::ffi::c_int;
@@ -24,7 +24,7 @@ unsafe extern "C" {
 
 /// Allows or forbids TF32 for both convolutions and matrix products.
 pub fn set(allowed: bool) -> Result<()> {
-    #[cfg(impasto_tf32_switch)]
+    #[cfg(impasto_cpp_layer)]
     {
         // SAFETY: plain C functions without pointers; the C++ side catches every exception.
         if unsafe { impasto_set_tf32(std::ffi::c_int::from(allowed)) } == 0 {
@@ -32,7 +32,7 @@ pub fn set(allowed: bool) -> Result<()> {
         }
         Err(Error::Torch("libtorch refused to change its TF32 setting".into()))
     }
-    #[cfg(not(impasto_tf32_switch))]
+    #[cfg(not(impasto_cpp_layer))]
     {
         let _ = allowed;
         Err(unsupported())
@@ -41,7 +41,7 @@ pub fn set(allowed: bool) -> Result<()> {
 
 /// What libtorch allows now.
 pub fn current() -> Result<Tf32> {
-    #[cfg(impasto_tf32_switch)]
+    #[cfg(impasto_cpp_layer)]
     {
         // SAFETY: as in `set`.
         let bits = unsafe { impasto_tf32_allowed() };
@@ -50,13 +50,13 @@ pub fn current() -> Result<Tf32> {
         }
         Ok(Tf32 { convolutions: bits & 1 != 0, matmuls: bits & 2 != 0 })
     }
-    #[cfg(not(impasto_tf32_switch))]
+    #[cfg(not(impasto_cpp_layer))]
     {
         Err(unsupported())
     }
 }
 
-#[cfg(not(impasto_tf32_switch))]
+#[cfg(not(impasto_cpp_layer))]
 fn unsupported() -> Error {
     Error::Settings("precision 'tf32': this build has no TF32 switch (libtorch's headers were not found)".into())
 }
@@ -66,7 +66,7 @@ mod tests {
     use super::*;
 
     /// The switch is global, so one test sets it both ways and leaves it forbidden.
-    #[cfg(impasto_tf32_switch)]
+    #[cfg(impasto_cpp_layer)]
     #[test]
     fn switches_both_ways_without_a_gpu() {
         set(true).unwrap();
@@ -74,7 +74,7 @@ mod tests {
         set(false).unwrap();
         assert_eq!(current().unwrap(), Tf32 { convolutions: false, matmuls: false });
     }
-    #[cfg(not(impasto_tf32_switch))]
+    #[cfg(not(impasto_cpp_layer))]
     #[test]
     fn tf32_is_refused_without_the_switch() {
         assert!(set(true).unwrap_err().to_string().contains("tf32"));
