@@ -83,24 +83,35 @@ commit="${IMPASTO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 command_line="impasto bench --sizes $sizes --iterations $iterations --warmup $warmup --device $device ${model_args[*]} --precision P --layout L"
 
 failures=0
+
+# Runs one benchmark command, its stdout appended to FILE, under the per-command limit and what is
+# left of the budget: `budgeted LABEL FILE COMMAND...`. Returns the command's exit status, or 125
+# (after saying so) when the budget is spent.
+budgeted() {
+    local label="$1" file="$2"
+    shift 2
+    local left=$((budget - (SECONDS - started)))
+    if ((left < 10)); then
+        echo "skipped $label: the ${budget} s budget is spent" | tee -a "$log"
+        return 125
+    fi
+    local limit=$((left < per_command ? left : per_command))
+    echo "== $label (limit ${limit} s)" | tee -a "$log"
+    timeout -k 5 "$limit" "$@" >>"$file" 2>>"$log"
+}
+
+# Counts a failed or skipped command of the main and batch tables.
+count_failure() {
+    local status="$1"
+    ((status == 125)) || echo "   exit status $status (124: timed out; rows already printed are kept)" | tee -a "$log"
+    failures=$((failures + 1))
+}
+
 for precision in "${precisions[@]}"; do
     for layout in "${layouts[@]}"; do
-        left=$((budget - (SECONDS - started)))
-        if ((left < 10)); then
-            echo "skipped $precision $layout: the ${budget} s budget is spent" | tee -a "$log"
-            failures=$((failures + 1))
-            continue
-        fi
-        limit=$((left < per_command ? left : per_command))
-        echo "== $precision $layout (limit ${limit} s)" | tee -a "$log"
-        timeout -k 5 "$limit" "$bin" bench --sizes "$sizes" --iterations "$iterations" --warmup "$warmup" \
-            --device "$device" --precision "$precision" --layout "$layout" "${model_args[@]}" \
-            >>"$jsonl" 2>>"$log"
-        status=$?
-        if ((status != 0)); then
-            echo "   exit status $status (124: timed out; rows already printed are kept)" | tee -a "$log"
-            failures=$((failures + 1))
-        fi
+        budgeted "$precision $layout" "$jsonl" "$bin" bench --sizes "$sizes" --iterations "$iterations" \
+            --warmup "$warmup" --device "$device" --precision "$precision" --layout "$layout" "${model_args[@]}" \
+            || count_failure $?
     done
 done
 
@@ -134,16 +145,13 @@ else
 fi
 for entry in "${large[@]}"; do
     read -r size tile <<<"$entry"
-    left=$((budget - (SECONDS - started)))
-    if ((left < 10)); then
-        echo "skipped $size tile $tile: the ${budget} s budget is spent" | tee -a "$log"
-        continue
+    budgeted "memory $size tile $tile" "$memory_jsonl" "$bin" bench --sizes "$size" --tile-size "$tile" \
+        --iterations "$large_iterations" --warmup "$large_warmup" --device "$device" --precision f32 "${model_args[@]}"
+    status=$?
+    if ((status != 0 && status != 125)); then
+        echo "   $size tile $tile: exit status $status (out of memory is expected for 4K without tiles on small cards)" \
+            | tee -a "$log"
     fi
-    limit=$((left < per_command ? left : per_command))
-    echo "== memory $size tile $tile (limit ${limit} s)" | tee -a "$log"
-    timeout -k 5 "$limit" "$bin" bench --sizes "$size" --tile-size "$tile" --iterations "$large_iterations" \
-        --warmup "$large_warmup" --device "$device" --precision f32 "${model_args[@]}" >>"$memory_jsonl" 2>>"$log" \
-        || echo "   $size tile $tile: exit status $? (out of memory is expected for 4K without tiles on small cards)" | tee -a "$log"
 done
 CARD="$card" COMMIT="$commit" python3 - "$memory_jsonl" >"$memory_md" <<'PY'
 import datetime, json, os, sys
@@ -173,22 +181,10 @@ else
 fi
 for entry in "${batched[@]}"; do
     read -r size batches interval <<<"$entry"
-    left=$((budget - (SECONDS - started)))
-    if ((left < 10)); then
-        echo "skipped $size batch $batches interval $interval: the ${budget} s budget is spent" | tee -a "$log"
-        failures=$((failures + 1))
-        continue
-    fi
-    limit=$((left < per_command ? left : per_command))
-    echo "== batch $size × $batches, loss read interval $interval (limit ${limit} s)" | tee -a "$log"
-    timeout -k 5 "$limit" "$bin" bench --sizes "$size" --batch "$batches" --loss-read-interval "$interval" \
-        --iterations "$batch_iterations" --warmup "$batch_warmup" --device "$device" --precision bf16 \
-        --layout channels-last "${model_args[@]}" >>"$batch_jsonl" 2>>"$log"
-    status=$?
-    if ((status != 0)); then
-        echo "   exit status $status (124: timed out; rows already printed are kept)" | tee -a "$log"
-        failures=$((failures + 1))
-    fi
+    budgeted "batch $size × $batches, loss read interval $interval" "$batch_jsonl" "$bin" bench --sizes "$size" \
+        --batch "$batches" --loss-read-interval "$interval" --iterations "$batch_iterations" \
+        --warmup "$batch_warmup" --device "$device" --precision bf16 --layout channels-last "${model_args[@]}" \
+        || count_failure $?
 done
 CARD="$card" COMMIT="$commit" python3 - "$batch_jsonl" >"$batch_md" <<'PY'
 import datetime, json, os, sys

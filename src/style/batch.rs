@@ -64,8 +64,7 @@ impl BatchTargets {
 
 /// The items' temporal terms, with a zero weight (and zero mask) standing in for a missing one.
 fn stack_temporal(items: &[&Targets], image: &Tensor, device: Device) -> Option<(Tensor, Tensor, Tensor)> {
-    let with_weight = |t: &&Targets| t.temporal.as_ref().filter(|(_, _, weight)| *weight > 0.0).is_some();
-    if !items.iter().any(with_weight) {
+    if items.iter().all(|t| weighted_temporal(t).is_none()) {
         return None;
     }
     let (_, _, height, width) = image.size4().expect("image [B, 3, H, W]");
@@ -73,7 +72,7 @@ fn stack_temporal(items: &[&Targets], image: &Tensor, device: Device) -> Option<
     let mut masks = Vec::with_capacity(items.len());
     let mut weights = Vec::with_capacity(items.len());
     for targets in items {
-        match targets.temporal.as_ref().filter(|(_, _, weight)| *weight > 0.0) {
+        match weighted_temporal(targets) {
             Some((picture, mask, weight)) => {
                 warped.push(picture.to_kind(Kind::Float).to_device(device));
                 masks.push(mask.to_kind(Kind::Float).to_device(device));
@@ -88,6 +87,11 @@ fn stack_temporal(items: &[&Targets], image: &Tensor, device: Device) -> Option<
     }
     let weights = Tensor::from_slice(&weights).to_device(device);
     Some((Tensor::cat(&warped, 0), Tensor::cat(&masks, 0), weights))
+}
+
+/// An item's temporal term when it has one with a positive weight.
+fn weighted_temporal(targets: &Targets) -> Option<&(Tensor, Tensor, f64)> {
+    targets.temporal.as_ref().filter(|(_, _, weight)| *weight > 0.0)
 }
 
 /// When an item's run ends early.

@@ -223,8 +223,8 @@ impl<'m> Stylizer<'m> {
 
     /// The loss is taken on the image as it will be saved: clamped to 0..1 (pixels pushed out of
     /// range stop pulling) and rounded to 8 bits with a straight-through gradient (deep-layer Grams
-    /// react to sub-quantum patterns that saving would erase).
-    /// Each item's terms, `[B]`, for a batch `[B, 3, H, W]`.
+    /// react to sub-quantum patterns that saving would erase). Each item's terms come as `[B]`, for a
+    /// batch `[B, 3, H, W]`.
     fn evaluate(&self, image: &Tensor, targets: &BatchTargets, balance: &Balance) -> (Tensor, [Tensor; 4]) {
         let image = &as_saved(image);
         let features = self.vgg.features(image, &self.layers);
@@ -266,8 +266,7 @@ impl<'m> Stylizer<'m> {
     /// frame's Gram matrices and content distances, hence each layer's loss and the slope of the
     /// total against it; a second pass back-propagates, tile by tile, a surrogate whose gradient is
     /// the tile's share of the whole-frame gradient (Σ ∂L/∂G ⊙ G_tile for style). Only one tile's
-    /// activations are alive at a time.
-    /// One image at a time (`[1, 3, H, W]`); the terms come as `[1]`.
+    /// activations are alive at a time. One image at a time (`[1, 3, H, W]`); the terms come as `[1]`.
     fn evaluate_tiled(
         &self,
         point: &Tensor,
@@ -418,8 +417,7 @@ impl<'m> Stylizer<'m> {
                 let point = image.detach().set_requires_grad(true);
                 let (values, gradient) = self.loss_and_gradient(&point, &targets, &balance, grid.as_ref());
                 let proposal = optimizer.propose(&gradient);
-                // (masked steps come back NCHW; the next point keeps NHWC strides)
-                image = Layout::ChannelsLast.apply(&(point.detach() + where_items(&proposal.step, &active)));
+                image = point.detach() + where_items(&proposal.step, &active);
                 let values = Tensor::cat(&[values, proposal.stalled.to_kind(Kind::Double).unsqueeze(0)], 0);
                 queued.push((point.detach(), values));
             }
@@ -752,19 +750,23 @@ mod tests {
     }
 
     /// Loss and gradient without tiles.
-    fn whole(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (f64, Tensor) {
+    /// The point to differentiate at, with the run's balance and stacked targets (a batch of one).
+    fn prepared(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (Tensor, Balance, BatchTargets) {
         let point = image.detach().set_requires_grad(true);
         let balance = stylizer.balance(&[targets], &point);
         let batch = BatchTargets::stack(&[targets], &point, Device::Cpu);
+        (point, balance, batch)
+    }
+
+    fn whole(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (f64, Tensor) {
+        let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _) = stylizer.evaluate(&point, &batch, &balance);
         total.sum(Kind::Float).backward();
         (total.double_value(&[0]), point.grad())
     }
 
     fn tiled(stylizer: &Stylizer, targets: &Targets, image: &Tensor, grid: &TileGrid) -> (f64, Tensor) {
-        let point = image.detach().set_requires_grad(true);
-        let balance = stylizer.balance(&[targets], &point);
-        let batch = BatchTargets::stack(&[targets], &point, Device::Cpu);
+        let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _, gradient) = stylizer.evaluate_tiled(&point, &batch, &balance, grid);
         (total.double_value(&[0]), gradient)
     }
