@@ -146,7 +146,7 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
         let items: Vec<BatchItem> = targets
             .iter()
             .zip(&contents)
-            .map(|(targets, start)| BatchItem { targets, start, iterations: planned })
+            .map(|(targets, start)| BatchItem { targets, start, iterations: planned, stopping: stylizer.stopping() })
             .collect();
         let _ = stylizer.optimise_batch(&items, &mut |_, _, _, _| {});
         synchronize(vgg.device());

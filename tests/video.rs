@@ -287,6 +287,95 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
 }
 
+/// E_warp of every frame pair of `output` against `input`, as `impasto eval` measures it.
+fn pair_warping_errors(input: &Path, output: &Path, report: &Path) -> Vec<f64> {
+    let mut eval = impasto();
+    eval.args(["eval"]).arg(input).arg(output).args(["--device", "cpu", "--report"]).arg(report);
+    let evaluated = run(eval);
+    assert!(evaluated.status.success(), "{}", stderr(&evaluated));
+    let pairs = read_json(report)["pairs"].as_array().unwrap().clone();
+    pairs.iter().map(|p| p["warping_error"].as_f64().unwrap()).collect()
+}
+
+#[test]
+fn segments_painted_side_by_side_keep_every_frame_in_order_and_cross_fade_their_seams() {
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let hard_seams = dir.path().join("hard-seams.toml");
+    std::fs::write(&hard_seams, "[video]\nsegment_overlap = 0\n").unwrap();
+    let paint = |name: &str, profile: Option<&Path>| {
+        let (output, report) = (dir.path().join(format!("{name}.mp4")), dir.path().join(format!("{name}.json")));
+        let extra = ["--size", "48", "--first-iterations", "20", "-n", "8", "--tolerance", "0", "--segments", "2"];
+        let mut command = video_command(&input, &output, &extra);
+        command.arg("--report").arg(&report);
+        if let Some(profile) = profile {
+            command.arg("--profile").arg(profile);
+        }
+        let result = run(command);
+        assert!(result.status.success(), "{name}: {}", stderr(&result));
+        (output, read_json(&report))
+    };
+    let (faded, report) = paint("faded", None);
+    assert_eq!(report["segments"], 2);
+    assert_eq!(report["frame_count"], 50);
+    let indices: Vec<u64> = report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, (0..50).collect::<Vec<u64>>(), "every frame once, in order");
+    assert_eq!(frame_timestamps(&faded), frame_timestamps(&input));
+    assert_eq!(stream_list(&ffprobe(&faded)), stream_list(&ffprobe(&input)), "audio kept");
+    assert_eq!(entries(dir.path()).iter().filter(|n| n.contains(".impasto-")).count(), 0, "work directory removed");
+
+    // The second segment owns frames 25…49; its chain starts fresh, so without a cross-fade the pair
+    // (24, 25) jumps from one painting to another.
+    let (hard, hard_report) = paint("hard", Some(&hard_seams));
+    assert_eq!(hard_report["segments"], 2);
+    let faded_pairs = pair_warping_errors(&input, &faded, &dir.path().join("faded-eval.json"));
+    let hard_pairs = pair_warping_errors(&input, &hard, &dir.path().join("hard-eval.json"));
+    let seam = 24; // pair index i is frames (i, i + 1)
+    println!("E_warp at the seam: cross-faded {:.5}, hard {:.5}", faded_pairs[seam], hard_pairs[seam]);
+    let hard_typical = hard_pairs.iter().enumerate().filter(|(i, _)| *i != seam).map(|(_, e)| *e).fold(0.0, f64::max);
+    assert!(hard_pairs[seam] > hard_typical, "the hard seam stands out: {hard_pairs:?}");
+    assert!(faded_pairs[seam] < hard_pairs[seam] / 2.0, "{faded_pairs:?} against {hard_pairs:?}");
+}
+
+#[test]
+fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
+    let extra = ["--size", "32", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--segments", "3", "--json"];
+    let mut first = video_command(&input, &output, &extra);
+    let mut child = first.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    // Three segments: frames 0…15, 12…32 and 29…49 (lead-ins of four frames), one of each per batch.
+    let listed = loop {
+        let listed = work_dir(&output).map_or(0, |d| manifest_frames(&d));
+        if listed >= 9 || started.elapsed() > Duration::from_secs(180) {
+            break listed;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(listed >= 9, "the manifest never listed frames");
+    let killed_dir = work_dir(&output).expect("the work directory survives the kill");
+    let pictures = entries(&killed_dir.join("frames"));
+    assert!(pictures.iter().any(|n| n.ends_with(".lead.png")), "lead-in pictures stored: {pictures:?}");
+    assert!(manifest_frames(&killed_dir) < 58, "the job was killed before it finished");
+
+    let mut again = video_command(&input, &output, &extra);
+    again.args(["--report", report.to_str().unwrap()]);
+    let result = run(again);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(frame_timestamps(&output), frame_timestamps(&input));
+    let report = read_json(&report);
+    assert_eq!(report["segments"], 3);
+    assert!(report["resumed_frames"].as_u64().unwrap() >= 3, "{}", report["resumed_frames"]);
+    let indices: Vec<u64> = report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, (0..50).collect::<Vec<u64>>());
+    assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
+}
+
 #[test]
 fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
     let dir = TempDir::new().unwrap();

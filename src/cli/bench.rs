@@ -124,6 +124,9 @@ mod video {
         /// Most iterations of the later frames in the video run (default: the profile's).
         #[arg(long, requires = "video")]
         pub later_iterations: Option<u32>,
+        /// Runs of consecutive frames painted side by side in the video run (default: the profile's).
+        #[arg(long, requires = "video")]
+        pub segments: Option<u32>,
     }
 
     /// Paints the clip into a scratch directory (removed afterwards) and prints one JSON line.
@@ -177,6 +180,9 @@ mod video {
         }
         if let Some(iterations) = args.video_flags.later_iterations {
             video.iterations = iterations;
+        }
+        if let Some(segments) = args.video_flags.segments {
+            video.segments = segments;
         }
         video
     }

@@ -68,6 +68,9 @@ pub struct VideoFlags {
     /// Later frames stop when the relative loss change stays below this (0 = never).
     #[arg(long)]
     pub tolerance: Option<f64>,
+    /// Runs of consecutive frames painted side by side in one batch (1: frame after frame).
+    #[arg(long)]
+    pub segments: Option<u32>,
     /// Output size: frames (the working size), source, or a long side in pixels.
     #[arg(long, value_parser = parse_output_size)]
     pub output_size: Option<OutputSize>,
@@ -102,7 +105,7 @@ impl VideoFlags {
 
     /// The profile's video settings with these flags applied.
     pub fn apply_video(&self, mut video: VideoSettings) -> VideoSettings {
-        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance);
+        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance, segments);
         if let Some(size) = self.output_size {
             video.encode.output_size = size;
         }
@@ -215,12 +218,12 @@ impl VideoProgress {
                 self.reporter.step(self.frames_done, self.total, &message, json!({}));
             }
             JobEvent::Iteration { .. } => {}
-            JobEvent::Frame { record, total, .. } => self.frame_done(record, total),
+            JobEvent::Frame { record, done, total, .. } => self.frame_done(record, done, total),
         }
     }
 
-    fn frame_done(&mut self, record: &FrameRecord, total: u64) {
-        self.frames_done = record.index + 1;
+    fn frame_done(&mut self, record: &FrameRecord, done: u64, total: u64) {
+        self.frames_done = done;
         if !record.resumed {
             self.painted_seconds = self.started.elapsed().as_secs_f64();
             self.painted_frames += 1;

@@ -6,8 +6,11 @@
 //! A lock keeps two processes out of one directory; the job removes the directory when it succeeds.
 //!
 //! Layout: `.NAME.impasto-KEY/` holding `manifest.jsonl` (a header line, then one
-//! [`FrameRecord`] per finished frame, in order), `frames/NNNNNN.png` and `lock`.
+//! [`FrameRecord`] per finished picture, in the order they were finished: a video painted in
+//! segments finishes frames out of order), `frames/NNNNNN.png` (a frame's own picture),
+//! `frames/NNNNNN.lead.png` (a segment's lead-in picture of it, see [`super::segments`]) and `lock`.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::io::AsRawFd;
@@ -71,20 +74,29 @@ pub fn work_dir_for(output: &Path, key: &str) -> PathBuf {
     output.with_file_name(format!(".{name}.impasto-{}", &key[..KEY_DIGITS.min(key.len())]))
 }
 
+/// What a stored picture is: a frame's index and whether it is a lead-in picture.
+pub type PictureKey = (u64, bool);
+
+/// The key of a record's picture.
+fn key_of(record: &FrameRecord) -> PictureKey {
+    (record.index, record.lead_in)
+}
+
 /// An open, locked work directory.
 pub struct Checkpoint {
     dir: PathBuf,
     manifest: File,
     _lock: File,
     header: Header,
-    resumable: Vec<FrameRecord>,
-    /// Records in the manifest file after `resumable`'s, written by this run.
+    /// The pictures listed in the manifest, earlier runs' and this one's.
+    listed: BTreeMap<PictureKey, FrameRecord>,
+    /// Records this run wrote.
     stored: u64,
 }
 
 impl Checkpoint {
     /// Opens (creating it if needed) the work directory of job `key` for `output`, takes its lock, and
-    /// reads which frames an earlier run finished. The manifest is rewritten with just those, so a
+    /// reads which pictures an earlier run finished. The manifest is rewritten with just those, so a
     /// line torn by a crash never gets in the way.
     pub fn open(output: &Path, key: &str) -> Result<Self> {
         let dir = work_dir_for(output, key);
@@ -92,12 +104,12 @@ impl Checkpoint {
         let lock = lock_directory(&dir)?;
         remove_leftovers(&dir);
         let header = Header { impasto_checkpoint: FORMAT_VERSION, key: key.to_string() };
-        let resumable = read_finished(&dir, &header);
-        let manifest = rewrite_manifest(&dir, &header, &resumable)?;
-        if !resumable.is_empty() {
-            tracing::info!(dir = %dir.display(), frames = resumable.len(), "resuming from a checkpoint");
+        let listed = read_finished(&dir, &header);
+        let manifest = rewrite_manifest(&dir, &header, &listed)?;
+        if !listed.is_empty() {
+            tracing::info!(dir = %dir.display(), pictures = listed.len(), "resuming from a checkpoint");
         }
-        Ok(Checkpoint { dir, manifest, _lock: lock, header, resumable, stored: 0 })
+        Ok(Checkpoint { dir, manifest, _lock: lock, header, listed, stored: 0 })
     }
 
     /// The work directory.
@@ -105,14 +117,14 @@ impl Checkpoint {
         &self.dir
     }
 
-    /// Records of the frames 0, 1, … an earlier run finished, whose pictures are stored.
-    pub fn resumable(&self) -> &[FrameRecord] {
-        &self.resumable
+    /// Records of the pictures an earlier run finished (and this run so far), by key.
+    pub fn resumable(&self) -> &BTreeMap<PictureKey, FrameRecord> {
+        &self.listed
     }
 
     /// Whether the directory holds finished frames (from an earlier run or this one).
     pub fn holds_frames(&self) -> bool {
-        !self.resumable.is_empty() || self.stored > 0
+        !self.listed.is_empty() || self.stored > 0
     }
 
     /// Where a file named like `output` is written inside the work directory (the encoder's output
@@ -126,22 +138,21 @@ impl Checkpoint {
         StoredFrames { dir: self.dir.clone() }
     }
 
-    /// Stores frame `record.index`'s picture, then records it in the manifest (flushed to disk). Frames
-    /// are stored in order; storing one the manifest already lists (its stored picture was unusable)
-    /// first cuts the manifest back to the frames before it.
+    /// Stores a picture (the frame's own, or a lead-in one), then records it in the manifest (flushed
+    /// to disk). Storing one the manifest already lists (its stored picture was unusable, so it and
+    /// the frames after it are painted again) first cuts every later frame from the manifest.
     pub fn store(&mut self, record: &FrameRecord, picture: &RgbImage) -> Result<()> {
-        let listed = self.resumable.len() as u64 + self.stored;
-        if record.index < listed {
-            self.resumable.truncate(record.index as usize);
-            self.stored = 0;
-            self.manifest = rewrite_manifest(&self.dir, &self.header, &self.resumable)?;
+        if self.listed.contains_key(&key_of(record)) {
+            self.listed.retain(|&(index, _), _| index < record.index);
+            self.manifest = rewrite_manifest(&self.dir, &self.header, &self.listed)?;
         }
-        write_png_durably(&frame_path(&self.dir, record.index), picture)?;
+        write_png_durably(&frame_path(&self.dir, key_of(record)), picture)?;
         let mut line = serde_json::to_string(record).map_err(|e| Error::Settings(format!("manifest: {e}")))?;
         line.push('\n');
         let manifest_path = self.dir.join(MANIFEST);
         self.manifest.write_all(line.as_bytes()).map_err(|e| Error::io(&manifest_path, e))?;
         self.manifest.sync_data().map_err(|e| Error::io(&manifest_path, e))?;
+        self.listed.insert(key_of(record), record.clone());
         self.stored += 1;
         Ok(())
     }
@@ -160,15 +171,16 @@ pub struct StoredFrames {
 }
 
 impl StoredFrames {
-    /// The stored picture of frame `index`.
-    pub fn load(&self, index: u64) -> Result<RgbImage> {
-        crate::imageio::read_rgb(&frame_path(&self.dir, index))
+    /// The stored picture `key`.
+    pub fn load(&self, key: PictureKey) -> Result<RgbImage> {
+        crate::imageio::read_rgb(&frame_path(&self.dir, key))
     }
 }
 
-/// The stored picture of frame `index` in `dir`.
-fn frame_path(dir: &Path, index: u64) -> PathBuf {
-    dir.join(FRAMES).join(format!("{index:06}.png"))
+/// The stored picture `(index, lead_in)` in `dir`.
+fn frame_path(dir: &Path, (index, lead_in): PictureKey) -> PathBuf {
+    let suffix = if lead_in { ".lead" } else { "" };
+    dir.join(FRAMES).join(format!("{index:06}{suffix}.png"))
 }
 
 /// The error for a work directory that cannot be made beside `output`.
@@ -211,32 +223,31 @@ fn remove_leftovers(dir: &Path) {
     }
 }
 
-/// The records of frames 0, 1, … in the manifest, up to the first one missing, unreadable or without
-/// its picture; none when the manifest belongs to another key or format.
-fn read_finished(dir: &Path, header: &Header) -> Vec<FrameRecord> {
-    let Ok(file) = File::open(dir.join(MANIFEST)) else { return Vec::new() };
+/// The records in the manifest up to the first unreadable line, each with its picture stored; none
+/// when the manifest belongs to another key or format.
+fn read_finished(dir: &Path, header: &Header) -> BTreeMap<PictureKey, FrameRecord> {
+    let Ok(file) = File::open(dir.join(MANIFEST)) else { return BTreeMap::new() };
     let mut lines = BufReader::new(file).lines().map_while(std::result::Result::ok);
     let stored_header: Option<Header> = lines.next().and_then(|line| serde_json::from_str(&line).ok());
     if stored_header.as_ref() != Some(header) {
-        return Vec::new();
+        return BTreeMap::new();
     }
-    let mut finished = Vec::new();
+    let mut finished = BTreeMap::new();
     for line in lines {
         let Ok(record) = serde_json::from_str::<FrameRecord>(&line) else { break };
-        if record.index != finished.len() as u64 || !frame_path(dir, record.index).is_file() {
-            break;
+        if frame_path(dir, key_of(&record)).is_file() {
+            finished.insert(key_of(&record), record);
         }
-        finished.push(record);
     }
     finished
 }
 
 /// Rewrites the manifest with `header` and `records`, atomically, and opens it for appending.
-fn rewrite_manifest(dir: &Path, header: &Header, records: &[FrameRecord]) -> Result<File> {
+fn rewrite_manifest(dir: &Path, header: &Header, records: &BTreeMap<PictureKey, FrameRecord>) -> Result<File> {
     let path = dir.join(MANIFEST);
     let mut text = serde_json::to_string(header).expect("header serialises");
     text.push('\n');
-    for record in records {
+    for record in records.values() {
         text.push_str(&serde_json::to_string(record).expect("record serialises"));
         text.push('\n');
     }
@@ -278,6 +289,7 @@ mod tests {
             warping_error: None,
             seconds: FrameSeconds::default(),
             resumed: false,
+            lead_in: false,
         }
     }
 
@@ -298,7 +310,7 @@ mod tests {
         file.write_all(b"{\"index\": 2, \"pts\"").unwrap();
         let mut checkpoint = Checkpoint::open(&output, "abc123").unwrap();
         assert_eq!(checkpoint.resumable().len(), 2);
-        assert_eq!(checkpoint.stored_frames().load(1).unwrap(), picture);
+        assert_eq!(checkpoint.stored_frames().load((1, false)).unwrap(), picture);
         checkpoint.store(&record(2), &picture).unwrap();
         drop(checkpoint);
         let mut reopened = Checkpoint::open(&output, "abc123").unwrap();
@@ -310,5 +322,26 @@ mod tests {
         assert!(other.resumable().is_empty());
         other.remove().unwrap();
         assert!(!work_dir_for(&output, "def456").exists());
+    }
+
+    #[test]
+    fn pictures_finished_out_of_order_and_lead_ins_are_resumable() {
+        let folder = tempfile::tempdir().unwrap();
+        let output = folder.path().join("out.mp4");
+        let own = RgbImage::from_pixel(4, 2, image::Rgb([10, 20, 30]));
+        let lead_in = RgbImage::from_pixel(4, 2, image::Rgb([200, 20, 30]));
+        {
+            let mut checkpoint = Checkpoint::open(&output, "seg").unwrap();
+            checkpoint.store(&record(0), &own).unwrap();
+            checkpoint.store(&FrameRecord { lead_in: true, ..record(3) }, &lead_in).unwrap();
+            checkpoint.store(&record(5), &own).unwrap();
+            checkpoint.store(&record(3), &own).unwrap();
+        }
+        let checkpoint = Checkpoint::open(&output, "seg").unwrap();
+        let keys: Vec<PictureKey> = checkpoint.resumable().keys().copied().collect();
+        assert_eq!(keys, vec![(0, false), (3, false), (3, true), (5, false)]);
+        let stored = checkpoint.stored_frames();
+        assert_eq!(stored.load((3, true)).unwrap(), lead_in);
+        assert_eq!(stored.load((3, false)).unwrap(), own);
     }
 }

@@ -3,8 +3,12 @@
 //! the encoder stores each painted frame as a checkpoint, then encodes it into a staging file in the
 //! work directory, which is moved onto the output only when every stage has succeeded. The first
 //! error of any stage stops the others and is what the job returns; a re-run resumes from the
-//! checkpoints.
+//! checkpoints. A job painted in segments (see [`super::segments`]) decodes each segment with its own
+//! reader and paints frame `t` of every segment in one batch; the encoder takes the frames back into
+//! order, reading the ones painted ahead of their turn back from the checkpoint, and cross-fades the
+//! segments' overlaps.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +18,10 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use image::RgbImage;
 use tch::Tensor;
 
-use super::checkpoint::{self, Checkpoint, StoredFrames};
-use super::painter::{FramePainter, PaintedFrame};
+use super::checkpoint::{self, Checkpoint, PictureKey, StoredFrames};
+use super::painter::{FramePainter, PaintedFrame, paint_together};
 use super::report::{FrameRecord, Report};
+use super::segments::{Segment, SegmentPlan, cross_fade};
 use super::settings::VideoSettings;
 use super::stages::{FirstError, Item, panic_error};
 use crate::error::{Error, Result};
@@ -55,12 +60,14 @@ pub enum JobEvent<'a> {
         /// Iterations planned (early stop may end sooner).
         planned: usize,
     },
-    /// A frame is painted (or taken from a checkpoint).
+    /// A frame is painted (or taken from a checkpoint); frames painted in segments come out of order.
     Frame {
         /// Its record (encode time not yet known).
         record: &'a FrameRecord,
-        /// The painted picture.
+        /// The painted picture (before a segment cross-fade).
         picture: &'a RgbImage,
+        /// Frames painted (or taken from a checkpoint) so far, this one included.
+        done: u64,
         /// Frames in the video.
         total: u64,
     },
@@ -82,7 +89,12 @@ struct Decoded {
     seconds: f64,
 }
 
-/// A painted frame on its way to the encoder: the input frame's timing, the picture, the record.
+/// The frames painted in one batch: the next frame of each segment that has one, with the segment's
+/// position in the plan.
+type Step = Vec<(usize, Decoded)>;
+
+/// A painted picture (a frame's own or a lead-in one) on its way to the encoder: the input frame's
+/// timing, the picture, the record.
 struct Painted {
     timing: Frame,
     picture: RgbImage,
@@ -169,6 +181,11 @@ impl PreparedJob {
         }
     }
 
+    /// How the frames are split into segments.
+    fn plan(&self) -> SegmentPlan {
+        SegmentPlan::new(self.frame_count, self.job.video.segments, self.job.video.segment_overlap)
+    }
+
     /// The report of a finished job.
     fn report(&self, frames: Vec<FrameRecord>, damaged: Vec<String>, wall_seconds: f64) -> Report {
         Report {
@@ -176,6 +193,7 @@ impl PreparedJob {
             output: self.job.output.clone(),
             working_size: self.frame_size,
             temporal: self.job.video.temporal,
+            segments: self.plan().segments().len() as u64,
             frame_count: 0,
             resumed_frames: 0,
             scene_cuts: 0,
@@ -197,33 +215,52 @@ impl PreparedJob {
         observer: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<(Vec<FrameRecord>, Vec<String>)> {
         let video = &self.job.video;
-        let reader = VideoReader::open(&self.job.input, working_size(video))?;
-        let spec = VideoWriterSpec::from_source(&self.info, reader.frame_size());
+        let plan = self.plan();
+        let last = plan.segments().len() - 1;
+        let readers = plan
+            .segments()
+            .iter()
+            .enumerate()
+            .map(|(k, segment)| SegmentReader::open(&self.job.input, working_size(video), segment, k == last))
+            .collect::<Result<Vec<_>>>()?;
+        let spec = VideoWriterSpec::from_source(&self.info, self.frame_size);
         let writer = VideoWriter::create(staging, &video.encode, spec)?;
-        let resumable = checkpoint.resumable().to_vec();
+        let resumable = checkpoint.resumable().clone();
         let stored = checkpoint.stored_frames();
+        let read_back = checkpoint.stored_frames();
         let long_side = self.frame_size.0.max(self.frame_size.1);
-        let mut painter =
+        let painter =
             FramePainter::new(vgg, &self.job.style, video, &self.job.styles, long_side, self.job.measure_warping)?;
+        let mut painters = Vec::with_capacity(plan.segments().len());
+        for _ in 1..plan.segments().len() {
+            painters.push(painter.sibling()?);
+        }
+        painters.insert(0, painter);
+        if plan.segments().len() > 1 {
+            tracing::info!(segments = plan.segments().len(), steps = plan.steps(), "painting in segments");
+        }
         let painting = PaintStage {
-            painter: &mut painter,
+            resuming: vec![true; painters.len()],
+            painters,
+            plan: &plan,
             resumable: &resumable,
             stored: &stored,
+            done: 0,
             total: self.frame_count,
             stop: &self.stop,
             stopped_after: None,
         };
-        run_threads(reader, painting, writer, checkpoint, video.queue, observer)
+        let encoding = EncodeStage { writer, checkpoint, order: Reorder::new(&plan, read_back), records: Vec::new() };
+        run_threads(readers, painting, encoding, video.queue, observer)
     }
 }
 
 /// Decodes on one thread, paints on this one, encodes on a third; the first error of any stage is the
 /// result.
 fn run_threads(
-    reader: VideoReader,
+    readers: Vec<SegmentReader>,
     mut painting: PaintStage<'_, '_>,
-    writer: VideoWriter,
-    checkpoint: &mut Checkpoint,
+    encoding: EncodeStage<'_>,
     queue: usize,
     observer: &mut dyn FnMut(JobEvent<'_>),
 ) -> Result<(Vec<FrameRecord>, Vec<String>)> {
@@ -233,8 +270,8 @@ fn run_threads(
     let errors = &first_error;
     let (damaged, records) = std::thread::scope(|scope| {
         // Each stage owns its ends of the channels, so a stage that ends closes them for the others.
-        let decoder = scope.spawn(move || errors.settle(decode_stage(reader, decoded_sender, errors)));
-        let encoder = scope.spawn(move || errors.settle(encode_stage(writer, painted_receiver, checkpoint, errors)));
+        let decoder = scope.spawn(move || errors.settle(decode_stage(readers, decoded_sender, errors)));
+        let encoder = scope.spawn(move || errors.settle(encoding.run(painted_receiver, errors)));
         let painted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             painting.run(decoded_receiver, painted_sender, errors, observer)
         }));
@@ -318,42 +355,89 @@ fn try_writer(output: &Path, video: &VideoSettings, info: &VideoInfo, frame_size
     Ok(())
 }
 
-/// The stored picture of frame `index`, if it is readable and `size` big.
-fn load_stored(stored: &StoredFrames, index: u64, size: (u32, u32)) -> Option<RgbImage> {
-    match stored.load(index) {
+/// The stored picture `key`, if it is readable and `size` big.
+fn load_stored(stored: &StoredFrames, key: PictureKey, size: (u32, u32)) -> Option<RgbImage> {
+    match stored.load(key) {
         Ok(picture) if picture.dimensions() == size => Some(picture),
         Ok(_) | Err(_) => {
-            tracing::warn!(frame = index, "a stored frame is unusable; painting it again");
+            tracing::warn!(frame = key.0, lead_in = key.1, "a stored frame is unusable; painting it again");
             None
         }
     }
 }
 
-/// Decodes frames into the channel; damaged data is logged, reported and skipped over.
-/// Returns the damage reports, or `None` when a later stage stopped first.
-fn decode_stage(
+/// A reader of one segment's frames.
+struct SegmentReader {
     reader: VideoReader,
-    sender: Sender<Item<Decoded>>,
+    segment: Segment,
+    /// The last segment reads on to the end of the file (and meets its truncation, if any).
+    last: bool,
+    /// Frames the reader has yielded.
+    position: u64,
+}
+
+impl SegmentReader {
+    fn open(input: &Path, size: WorkingSize, segment: &Segment, last: bool) -> Result<Self> {
+        let reader = VideoReader::open(input, size)?;
+        Ok(SegmentReader { reader, segment: segment.clone(), last, position: 0 })
+    }
+
+    /// Whether damage met before frame `position` is this segment's to report (each frame position
+    /// belongs to one segment, so each report is made once).
+    fn owns(&self, position: u64) -> bool {
+        position >= self.segment.owned_from && (self.last || position < self.segment.frames.end)
+    }
+
+    /// The segment's next frame (decoding past the frames before it); `None` once it has them all.
+    fn next(&mut self, damaged: &mut Vec<String>) -> Result<Option<Decoded>> {
+        loop {
+            if !self.last && self.position >= self.segment.frames.end {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            match self.reader.next() {
+                None => return Ok(None),
+                Some(Ok(frame)) => {
+                    self.position += 1;
+                    if frame.index >= self.segment.frames.start {
+                        return Ok(Some(Decoded { frame, seconds: started.elapsed().as_secs_f64() }));
+                    }
+                }
+                Some(Err(report @ MediaError::Damaged { .. })) => {
+                    if self.owns(self.position) {
+                        damaged.push(report.to_string());
+                    }
+                }
+                Some(Err(error)) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+/// Decodes the next frame of every segment into the channel, one step at a time; damaged data is
+/// logged, reported and skipped over. Returns the damage reports, or `None` when a later stage
+/// stopped first.
+fn decode_stage(
+    readers: Vec<SegmentReader>,
+    sender: Sender<Item<Step>>,
     errors: &FirstError,
 ) -> Result<Option<Vec<String>>> {
     let mut damaged = Vec::new();
-    let mut reader = reader;
+    let mut readers = readers;
     loop {
         if errors.stopped() {
             return Ok(None);
         }
-        let started = Instant::now();
-        let frame = match reader.next() {
-            None => break,
-            Some(Ok(frame)) => frame,
-            Some(Err(report @ MediaError::Damaged { .. })) => {
-                damaged.push(report.to_string());
-                continue;
+        let mut step = Vec::with_capacity(readers.len());
+        for (segment, reader) in readers.iter_mut().enumerate() {
+            if let Some(decoded) = reader.next(&mut damaged)? {
+                step.push((segment, decoded));
             }
-            Some(Err(error)) => return Err(error.into()),
-        };
-        let item = Item::Next(Decoded { frame, seconds: started.elapsed().as_secs_f64() });
-        if sender.send(item).is_err() {
+        }
+        if step.is_empty() {
+            break;
+        }
+        if sender.send(Item::Next(step)).is_err() {
             return Ok(None);
         }
     }
@@ -362,9 +446,15 @@ fn decode_stage(
 
 /// The painting stage's state, on the calling thread (the network stays where it was loaded).
 struct PaintStage<'a, 'm> {
-    painter: &'a mut FramePainter<'m>,
-    resumable: &'a [FrameRecord],
+    /// One painter per segment.
+    painters: Vec<FramePainter<'m>>,
+    plan: &'a SegmentPlan,
+    resumable: &'a BTreeMap<PictureKey, FrameRecord>,
     stored: &'a StoredFrames,
+    /// Per segment: still taking its frames from the checkpoint.
+    resuming: Vec<bool>,
+    /// Own frames passed on so far.
+    done: u64,
     total: u64,
     /// Raised from outside to stop before the next frame.
     stop: &'a AtomicBool,
@@ -372,18 +462,26 @@ struct PaintStage<'a, 'm> {
     stopped_after: Option<u64>,
 }
 
+/// A decoded frame ready to paint: its timing, its pixels on the device, its decode time.
+struct Ready {
+    segment: usize,
+    timing: Frame,
+    content: Tensor,
+    decode_seconds: f64,
+}
+
 impl PaintStage<'_, '_> {
-    /// Paints every decoded frame in order and passes it on. `None` when another stage stopped first.
+    /// Paints every step of decoded frames and passes the pictures on. `None` when another stage
+    /// stopped first.
     fn run(
         &mut self,
-        receiver: Receiver<Item<Decoded>>,
+        receiver: Receiver<Item<Step>>,
         sender: Sender<Item<Painted>>,
         errors: &FirstError,
         observer: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<Option<()>> {
-        let mut resuming = true;
         while let Ok(item) = receiver.recv() {
-            let Item::Next(decoded) = item else {
+            let Item::Next(step) = item else {
                 return Ok(sender.send(Item::End).ok());
             };
             if errors.stopped() {
@@ -391,48 +489,84 @@ impl PaintStage<'_, '_> {
             }
             if self.stop.load(Ordering::SeqCst) {
                 // Dropping the sender without an end lets the encoder store what it holds, then stop.
-                tracing::info!(frame = decoded.frame.index, "stopping on request before this frame");
-                self.stopped_after = Some(decoded.frame.index);
+                tracing::info!(frames_done = self.done, "stopping on request");
+                self.stopped_after = Some(self.done);
                 return Ok(None);
             }
-            let span = tracing::info_span!("frame", index = decoded.frame.index);
-            let _entered = span.enter();
-            let painted = self.paint_or_resume(decoded, &mut resuming, observer)?;
-            observer(JobEvent::Frame { record: &painted.record, picture: &painted.picture, total: self.total });
-            if sender.send(Item::Next(painted)).is_err() {
-                return Ok(None);
+            for painted in self.paint_step(step, observer)? {
+                if !painted.record.lead_in {
+                    self.done += 1;
+                    let (record, picture) = (&painted.record, &painted.picture);
+                    observer(JobEvent::Frame { record, picture, done: self.done, total: self.total });
+                }
+                if sender.send(Item::Next(painted)).is_err() {
+                    return Ok(None);
+                }
             }
         }
         Ok(None)
     }
 
-    /// Takes the frame from the checkpoint while the earlier run's frames last, else paints it.
-    fn paint_or_resume(
-        &mut self,
-        decoded: Decoded,
-        resuming: &mut bool,
-        observer: &mut dyn FnMut(JobEvent<'_>),
-    ) -> Result<Painted> {
+    /// Takes the step's frames from the checkpoint while each segment's earlier-run pictures last, and
+    /// paints the others in one batch.
+    fn paint_step(&mut self, step: Step, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Vec<Painted>> {
+        let mut painted = Vec::with_capacity(step.len());
+        let mut waiting = Vec::with_capacity(step.len());
+        for (segment, decoded) in step {
+            let ready = self.ready(segment, decoded)?;
+            match self.resume(&ready) {
+                Some(resumed) => painted.push(resumed),
+                None => waiting.push(ready),
+            }
+        }
+        let Some(first) = waiting.first() else { return Ok(painted) };
+        let span = tracing::info_span!("frames", index = first.timing.index, batch = waiting.len());
+        let _entered = span.enter();
+        let frames = waiting.iter().map(|r| (r.timing.index, r.timing.pts, r.content.shallow_clone())).collect();
+        let mut painters: Vec<&mut FramePainter<'_>> = self
+            .painters
+            .iter_mut()
+            .enumerate()
+            .filter(|(k, _)| waiting.iter().any(|r| r.segment == *k))
+            .map(|(_, painter)| painter)
+            .collect();
+        let mut on_iteration = |index, done, planned| observer(JobEvent::Iteration { index, done, planned });
+        let outcomes = paint_together(&mut painters, frames, &mut on_iteration)?;
+        for (ready, PaintedFrame { picture, mut record }) in waiting.into_iter().zip(outcomes) {
+            record.seconds.decode = ready.decode_seconds;
+            record.lead_in = self.plan.segments()[ready.segment].is_lead_in(record.index);
+            painted.push(Painted { timing: ready.timing, picture, record });
+        }
+        Ok(painted)
+    }
+
+    /// A decoded frame's pixels on the device.
+    fn ready(&self, segment: usize, decoded: Decoded) -> Result<Ready> {
         let converted = Instant::now();
         let Decoded { mut frame, seconds } = decoded;
-        let content = frame_tensor(&mut frame)?.to_device(self.painter.device());
-        let decode_seconds = seconds + converted.elapsed().as_secs_f64();
-        let index = frame.index;
-        let timing = frame;
-        let earlier = self.resumable.get(index as usize).filter(|_| *resuming);
-        if let Some(picture) = earlier.and_then(|_| load_stored(self.stored, index, (timing.width, timing.height))) {
-            let mut record = earlier.expect("checked above").clone();
-            self.painter.resume(&content, &picture, &record);
-            record.resumed = true;
-            record.seconds.decode = decode_seconds;
-            return Ok(Painted { timing, picture, record });
+        let content = frame_tensor(&mut frame)?.to_device(self.painters[segment].device());
+        Ok(Ready { segment, timing: frame, content, decode_seconds: seconds + converted.elapsed().as_secs_f64() })
+    }
+
+    /// The frame as an earlier run stored it, while the segment's stored pictures last.
+    fn resume(&mut self, ready: &Ready) -> Option<Painted> {
+        let segment = ready.segment;
+        if !self.resuming[segment] {
+            return None;
         }
-        *resuming = false;
-        let mut on_iteration = |done, planned| observer(JobEvent::Iteration { index, done, planned });
-        let PaintedFrame { picture, mut record } =
-            self.painter.paint(index, timing.pts, &content, &mut on_iteration)?;
-        record.seconds.decode = decode_seconds;
-        Ok(Painted { timing, picture, record })
+        let index = ready.timing.index;
+        let key = (index, self.plan.segments()[segment].is_lead_in(index));
+        let size = (ready.timing.width, ready.timing.height);
+        let found = self.resumable.get(&key).and_then(|record| Some((record, load_stored(self.stored, key, size)?)));
+        let Some((record, picture)) = found else {
+            self.resuming[segment] = false;
+            return None;
+        };
+        let mut record = record.clone();
+        self.painters[segment].resume(&ready.content, &picture, &record);
+        record.resumed = true;
+        record.seconds.decode = ready.decode_seconds;
+        Some(Painted { timing: ready.timing.clone(), picture, record })
     }
 }
 
@@ -443,32 +577,104 @@ fn frame_tensor(frame: &mut Frame) -> Result<Tensor> {
     Ok(imageio::rgb_to_tensor(&picture))
 }
 
-/// Stores each painted frame as a checkpoint (unless it came from one) and encodes it; finishes the
-/// video at the end of the stream. Returns the records with their encode times, or `None` when an
-/// earlier stage failed (the unfinished video is then removed).
-fn encode_stage(
-    writer: VideoWriter,
-    receiver: Receiver<Item<Painted>>,
-    checkpoint: &mut Checkpoint,
-    errors: &FirstError,
-) -> Result<Option<Vec<FrameRecord>>> {
-    let mut writer = writer;
-    let mut records = Vec::new();
-    while let Ok(item) = receiver.recv() {
-        let Item::Next(Painted { timing, picture, mut record }) = item else {
-            writer.finish()?;
-            return Ok(Some(records));
-        };
-        if errors.stopped() {
+/// Puts pictures that arrive out of order (segments) back in the video's order: own frames wait for
+/// their turn, and for the lead-in picture they are cross-faded with. Only the frame whose turn it is
+/// stays in memory; the others are read back from the checkpoint when their turn comes.
+struct Reorder<'p> {
+    plan: &'p SegmentPlan,
+    stored: StoredFrames,
+    /// The next frame to encode.
+    next: u64,
+    /// Own frames waiting: timing, record and the picture when it is held.
+    own: BTreeMap<u64, (Frame, FrameRecord, Option<RgbImage>)>,
+    /// Lead-in pictures stored and not yet used.
+    lead_ins: BTreeSet<u64>,
+}
+
+impl<'p> Reorder<'p> {
+    fn new(plan: &'p SegmentPlan, stored: StoredFrames) -> Self {
+        Reorder { plan, stored, next: 0, own: BTreeMap::new(), lead_ins: BTreeSet::new() }
+    }
+
+    /// Takes a stored picture in.
+    fn add(&mut self, painted: Painted) {
+        let Painted { timing, picture, record } = painted;
+        if record.lead_in {
+            self.lead_ins.insert(record.index);
+        } else {
+            let held = (record.index == self.next).then_some(picture);
+            self.own.insert(record.index, (timing, record, held));
+        }
+    }
+
+    /// The next frame in order, its picture final, once it and its lead-in (if any) are in.
+    fn take_ready(&mut self) -> Result<Option<(Frame, FrameRecord, RgbImage)>> {
+        let index = self.next;
+        let weight = self.plan.lead_in_weight(index);
+        if !self.own.contains_key(&index) || (weight.is_some() && !self.lead_ins.contains(&index)) {
             return Ok(None);
         }
-        let started = Instant::now();
-        if !record.resumed {
-            checkpoint.store(&record, &picture)?;
-        }
-        writer.write(&Frame { rgb: picture.into_raw(), ..timing })?;
-        record.seconds.encode = started.elapsed().as_secs_f64();
-        records.push(record);
+        let (timing, record, held) = self.own.remove(&index).expect("checked above");
+        let picture = match held {
+            Some(picture) => picture,
+            None => self.stored.load((index, false))?,
+        };
+        let picture = match weight {
+            Some(weight) => cross_fade(&picture, &self.stored.load((index, true))?, weight),
+            None => picture,
+        };
+        self.lead_ins.remove(&index);
+        self.next += 1;
+        Ok(Some((timing, record, picture)))
     }
-    Ok(None)
+
+    /// Fails when frames are left over at the end of the stream.
+    fn finish(&self) -> Result<()> {
+        match self.own.keys().next() {
+            None => Ok(()),
+            Some(first) => Err(Error::Internal(format!(
+                "frame {first} was painted but frame {} never came, so it could not be encoded",
+                self.next
+            ))),
+        }
+    }
+}
+
+/// The encoding stage: stores each picture as a checkpoint (unless it came from one), then encodes
+/// the frames in order.
+struct EncodeStage<'c> {
+    writer: VideoWriter,
+    checkpoint: &'c mut Checkpoint,
+    order: Reorder<'c>,
+    records: Vec<FrameRecord>,
+}
+
+impl EncodeStage<'_> {
+    /// Runs to the end of the stream and finishes the video. Returns the records with their encode
+    /// times, or `None` when an earlier stage failed (the unfinished video is then removed).
+    fn run(mut self, receiver: Receiver<Item<Painted>>, errors: &FirstError) -> Result<Option<Vec<FrameRecord>>> {
+        while let Ok(item) = receiver.recv() {
+            let Item::Next(mut painted) = item else {
+                self.order.finish()?;
+                self.writer.finish()?;
+                return Ok(Some(self.records));
+            };
+            if errors.stopped() {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            if !painted.record.resumed {
+                self.checkpoint.store(&painted.record, &painted.picture)?;
+            }
+            painted.record.seconds.encode = started.elapsed().as_secs_f64();
+            self.order.add(painted);
+            while let Some((timing, mut record, picture)) = self.order.take_ready()? {
+                let started = Instant::now();
+                self.writer.write(&Frame { rgb: picture.into_raw(), ..timing })?;
+                record.seconds.encode += started.elapsed().as_secs_f64();
+                self.records.push(record);
+            }
+        }
+        Ok(None)
+    }
 }

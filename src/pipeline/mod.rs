@@ -30,6 +30,7 @@ mod job;
 mod painter;
 pub mod report;
 mod resample;
+pub mod segments;
 mod settings;
 #[cfg(feature = "media")]
 mod stages;

@@ -19,7 +19,7 @@ use crate::flow::{self, FlowPair};
 use crate::imageio;
 use crate::model::Vgg;
 use crate::style::color::{self, ColorMode};
-use crate::style::{Losses, StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, Losses, Optimised, Stopping, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// What the next frame builds on.
 struct Previous {
@@ -44,6 +44,62 @@ pub struct PaintedFrame {
     pub picture: RgbImage,
     /// What happened.
     pub record: FrameRecord,
+}
+
+/// A frame ready for its optimisation (see [`FramePainter::plan`]).
+struct FramePlan {
+    index: u64,
+    pts: i64,
+    /// The input frame on the network's device.
+    content: Tensor,
+    motion: Option<Motion>,
+    start: Start,
+    start_image: Tensor,
+    targets: Targets,
+    planned: usize,
+    stopping: Stopping,
+    flow_seconds: f64,
+}
+
+/// Paints the next frame of each painter, `frames[i]` = (index, pts, content `[1, 3, H, W]`) for
+/// `painters[i]`, in one batch: each frame plans its start and targets from its own painter's
+/// previous frame, then all are optimised together (one forward and backward pass per iteration for
+/// the batch, each frame with its own budget and early stop), then each painter takes its result.
+/// The painters must share their settings and network, and the frames their size. `on_iteration`
+/// sees (frame index, done, planned). Each record's optimise time is its share of the batch's.
+pub fn paint_together(
+    painters: &mut [&mut FramePainter<'_>],
+    frames: Vec<(u64, i64, Tensor)>,
+    on_iteration: &mut dyn FnMut(u64, usize, usize),
+) -> Result<Vec<PaintedFrame>> {
+    assert_eq!(painters.len(), frames.len(), "one frame per painter");
+    let plans = painters
+        .iter()
+        .zip(&frames)
+        .map(|(painter, (index, pts, content))| painter.plan(*index, *pts, content))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(runner) = painters.first() else { return Ok(Vec::new()) };
+    let optimise_started = Instant::now();
+    let items: Vec<BatchItem<'_>> = plans
+        .iter()
+        .map(|plan| BatchItem {
+            targets: &plan.targets,
+            start: &plan.start_image,
+            iterations: plan.planned,
+            stopping: plan.stopping,
+        })
+        .collect();
+    let mut observer =
+        |item: usize, done: usize, _: Losses, _: &Tensor| on_iteration(plans[item].index, done, plans[item].planned);
+    let outcomes = runner.first.optimise_batch(&items, &mut observer);
+    drop(items);
+    let share = optimise_started.elapsed().as_secs_f64() / plans.len() as f64;
+    let painted = painters
+        .iter_mut()
+        .zip(plans.into_iter().zip(outcomes))
+        .map(|(painter, (plan, outcome))| painter.finish(plan, outcome, share))
+        .collect();
+    Ok(painted)
 }
 
 /// Paints the frames of one video in order.
@@ -86,6 +142,21 @@ impl<'m> FramePainter<'m> {
         })
     }
 
+    /// A painter with the same settings and style targets (shared, not recomputed) and no frame
+    /// behind it: the painter of another segment of the same video.
+    pub fn sibling(&self) -> Result<Self> {
+        Ok(FramePainter {
+            first: Stylizer::new(self.first.network(), self.first.settings().clone())?,
+            later: Stylizer::new(self.later.network(), self.later.settings().clone())?,
+            style_targets: self.shallow_style(),
+            video: self.video.clone(),
+            color: self.color,
+            device: self.device,
+            measure_warping: self.measure_warping,
+            previous: None,
+        })
+    }
+
     /// The device frames should be on.
     pub fn device(&self) -> Device {
         self.device
@@ -107,6 +178,16 @@ impl<'m> FramePainter<'m> {
         content: &Tensor,
         on_iteration: &mut dyn FnMut(usize, usize),
     ) -> Result<PaintedFrame> {
+        let mut painted =
+            paint_together(&mut [self], vec![(index, pts, content.shallow_clone())], &mut |_, done, planned| {
+                on_iteration(done, planned)
+            })?;
+        Ok(painted.pop().expect("one frame"))
+    }
+
+    /// Everything this frame's optimisation needs, decided from the frames before it: the motion, how
+    /// it starts, the starting image, the targets and the iteration budget.
+    fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<FramePlan> {
         let content = content.to_device(self.device);
         let flow_started = Instant::now();
         let motion = self.motion_to(&content)?;
@@ -114,50 +195,39 @@ impl<'m> FramePainter<'m> {
         let working_content = self.to_working(&content);
         let (start_image, temporal) = self.starting_point(start, &working_content, motion.as_ref());
         let flow_seconds = flow_started.elapsed().as_secs_f64();
-
-        let optimise_started = Instant::now();
-        let targets = Targets { content: Vec::new(), style: self.shallow_style(), temporal };
-        let (image, losses, iterations) = self.optimise(start, &working_content, targets, &start_image, on_iteration);
-        let picture = imageio::tensor_to_rgb(&self.finish_colours(&image, &content));
-        let optimise_seconds = optimise_started.elapsed().as_secs_f64();
-
-        let output = imageio::rgb_to_tensor(&picture).to_device(self.device);
-        let warping_error = self.warping_error(&output, motion.as_ref());
-        let loss_scale = self.loss_scale(start, &losses);
-        self.previous = Some(Previous { input: content, output, loss_scale });
-        let record = FrameRecord {
-            index,
-            pts,
-            start,
-            iterations,
-            losses: FrameLosses::from(losses),
-            loss_scale,
-            warping_error,
-            seconds: FrameSeconds { decode: 0.0, flow: flow_seconds, optimise: optimise_seconds, encode: 0.0 },
-            resumed: false,
-        };
-        Ok(PaintedFrame { picture, record })
-    }
-
-    /// Runs the optimisation of a frame that starts as `start` says: first-frame settings for a fresh
-    /// start, later-frame settings (fewer iterations, early stop) otherwise. `targets` comes without
-    /// its content part, which is computed here.
-    fn optimise(
-        &self,
-        start: Start,
-        working_content: &Tensor,
-        targets: Targets,
-        start_image: &Tensor,
-        on_iteration: &mut dyn FnMut(usize, usize),
-    ) -> (Tensor, Losses, usize) {
         let (stylizer, planned) = if start.is_fresh() {
             (&self.first, self.video.first_iterations as usize)
         } else {
             (&self.later, self.video.iterations as usize)
         };
-        let targets = Targets { content: stylizer.content_targets(working_content), ..targets };
-        let mut observer = |done: usize, _: Losses, _: &Tensor| on_iteration(done, planned);
-        stylizer.optimise(&targets, start_image, planned, &mut observer)
+        let targets =
+            Targets { content: stylizer.content_targets(&working_content), style: self.shallow_style(), temporal };
+        let stopping = stylizer.stopping();
+        Ok(FramePlan { index, pts, content, motion, start, start_image, targets, planned, stopping, flow_seconds })
+    }
+
+    /// Turns an optimised image into the painted frame and makes it the one the next frame builds on.
+    fn finish(&mut self, plan: FramePlan, outcome: Optimised, optimise_seconds: f64) -> PaintedFrame {
+        let finished = Instant::now();
+        let picture = imageio::tensor_to_rgb(&self.finish_colours(&outcome.image, &plan.content));
+        let optimise_seconds = optimise_seconds + finished.elapsed().as_secs_f64();
+        let output = imageio::rgb_to_tensor(&picture).to_device(self.device);
+        let warping_error = self.warping_error(&output, plan.motion.as_ref());
+        let loss_scale = self.loss_scale(plan.start, &outcome.losses);
+        self.previous = Some(Previous { input: plan.content, output, loss_scale });
+        let record = FrameRecord {
+            index: plan.index,
+            pts: plan.pts,
+            start: plan.start,
+            iterations: outcome.iterations,
+            losses: FrameLosses::from(outcome.losses),
+            loss_scale,
+            warping_error,
+            seconds: FrameSeconds { decode: 0.0, flow: plan.flow_seconds, optimise: optimise_seconds, encode: 0.0 },
+            resumed: false,
+            lead_in: false,
+        };
+        PaintedFrame { picture, record }
     }
 
     /// The loss scale for the relative temporal weight: measured on a shot's first frame, carried on

@@ -96,6 +96,10 @@ pub struct FrameRecord {
     /// earlier run's).
     #[serde(default)]
     pub resumed: bool,
+    /// Whether this is a segment's lead-in picture of the frame (painted to be blended into the
+    /// previous segment's last frames, see [`super::segments`]) rather than the frame's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lead_in: bool,
 }
 
 /// Mean E_warp over the frame pairs that have one.
@@ -127,6 +131,9 @@ pub struct Report {
     pub working_size: (u32, u32),
     /// The temporal mode.
     pub temporal: super::TemporalMode,
+    /// Runs of consecutive frames painted side by side (1: frame after frame).
+    #[serde(default)]
+    pub segments: u64,
     /// Frames written.
     pub frame_count: u64,
     /// Frames taken from a checkpoint of an earlier, interrupted run.

@@ -78,6 +78,12 @@ pub struct VideoSettings {
     pub tolerance: f64,
     /// Iterations the change must stay below `tolerance`.
     pub patience: u32,
+    /// Runs of consecutive frames painted side by side, one frame of each per batch (one forward and
+    /// backward pass for all): 1 paints frame after frame; more keeps a GPU busy at small sizes. Each
+    /// run is its own chain in time, cross-faded into the run before it over `segment_overlap` frames.
+    pub segments: u32,
+    /// Frames each run but the first paints before its own, to cross-fade from the run before.
+    pub segment_overlap: u32,
     /// Frames in flight in each queue between the decoder, the stylizer and the encoder.
     pub queue: usize,
     /// libtorch intra-op threads while the flow runs on the CPU (its many small operations run
@@ -99,6 +105,8 @@ impl Default for VideoSettings {
             iterations: 100,
             tolerance: 1e-3,
             patience: 5,
+            segments: 1,
+            segment_overlap: 4,
             queue: 4,
             flow_threads: 1,
             flow: FlowSettings::default(),
@@ -122,6 +130,12 @@ impl VideoSettings {
         }
         if !(self.tolerance.is_finite() && self.tolerance >= 0.0) {
             return bad("tolerance must be a non-negative number");
+        }
+        if !(1..=64).contains(&self.segments) {
+            return bad("segments must be 1..64");
+        }
+        if self.segment_overlap > 1000 {
+            return bad("segment_overlap must be 0..1000 frames");
         }
         if self.queue == 0 {
             return bad("queue must be at least 1 frame");

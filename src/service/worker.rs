@@ -162,7 +162,7 @@ struct FrameObserver<'a> {
 
 impl FrameObserver<'_> {
     fn see(&mut self, event: JobEvent<'_>) {
-        let JobEvent::Frame { record, picture, total } = event else { return };
+        let JobEvent::Frame { record, picture, done, total } = event else { return };
         if !record.resumed {
             let seconds = record.seconds.total();
             self.painted_seconds += seconds;
@@ -171,14 +171,14 @@ impl FrameObserver<'_> {
         }
         {
             let mut progress = lock(&self.live.progress);
-            progress.frames_done = record.index as i64 + 1;
+            progress.frames_done = done as i64;
             progress.frames_total = total as i64;
             progress.seconds_per_frame = (self.painted > 0).then(|| self.painted_seconds / self.painted as f64);
         }
-        let last = record.index + 1 == total;
+        let last = done == total;
         if last || self.last_thumbnail.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
             if let Some(jpeg) = thumbnail_jpeg(picture) {
-                *lock(&self.live.thumbnail) = Some((record.index as i64 + 1, jpeg));
+                *lock(&self.live.thumbnail) = Some((done as i64, jpeg));
             }
             self.last_thumbnail = Some(Instant::now());
         }

@@ -20,6 +20,8 @@ pub struct BatchItem<'t> {
     pub start: &'t Tensor,
     /// Planned iterations (loss and gradient evaluations).
     pub iterations: usize,
+    /// When the item's run may end early.
+    pub stopping: Stopping,
 }
 
 /// One item's outcome.
@@ -94,9 +96,10 @@ fn weighted_temporal(targets: &Targets) -> Option<&(Tensor, Tensor, f64)> {
     targets.temporal.as_ref().filter(|(_, _, weight)| *weight > 0.0)
 }
 
-/// When an item's run ends early.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Stopping {
+/// When an item's run ends early (each item of a batch has its own: a video's first frames and
+/// later frames stop differently).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Stopping {
     /// Relative loss change under which an iteration counts as calm (0: never stop early).
     pub tolerance: f64,
     /// Calm iterations in a row that end the run.

@@ -97,6 +97,11 @@ impl<'m> Stylizer<'m> {
         Ok(Stylizer { vgg, settings, layers })
     }
 
+    /// The network it runs.
+    pub fn network(&self) -> &'m Vgg {
+        self.vgg
+    }
+
     /// The settings in use.
     pub fn settings(&self) -> &StyleSettings {
         &self.settings
@@ -374,7 +379,7 @@ impl<'m> Stylizer<'m> {
         iterations: usize,
         observer: &mut dyn FnMut(usize, Losses, &Tensor),
     ) -> (Tensor, Losses, usize) {
-        let item = BatchItem { targets, start, iterations };
+        let item = BatchItem { targets, start, iterations, stopping: self.stopping() };
         let mut observe = |_: usize, done: usize, losses: Losses, point: &Tensor| observer(done, losses, point);
         let outcome = self.optimise_batch(std::slice::from_ref(&item), &mut observe).pop().expect("one item");
         (outcome.image, outcome.losses, outcome.iterations)
@@ -428,7 +433,7 @@ impl<'m> Stylizer<'m> {
                     let item_point = point.narrow(0, index as i64, 1);
                     let (losses, stalled) = values[index];
                     let mut observe = |done: usize, losses: Losses, p: &Tensor| observer(index, done, losses, p);
-                    if let Some(good) = run.replay(losses, &item_point, stalled, self.stopping(), &mut observe) {
+                    if let Some(good) = run.replay(losses, &item_point, stalled, items[index].stopping, &mut observe) {
                         let _ = image.narrow(0, index as i64, 1).copy_(&good);
                         optimizer.reset(index);
                     }
@@ -482,7 +487,8 @@ impl<'m> Stylizer<'m> {
         }
     }
 
-    fn stopping(&self) -> Stopping {
+    /// The early-stop settings of this stylizer's own settings.
+    pub fn stopping(&self) -> Stopping {
         Stopping { tolerance: self.settings.tolerance, patience: self.settings.patience }
     }
 
@@ -784,8 +790,10 @@ mod tests {
         iterations: usize,
     ) -> (Vec<Optimised>, Vec<Vec<f64>>) {
         let stylizer = Stylizer::new(vgg, settings).unwrap();
-        let batch: Vec<BatchItem> =
-            items.iter().map(|(targets, start)| BatchItem { targets, start, iterations }).collect();
+        let batch: Vec<BatchItem> = items
+            .iter()
+            .map(|(targets, start)| BatchItem { targets, start, iterations, stopping: stylizer.stopping() })
+            .collect();
         let mut seen = vec![Vec::new(); items.len()];
         let mut observer = |item: usize, _: usize, losses: Losses, _: &Tensor| seen[item].push(losses.total);
         (stylizer.optimise_batch(&batch, &mut observer), seen)
