@@ -220,6 +220,30 @@ fn damaged_data_is_reported_with_its_frame_and_decoding_goes_on() {
     assert!(frames > 200, "decoding went on after the damage: {frames} frames");
 }
 
+#[test]
+fn a_reader_opened_at_a_frame_yields_what_a_reader_from_the_start_does() {
+    let dir = TempDir::new().unwrap();
+    // The MP4 seeks by its index; the transport stream has none (FFmpeg seeks it by bytes).
+    let transport = dir.path().join("bikes.ts");
+    ffmpeg(&["-i", clip("bikes.mp4").to_str().unwrap(), "-c", "copy", "-an", transport.to_str().unwrap()]);
+    for path in [clip("bikes.mp4"), transport] {
+        let size = WorkingSize::LongSide(64);
+        let frames: Vec<Frame> = VideoReader::open(&path, size).unwrap().map(Result::unwrap).collect();
+        for index in [1, 37, 138, 200, frames.len() - 1] {
+            for pts in [Some(frames[index].pts), None] {
+                let reader = VideoReader::open_at(&path, size, index as u64, pts).unwrap();
+                let opened: Vec<Frame> = reader.take(3).map(Result::unwrap).collect();
+                let expected = &frames[index..(index + 3).min(frames.len())];
+                assert_eq!(opened.len(), expected.len(), "{} at {index}", path.display());
+                for (got, want) in opened.iter().zip(expected) {
+                    assert_eq!((got.index, got.pts, got.duration), (want.index, want.pts, want.duration));
+                    assert!(got.rgb == want.rgb, "{} frame {} differs (seek {pts:?})", path.display(), want.index);
+                }
+            }
+        }
+    }
+}
+
 /// A 64×48 RGB frame of four saturated patches (red, green, blue, yellow) in its quadrants.
 fn colour_patches() -> Frame {
     const PATCHES: [[u8; 3]; 4] = [[200, 30, 30], [30, 200, 30], [30, 30, 200], [210, 200, 40]];

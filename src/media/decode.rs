@@ -1,6 +1,9 @@
 //! Reading a video as a sequence of RGB24 frames in presentation order, scaled to a working size.
 //! An iterator, so memory stays bounded by one frame plus FFmpeg's decoder delay however long the
-//! video is. Damaged data is reported as it is met (with the frame number) and decoding goes on.
+//! video is. Damaged data is reported as it is met (with the frame number) and decoding goes on. A
+//! reader can also start at a given frame ([`VideoReader::open_at`]): it seeks to the key frame
+//! before it and decodes forward, and falls back to decoding from the start when the file cannot be
+//! sought to exactly that frame.
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +79,8 @@ pub struct VideoReader {
     packets_indexed: u64,
     unreadable_packets: u64,
     truncated: bool,
+    /// A decoded frame to yield before decoding more (the one a seek stopped at).
+    pending: Option<frame::Video>,
 }
 
 impl VideoReader {
@@ -112,7 +117,80 @@ impl VideoReader {
             packets_indexed,
             unreadable_packets: 0,
             truncated: false,
+            pending: None,
         })
+    }
+
+    /// Opens `path` so that the first frame yielded is frame `index` (numbered as a reader from the
+    /// start numbers them, damaged data skipped), whose presentation timestamp is `pts`. With a `pts`
+    /// it seeks to the key frame before and decodes forward from there, and if that does not land
+    /// exactly on the frame (no index, timestamps that do not match, no key frame before it) it
+    /// decodes from the start instead, as it does without a `pts`. Damage met before the frame is
+    /// not reported.
+    pub fn open_at(path: impl AsRef<Path>, size: WorkingSize, index: u64, pts: Option<i64>) -> Result<Self, MediaError> {
+        let path = path.as_ref();
+        let mut reader = VideoReader::open(path, size)?;
+        if index == 0 {
+            return Ok(reader);
+        }
+        if let Some(pts) = pts {
+            if reader.seek_to(index, pts)? {
+                return Ok(reader);
+            }
+            tracing::debug!(path = %path.display(), frame = index, "cannot seek to the frame exactly; decoding from the start");
+            reader = VideoReader::open(path, size)?;
+        }
+        reader.skip_to(index)?;
+        Ok(reader)
+    }
+
+    /// Seeks to the key frame at or before `pts` and decodes up to the frame shown at `pts`, which
+    /// becomes frame `index`; false when that frame was not met exactly after a key frame.
+    fn seek_to(&mut self, index: u64, pts: i64) -> Result<bool, MediaError> {
+        let (num, den) = (i128::from(self.time_base.numerator()), i128::from(self.time_base.denominator()));
+        if num <= 0 || den <= 0 {
+            return Ok(false);
+        }
+        let micros = (i128::from(pts) * num * 1_000_000).div_euclid(den) as i64;
+        if self.input.seek(micros, ..micros).is_err() {
+            return Ok(false);
+        }
+        self.decoder.flush();
+        // the packets read no longer add up to the stream's, so the index cannot tell truncation
+        self.packets_indexed = 0;
+        let mut after_key_frame = false;
+        while let Some(item) = self.next_decoded() {
+            let Ok(decoded) = item else { continue };
+            after_key_frame |= decoded.is_key();
+            match decoded.timestamp() {
+                Some(shown) if shown < pts => {
+                    self.timing_of(&decoded);
+                }
+                Some(shown) if shown == pts && after_key_frame => {
+                    self.frames_yielded = index;
+                    self.pending = Some(decoded);
+                    return Ok(true);
+                }
+                _ => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Decodes (without converting) the frames before frame `index`.
+    fn skip_to(&mut self, index: u64) -> Result<(), MediaError> {
+        while self.frames_yielded < index {
+            match self.next_decoded() {
+                Some(Ok(decoded)) => {
+                    self.timing_of(&decoded);
+                    self.frames_yielded += 1;
+                }
+                Some(Err(MediaError::Damaged { .. })) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Err(MediaError::Truncated { path: self.path.clone(), frames: self.frames_yielded }),
+            }
+        }
+        Ok(())
     }
 
     /// The (`width`, `height`) of the frames this reader yields.
@@ -243,9 +321,24 @@ impl Iterator for VideoReader {
     type Item = Result<Frame, MediaError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        let decoded = match self.pending.take() {
+            Some(decoded) => decoded,
+            None => match self.next_decoded()? {
+                Ok(decoded) => decoded,
+                Err(report) => return Some(Err(report)),
+            },
+        };
+        Some(self.rgb_frame_from(&decoded))
+    }
+}
+
+impl VideoReader {
+    /// The next decoded frame as the decoder gives it, or a damage report, or the report that ends
+    /// the stream.
+    fn next_decoded(&mut self) -> Option<Result<frame::Video, MediaError>> {
         while self.progress != Progress::Done {
             match self.receive() {
-                Decoded::Frame(decoded) => return Some(self.rgb_frame_from(&decoded)),
+                Decoded::Frame(decoded) => return Some(Ok(decoded)),
                 Decoded::Failed(error) => return Some(Err(self.damaged(error.to_string()))),
                 Decoded::NeedsInput if self.progress == Progress::Reading => {
                     if let Some(report) = self.feed() {

@@ -78,6 +78,9 @@ pub struct PreparedJob {
     job: VideoJob,
     info: VideoInfo,
     frame_count: u64,
+    /// Each frame's presentation timestamp, when they rise strictly (then a segment's reader can seek
+    /// to its first frame).
+    seekable_pts: Option<Vec<i64>>,
     frame_size: (u32, u32),
     key: String,
     stop: Arc<AtomicBool>,
@@ -112,12 +115,14 @@ impl VideoJob {
         }
         let info = probe(&self.input)?;
         check_output(&self.input, &self.output)?;
-        let (frame_count, frame_size) = scan(&self.input, working_size(&self.video))?;
+        let (frame_pts, frame_size) = scan(&self.input, working_size(&self.video))?;
+        let frame_count = frame_pts.len() as u64;
+        let seekable_pts = frame_pts.windows(2).all(|pair| pair[0] < pair[1]).then_some(frame_pts);
         check_frame_size(frame_size)?;
         try_writer(&self.output, &self.video, &info, frame_size)?;
         let key = checkpoint::job_key(&self.identity()?);
         tracing::info!(input = %self.input.display(), frames = frame_count, width = frame_size.0, height = frame_size.1, "video job ready");
-        Ok(PreparedJob { job: self, info, frame_count, frame_size, key, stop: Arc::default() })
+        Ok(PreparedJob { job: self, info, frame_count, seekable_pts, frame_size, key, stop: Arc::default() })
     }
 
     /// Everything that decides the painted frames, as JSON.
@@ -221,7 +226,10 @@ impl PreparedJob {
             .segments()
             .iter()
             .enumerate()
-            .map(|(k, segment)| SegmentReader::open(&self.job.input, working_size(video), segment, k == last))
+            .map(|(k, segment)| {
+                let pts = self.seekable_pts.as_ref().map(|all| all[segment.frames.start as usize]);
+                SegmentReader::open(&self.job.input, working_size(video), segment, pts, k == last)
+            })
             .collect::<Result<Vec<_>>>()?;
         let spec = VideoWriterSpec::from_source(&self.info, self.frame_size);
         let writer = VideoWriter::create(staging, &video.encode, spec)?;
@@ -307,18 +315,18 @@ fn working_size(video: &VideoSettings) -> WorkingSize {
 }
 
 /// Decodes the whole input once, cheaply (tiny frames), to count its frames and find truncation and
-/// empty streams before any painting; returns the count and the working frame size.
-fn scan(input: &Path, size: WorkingSize) -> Result<(u64, (u32, u32))> {
+/// empty streams before any painting; returns each frame's timestamp and the working frame size.
+fn scan(input: &Path, size: WorkingSize) -> Result<(Vec<i64>, (u32, u32))> {
     let frame_size = VideoReader::open(input, size)?.frame_size();
-    let mut count = 0;
+    let mut frame_pts = Vec::new();
     for item in VideoReader::open(input, WorkingSize::LongSide(16))? {
         match item {
-            Ok(_) => count += 1,
+            Ok(frame) => frame_pts.push(frame.pts),
             Err(MediaError::Damaged { .. }) => {}
             Err(error) => return Err(error.into()),
         }
     }
-    Ok((count, frame_size))
+    Ok((frame_pts, frame_size))
 }
 
 /// The shortest frame side the network takes: conv5_1 comes after four 2× poolings.
@@ -377,9 +385,10 @@ struct SegmentReader {
 }
 
 impl SegmentReader {
-    fn open(input: &Path, size: WorkingSize, segment: &Segment, last: bool) -> Result<Self> {
-        let reader = VideoReader::open(input, size)?;
-        Ok(SegmentReader { reader, segment: segment.clone(), last, position: 0 })
+    /// A reader at the segment's first frame, whose timestamp is `pts` (seeking there when given).
+    fn open(input: &Path, size: WorkingSize, segment: &Segment, pts: Option<i64>, last: bool) -> Result<Self> {
+        let reader = VideoReader::open_at(input, size, segment.frames.start, pts)?;
+        Ok(SegmentReader { reader, segment: segment.clone(), last, position: segment.frames.start })
     }
 
     /// Whether damage met before frame `position` is this segment's to report (each frame position
@@ -388,7 +397,7 @@ impl SegmentReader {
         position >= self.segment.owned_from && (self.last || position < self.segment.frames.end)
     }
 
-    /// The segment's next frame (decoding past the frames before it); `None` once it has them all.
+    /// The segment's next frame; `None` once it has them all.
     fn next(&mut self, damaged: &mut Vec<String>) -> Result<Option<Decoded>> {
         loop {
             if !self.last && self.position >= self.segment.frames.end {
@@ -399,9 +408,7 @@ impl SegmentReader {
                 None => return Ok(None),
                 Some(Ok(frame)) => {
                     self.position += 1;
-                    if frame.index >= self.segment.frames.start {
-                        return Ok(Some(Decoded { frame, seconds: started.elapsed().as_secs_f64() }));
-                    }
+                    return Ok(Some(Decoded { frame, seconds: started.elapsed().as_secs_f64() }));
                 }
                 Some(Err(report @ MediaError::Damaged { .. })) => {
                     if self.owns(self.position) {

@@ -150,13 +150,16 @@ impl VideoSettings {
     }
 
     /// The settings that decide the painted frames' pixels, as JSON: everything but the encoder, the
-    /// queue lengths and thread counts. Checkpoints are keyed by it, so re-encoding with another CRF
-    /// reuses the painted frames.
+    /// queue lengths and thread counts (and the segment overlap when there is one segment). Checkpoints
+    /// are keyed by it, so re-encoding with another CRF reuses the painted frames.
     pub fn frame_identity(&self) -> serde_json::Value {
         let mut value = serde_json::to_value(self).expect("settings serialise");
         if let Some(object) = value.as_object_mut() {
             for key in ["encode", "queue", "flow_threads"] {
                 object.remove(key);
+            }
+            if self.segments == 1 {
+                object.remove("segment_overlap");
             }
         }
         value
@@ -198,6 +201,10 @@ mod tests {
             settings.encode.crf = 30;
         }
         assert_eq!(settings.frame_identity(), before);
+        settings.segment_overlap = 2;
+        assert_eq!(settings.frame_identity(), before, "no overlap with one segment");
+        settings.segments = 2;
+        assert_ne!(settings.frame_identity(), before);
         settings.iterations = 7;
         assert_ne!(settings.frame_identity(), before);
     }
