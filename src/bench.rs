@@ -146,9 +146,14 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
         let items: Vec<BatchItem> = targets
             .iter()
             .zip(&contents)
-            .map(|(targets, start)| BatchItem { targets, start, iterations: planned, stopping: stylizer.stopping() })
+            .map(|(targets, start)| BatchItem {
+                targets: targets.shallow_clone(),
+                start: start.shallow_clone(),
+                iterations: planned,
+                stopping: stylizer.stopping(),
+            })
             .collect();
-        let _ = stylizer.optimise_batch(&items, &mut |_, _, _, _| {});
+        let _ = stylizer.optimise_batch(items, &mut |_, _, _, _| {});
         synchronize(vgg.device());
     };
     run(warmup);
@@ -245,6 +250,8 @@ pub struct VideoBenchRow {
     pub video: std::path::PathBuf,
     /// Frames painted.
     pub frames: u64,
+    /// Runs of frames painted side by side (`video.segments`, fewer for a short clip).
+    pub segments: u64,
     /// Working size (`width`, `height`).
     pub working_size: (u32, u32),
     /// Device the network ran on.
@@ -278,6 +285,7 @@ impl VideoBenchRow {
         VideoBenchRow {
             video: report.input.clone(),
             frames: report.frame_count,
+            segments: report.segments,
             working_size: report.working_size,
             device: device_name(vgg.device()),
             precision: vgg.precision().label_on(vgg.device()),

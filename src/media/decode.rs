@@ -127,14 +127,21 @@ impl VideoReader {
     /// exactly on the frame (no index, timestamps that do not match, no key frame before it) it
     /// decodes from the start instead, as it does without a `pts`. Damage met before the frame is
     /// not reported.
-    pub fn open_at(path: impl AsRef<Path>, size: WorkingSize, index: u64, pts: Option<i64>) -> Result<Self, MediaError> {
+    pub fn open_at(
+        path: impl AsRef<Path>,
+        size: WorkingSize,
+        index: u64,
+        pts: Option<i64>,
+    ) -> Result<Self, MediaError> {
         let path = path.as_ref();
         let mut reader = VideoReader::open(path, size)?;
         if index == 0 {
             return Ok(reader);
         }
         if let Some(pts) = pts {
-            if reader.seek_to(index, pts)? {
+            // Frames decoded after a seek may miss their references (open GOPs); they are dropped,
+            // and the decoder's complaints about them are not the user's business.
+            if quietly(|| reader.seek_to(index, pts))? {
                 return Ok(reader);
             }
             tracing::debug!(path = %path.display(), frame = index, "cannot seek to the frame exactly; decoding from the start");
@@ -350,6 +357,15 @@ impl VideoReader {
         }
         None
     }
+}
+
+/// Runs `work` with FFmpeg's log limited to fatal errors, then restores the level.
+fn quietly<T>(work: impl FnOnce() -> T) -> T {
+    let before = ffmpeg_next::log::get_level().unwrap_or(ffmpeg_next::log::Level::Error);
+    ffmpeg_next::log::set_level(ffmpeg_next::log::Level::Fatal);
+    let result = work();
+    ffmpeg_next::log::set_level(before);
+    result
 }
 
 /// Opens the decoder for `stream`.

@@ -3,10 +3,10 @@
 //! the encoder stores each painted frame as a checkpoint, then encodes it into a staging file in the
 //! work directory, which is moved onto the output only when every stage has succeeded. The first
 //! error of any stage stops the others and is what the job returns; a re-run resumes from the
-//! checkpoints. A job painted in segments (see [`super::segments`]) decodes each segment with its own
-//! reader and paints frame `t` of every segment in one batch; the encoder takes the frames back into
-//! order, reading the ones painted ahead of their turn back from the checkpoint, and cross-fades the
-//! segments' overlaps.
+//! checkpoints. A job painted in segments (see [`super::segments`]) decodes each segment on its own
+//! thread and paints the segments' frames as one batch that gives a segment its next frame as soon as
+//! its last is done; the encoder takes the frames back into order, reading the ones painted ahead of
+//! their turn back from the checkpoint, and cross-fades the segments' overlaps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use image::RgbImage;
 use tch::Tensor;
 
 use super::checkpoint::{self, Checkpoint, PictureKey, StoredFrames};
-use super::painter::{FramePainter, PaintedFrame, paint_together};
+use super::painter::{FramePainter, FramePlan, PaintedFrame};
 use super::report::{FrameRecord, Report};
 use super::segments::{Segment, SegmentPlan, cross_fade};
 use super::settings::VideoSettings;
@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::imageio;
 use crate::media::{Frame, MediaError, VideoInfo, VideoReader, VideoWriter, VideoWriterSpec, WorkingSize, probe};
 use crate::model::Vgg;
-use crate::style::{StyleImage, StyleSettings};
+use crate::style::{BatchFeed, BatchItem, Losses, Optimised, StyleImage, StyleSettings};
 
 /// What to paint and how.
 pub struct VideoJob {
@@ -91,10 +91,6 @@ struct Decoded {
     frame: Frame,
     seconds: f64,
 }
-
-/// The frames painted in one batch: the next frame of each segment that has one, with the segment's
-/// position in the plan.
-type Step = Vec<(usize, Decoded)>;
 
 /// A painted picture (a frame's own or a lead-in one) on its way to the encoder: the input frame's
 /// timing, the picture, the record.
@@ -248,8 +244,7 @@ impl PreparedJob {
             tracing::info!(segments = plan.segments().len(), steps = plan.steps(), "painting in segments");
         }
         let painting = PaintStage {
-            resuming: vec![true; painters.len()],
-            painters,
+            lanes: painters.into_iter().map(Lane::new).collect(),
             plan: &plan,
             resumable: &resumable,
             stored: &stored,
@@ -263,8 +258,8 @@ impl PreparedJob {
     }
 }
 
-/// Decodes on one thread, paints on this one, encodes on a third; the first error of any stage is the
-/// result.
+/// Decodes on one thread per segment, paints on this one, encodes on another; the first error of any
+/// stage is the result.
 fn run_threads(
     readers: Vec<SegmentReader>,
     mut painting: PaintStage<'_, '_>,
@@ -272,21 +267,28 @@ fn run_threads(
     queue: usize,
     observer: &mut dyn FnMut(JobEvent<'_>),
 ) -> Result<(Vec<FrameRecord>, Vec<String>)> {
-    let (decoded_sender, decoded_receiver) = bounded(queue);
     let (painted_sender, painted_receiver) = bounded(queue);
     let first_error = FirstError::default();
     let errors = &first_error;
     let (damaged, records) = std::thread::scope(|scope| {
         // Each stage owns its ends of the channels, so a stage that ends closes them for the others.
-        let decoder = scope.spawn(move || errors.settle(decode_stage(readers, decoded_sender, errors)));
+        let mut receivers = Vec::with_capacity(readers.len());
+        let mut decoders = Vec::with_capacity(readers.len());
+        for reader in readers {
+            let (decoded_sender, decoded_receiver) = bounded(queue);
+            receivers.push(decoded_receiver);
+            decoders.push(scope.spawn(move || errors.settle(decode_stage(reader, decoded_sender, errors))));
+        }
         let encoder = scope.spawn(move || errors.settle(encoding.run(painted_receiver, errors)));
         let painted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            painting.run(decoded_receiver, painted_sender, errors, observer)
+            painting.run(receivers, painted_sender, errors, observer)
         }));
         if let Err(payload) = painted.map(|result| errors.settle(result)) {
             errors.record(panic_error("paint", payload.as_ref()));
         }
-        (join(decoder, "decode", errors), join(encoder, "encode", errors))
+        // each segment reports the damage in the frames it owns, so in the video's order they add up
+        let damaged: Option<Vec<Vec<String>>> = decoders.into_iter().map(|d| join(d, "decode", errors)).collect();
+        (damaged.map(|lists| lists.concat()), join(encoder, "encode", errors))
     });
     match (first_error.into_error(), damaged, records) {
         (Some(error), _, _) => Err(error),
@@ -421,159 +423,237 @@ impl SegmentReader {
     }
 }
 
-/// Decodes the next frame of every segment into the channel, one step at a time; damaged data is
-/// logged, reported and skipped over. Returns the damage reports, or `None` when a later stage
-/// stopped first.
+/// Decodes one segment's frames into its channel; damaged data is logged, reported and skipped over.
+/// Returns the damage reports, or `None` when a later stage stopped first.
 fn decode_stage(
-    readers: Vec<SegmentReader>,
-    sender: Sender<Item<Step>>,
+    reader: SegmentReader,
+    sender: Sender<Item<Decoded>>,
     errors: &FirstError,
 ) -> Result<Option<Vec<String>>> {
     let mut damaged = Vec::new();
-    let mut readers = readers;
+    let mut reader = reader;
     loop {
         if errors.stopped() {
             return Ok(None);
         }
-        let mut step = Vec::with_capacity(readers.len());
-        for (segment, reader) in readers.iter_mut().enumerate() {
-            if let Some(decoded) = reader.next(&mut damaged)? {
-                step.push((segment, decoded));
-            }
-        }
-        if step.is_empty() {
-            break;
-        }
-        if sender.send(Item::Next(step)).is_err() {
+        let Some(decoded) = reader.next(&mut damaged)? else { break };
+        if sender.send(Item::Next(decoded)).is_err() {
             return Ok(None);
         }
     }
     Ok(sender.send(Item::End).ok().map(|()| damaged))
 }
 
-/// The painting stage's state, on the calling thread (the network stays where it was loaded).
+/// The painting stage's state, on the calling thread (the network stays where it was loaded): one
+/// lane per segment, all painted as one batch that takes a lane's next frame as soon as its last is
+/// done.
 struct PaintStage<'a, 'm> {
-    /// One painter per segment.
-    painters: Vec<FramePainter<'m>>,
+    lanes: Vec<Lane<'m>>,
     plan: &'a SegmentPlan,
     resumable: &'a BTreeMap<PictureKey, FrameRecord>,
     stored: &'a StoredFrames,
-    /// Per segment: still taking its frames from the checkpoint.
-    resuming: Vec<bool>,
     /// Own frames passed on so far.
     done: u64,
     total: u64,
-    /// Raised from outside to stop before the next frame.
+    /// Raised from outside to stop once the frames being painted are done.
     stop: &'a AtomicBool,
     /// Frames passed on before a requested stop, once stopped.
     stopped_after: Option<u64>,
 }
 
+/// One segment's painter and where it is.
+struct Lane<'m> {
+    painter: FramePainter<'m>,
+    /// Still taking the segment's frames from the checkpoint.
+    resuming: bool,
+    /// The frame being optimised.
+    painting: Option<InFlight>,
+    /// The decoder has sent all of the segment's frames.
+    ended: bool,
+}
+
+/// A frame being optimised: its timing, what its finish needs, its decode time, since when, its span.
+struct InFlight {
+    timing: Frame,
+    plan: FramePlan,
+    decode_seconds: f64,
+    started: Instant,
+    span: tracing::Span,
+}
+
 /// A decoded frame ready to paint: its timing, its pixels on the device, its decode time.
 struct Ready {
-    segment: usize,
     timing: Frame,
     content: Tensor,
     decode_seconds: f64,
 }
 
+impl<'m> Lane<'m> {
+    fn new(painter: FramePainter<'m>) -> Self {
+        Lane { painter, resuming: true, painting: None, ended: false }
+    }
+}
+
 impl PaintStage<'_, '_> {
-    /// Paints every step of decoded frames and passes the pictures on. `None` when another stage
-    /// stopped first.
+    /// Paints every lane's frames and passes the pictures on. `None` when another stage stopped first
+    /// or a stop was asked for.
     fn run(
         &mut self,
-        receiver: Receiver<Item<Step>>,
+        receivers: Vec<Receiver<Item<Decoded>>>,
         sender: Sender<Item<Painted>>,
         errors: &FirstError,
         observer: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<Option<()>> {
-        while let Ok(item) = receiver.recv() {
-            let Item::Next(step) = item else {
-                return Ok(sender.send(Item::End).ok());
-            };
-            if errors.stopped() {
-                return Ok(None);
-            }
-            if self.stop.load(Ordering::SeqCst) {
-                // Dropping the sender without an end lets the encoder store what it holds, then stop.
-                tracing::info!(frames_done = self.done, "stopping on request");
-                self.stopped_after = Some(self.done);
-                return Ok(None);
-            }
-            for painted in self.paint_step(step, observer)? {
-                if !painted.record.lead_in {
-                    self.done += 1;
-                    let (record, picture) = (&painted.record, &painted.picture);
-                    observer(JobEvent::Frame { record, picture, done: self.done, total: self.total });
-                }
-                if sender.send(Item::Next(painted)).is_err() {
-                    return Ok(None);
-                }
-            }
+        let runner = self.lanes[0].painter.runner()?;
+        let lanes = self.lanes.len();
+        let mut feed = LaneFeed { stage: self, receivers, sender, errors, observer, failure: None, halted: false };
+        runner.optimise_refilled(lanes, &mut feed);
+        let LaneFeed { failure, halted, sender, .. } = feed;
+        if let Some(error) = failure {
+            return Err(error);
         }
-        Ok(None)
-    }
-
-    /// Takes the step's frames from the checkpoint while each segment's earlier-run pictures last, and
-    /// paints the others in one batch.
-    fn paint_step(&mut self, step: Step, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Vec<Painted>> {
-        let mut painted = Vec::with_capacity(step.len());
-        let mut waiting = Vec::with_capacity(step.len());
-        for (segment, decoded) in step {
-            let ready = self.ready(segment, decoded)?;
-            match self.resume(&ready) {
-                Some(resumed) => painted.push(resumed),
-                None => waiting.push(ready),
-            }
+        if halted || errors.stopped() {
+            return Ok(None);
         }
-        let Some(first) = waiting.first() else { return Ok(painted) };
-        let span = tracing::info_span!("frames", index = first.timing.index, batch = waiting.len());
-        let _entered = span.enter();
-        let frames = waiting.iter().map(|r| (r.timing.index, r.timing.pts, r.content.shallow_clone())).collect();
-        let mut painters: Vec<&mut FramePainter<'_>> = self
-            .painters
-            .iter_mut()
-            .enumerate()
-            .filter(|(k, _)| waiting.iter().any(|r| r.segment == *k))
-            .map(|(_, painter)| painter)
-            .collect();
-        let mut on_iteration = |index, done, planned| observer(JobEvent::Iteration { index, done, planned });
-        let outcomes = paint_together(&mut painters, frames, &mut on_iteration)?;
-        for (ready, PaintedFrame { picture, mut record }) in waiting.into_iter().zip(outcomes) {
-            record.seconds.decode = ready.decode_seconds;
-            record.lead_in = self.plan.segments()[ready.segment].is_lead_in(record.index);
-            painted.push(Painted { timing: ready.timing, picture, record });
+        if !self.lanes.iter().all(|lane| lane.ended) {
+            // a requested stop: dropping the sender without an end lets the encoder store what it
+            // holds, then stop
+            tracing::info!(frames_done = self.done, "stopped on request");
+            self.stopped_after = Some(self.done);
+            return Ok(None);
         }
-        Ok(painted)
+        Ok(sender.send(Item::End).ok())
     }
 
     /// A decoded frame's pixels on the device.
-    fn ready(&self, segment: usize, decoded: Decoded) -> Result<Ready> {
+    fn ready(&self, lane: usize, decoded: Decoded) -> Result<Ready> {
         let converted = Instant::now();
         let Decoded { mut frame, seconds } = decoded;
-        let content = frame_tensor(&mut frame)?.to_device(self.painters[segment].device());
-        Ok(Ready { segment, timing: frame, content, decode_seconds: seconds + converted.elapsed().as_secs_f64() })
+        let content = frame_tensor(&mut frame)?.to_device(self.lanes[lane].painter.device());
+        Ok(Ready { timing: frame, content, decode_seconds: seconds + converted.elapsed().as_secs_f64() })
     }
 
-    /// The frame as an earlier run stored it, while the segment's stored pictures last.
-    fn resume(&mut self, ready: &Ready) -> Option<Painted> {
-        let segment = ready.segment;
-        if !self.resuming[segment] {
+    /// Whether frame `index` of lane `lane` is a lead-in picture.
+    fn is_lead_in(&self, lane: usize, index: u64) -> bool {
+        self.plan.segments()[lane].is_lead_in(index)
+    }
+
+    /// The frame as an earlier run stored it, while the lane's stored pictures last.
+    fn resume(&mut self, lane: usize, ready: &Ready) -> Option<Painted> {
+        if !self.lanes[lane].resuming {
             return None;
         }
         let index = ready.timing.index;
-        let key = (index, self.plan.segments()[segment].is_lead_in(index));
+        let key = (index, self.is_lead_in(lane, index));
         let size = (ready.timing.width, ready.timing.height);
         let found = self.resumable.get(&key).and_then(|record| Some((record, load_stored(self.stored, key, size)?)));
         let Some((record, picture)) = found else {
-            self.resuming[segment] = false;
+            self.lanes[lane].resuming = false;
             return None;
         };
         let mut record = record.clone();
-        self.painters[segment].resume(&ready.content, &picture, &record);
+        self.lanes[lane].painter.resume(&ready.content, &picture, &record);
         record.resumed = true;
         record.seconds.decode = ready.decode_seconds;
         Some(Painted { timing: ready.timing.clone(), picture, record })
+    }
+}
+
+/// The painting stage as the batch's feed: a lane's next frame comes from its decoder (frames an
+/// earlier run stored are passed on without painting), a finished frame goes to the encoder.
+struct LaneFeed<'s, 'a, 'm, 'o> {
+    stage: &'s mut PaintStage<'a, 'm>,
+    receivers: Vec<Receiver<Item<Decoded>>>,
+    sender: Sender<Item<Painted>>,
+    errors: &'s FirstError,
+    observer: &'o mut dyn FnMut(JobEvent<'_>),
+    /// This stage's own error.
+    failure: Option<Error>,
+    /// The encoder is gone.
+    halted: bool,
+}
+
+impl LaneFeed<'_, '_, '_, '_> {
+    /// Plans lane `lane`'s next decoded frame, or passes it on from the checkpoint (`None`).
+    fn start(&mut self, lane: usize, decoded: Decoded) -> Result<Option<BatchItem>> {
+        let ready = self.stage.ready(lane, decoded)?;
+        if let Some(resumed) = self.stage.resume(lane, &ready) {
+            self.pass_on(resumed);
+            return Ok(None);
+        }
+        let Ready { timing, content, decode_seconds } = ready;
+        let span = tracing::info_span!("frame", index = timing.index, segment = lane);
+        let (item, plan) = span.in_scope(|| self.stage.lanes[lane].painter.plan(timing.index, timing.pts, &content))?;
+        let started = Instant::now();
+        self.stage.lanes[lane].painting = Some(InFlight { timing, plan, decode_seconds, started, span });
+        Ok(Some(item))
+    }
+
+    /// Tells the observer about an own frame and sends the picture to the encoder.
+    fn pass_on(&mut self, painted: Painted) {
+        if !painted.record.lead_in {
+            self.stage.done += 1;
+            let (record, picture) = (&painted.record, &painted.picture);
+            (self.observer)(JobEvent::Frame { record, picture, done: self.stage.done, total: self.stage.total });
+        }
+        if self.sender.send(Item::Next(painted)).is_err() {
+            self.halted = true;
+        }
+    }
+}
+
+impl BatchFeed for LaneFeed<'_, '_, '_, '_> {
+    fn next(&mut self, lane: usize) -> Option<BatchItem> {
+        loop {
+            if self.cancelled() {
+                return None;
+            }
+            if self.stage.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            let decoded = match self.receivers[lane].recv() {
+                Ok(Item::Next(decoded)) => decoded,
+                Ok(Item::End) => {
+                    self.stage.lanes[lane].ended = true;
+                    return None;
+                }
+                // the decoder failed (its error is recorded) or stopped for another stage
+                Err(_) => return None,
+            };
+            match self.start(lane, decoded) {
+                Ok(Some(item)) => return Some(item),
+                Ok(None) => {}
+                Err(error) => {
+                    self.failure = Some(error);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self, lane: usize, outcome: Optimised) {
+        // lanes busy until now share the time since this frame began
+        let busy = self.stage.lanes.iter().filter(|lane| lane.painting.is_some()).count().max(1);
+        let Some(flight) = self.stage.lanes[lane].painting.take() else { return };
+        let optimise_seconds = flight.started.elapsed().as_secs_f64() / busy as f64;
+        let index = flight.plan.index();
+        let painted =
+            flight.span.in_scope(|| self.stage.lanes[lane].painter.finish(flight.plan, outcome, optimise_seconds));
+        let PaintedFrame { picture, mut record } = painted;
+        record.seconds.decode = flight.decode_seconds;
+        record.lead_in = self.stage.is_lead_in(lane, index);
+        self.pass_on(Painted { timing: flight.timing, picture, record });
+    }
+
+    fn iteration(&mut self, lane: usize, done: usize, _: Losses, _: &Tensor) {
+        if let Some(flight) = &self.stage.lanes[lane].painting {
+            let (index, planned) = (flight.plan.index(), flight.plan.planned());
+            (self.observer)(JobEvent::Iteration { index, done, planned });
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.failure.is_some() || self.halted || self.errors.stopped()
     }
 }
 

@@ -19,7 +19,7 @@ use crate::flow::{self, FlowPair};
 use crate::imageio;
 use crate::model::Vgg;
 use crate::style::color::{self, ColorMode};
-use crate::style::{BatchItem, Losses, Optimised, Stopping, StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, Losses, Optimised, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// What the next frame builds on.
 struct Previous {
@@ -46,60 +46,29 @@ pub struct PaintedFrame {
     pub record: FrameRecord,
 }
 
-/// A frame ready for its optimisation (see [`FramePainter::plan`]).
-struct FramePlan {
+/// What a frame's painting needs besides its optimisation: decided before it (see
+/// [`FramePainter::plan`]), used after it (see [`FramePainter::finish`]).
+pub(crate) struct FramePlan {
     index: u64,
     pts: i64,
     /// The input frame on the network's device.
     content: Tensor,
     motion: Option<Motion>,
     start: Start,
-    start_image: Tensor,
-    targets: Targets,
     planned: usize,
-    stopping: Stopping,
     flow_seconds: f64,
 }
 
-/// Paints the next frame of each painter, `frames[i]` = (index, pts, content `[1, 3, H, W]`) for
-/// `painters[i]`, in one batch: each frame plans its start and targets from its own painter's
-/// previous frame, then all are optimised together (one forward and backward pass per iteration for
-/// the batch, each frame with its own budget and early stop), then each painter takes its result.
-/// The painters must share their settings and network, and the frames their size. `on_iteration`
-/// sees (frame index, done, planned). Each record's optimise time is its share of the batch's.
-pub fn paint_together(
-    painters: &mut [&mut FramePainter<'_>],
-    frames: Vec<(u64, i64, Tensor)>,
-    on_iteration: &mut dyn FnMut(u64, usize, usize),
-) -> Result<Vec<PaintedFrame>> {
-    assert_eq!(painters.len(), frames.len(), "one frame per painter");
-    let plans = painters
-        .iter()
-        .zip(&frames)
-        .map(|(painter, (index, pts, content))| painter.plan(*index, *pts, content))
-        .collect::<Result<Vec<_>>>()?;
-    let Some(runner) = painters.first() else { return Ok(Vec::new()) };
-    let optimise_started = Instant::now();
-    let items: Vec<BatchItem<'_>> = plans
-        .iter()
-        .map(|plan| BatchItem {
-            targets: &plan.targets,
-            start: &plan.start_image,
-            iterations: plan.planned,
-            stopping: plan.stopping,
-        })
-        .collect();
-    let mut observer =
-        |item: usize, done: usize, _: Losses, _: &Tensor| on_iteration(plans[item].index, done, plans[item].planned);
-    let outcomes = runner.first.optimise_batch(&items, &mut observer);
-    drop(items);
-    let share = optimise_started.elapsed().as_secs_f64() / plans.len() as f64;
-    let painted = painters
-        .iter_mut()
-        .zip(plans.into_iter().zip(outcomes))
-        .map(|(painter, (plan, outcome))| painter.finish(plan, outcome, share))
-        .collect();
-    Ok(painted)
+impl FramePlan {
+    /// The frame's position in the video.
+    pub(crate) fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Iterations planned.
+    pub(crate) fn planned(&self) -> usize {
+        self.planned
+    }
 }
 
 /// Paints the frames of one video in order.
@@ -178,16 +147,22 @@ impl<'m> FramePainter<'m> {
         content: &Tensor,
         on_iteration: &mut dyn FnMut(usize, usize),
     ) -> Result<PaintedFrame> {
-        let mut painted =
-            paint_together(&mut [self], vec![(index, pts, content.shallow_clone())], &mut |_, done, planned| {
-                on_iteration(done, planned)
-            })?;
-        Ok(painted.pop().expect("one frame"))
+        let (item, plan) = self.plan(index, pts, content)?;
+        let started = Instant::now();
+        let mut observer = |_: usize, done: usize, _: Losses, _: &Tensor| on_iteration(done, plan.planned);
+        let outcome = self.first.optimise_batch(vec![item], &mut observer).pop().expect("one item");
+        Ok(self.finish(plan, outcome, started.elapsed().as_secs_f64()))
+    }
+
+    /// A stylizer that can optimise the frames of this painter and its siblings together (the
+    /// stop settings come with each frame).
+    pub(crate) fn runner(&self) -> Result<Stylizer<'m>> {
+        Stylizer::new(self.first.network(), self.first.settings().clone())
     }
 
     /// Everything this frame's optimisation needs, decided from the frames before it: the motion, how
-    /// it starts, the starting image, the targets and the iteration budget.
-    fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<FramePlan> {
+    /// it starts, the starting image, the targets, the iteration budget and stop settings.
+    pub(crate) fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<(BatchItem, FramePlan)> {
         let content = content.to_device(self.device);
         let flow_started = Instant::now();
         let motion = self.motion_to(&content)?;
@@ -202,12 +177,12 @@ impl<'m> FramePainter<'m> {
         };
         let targets =
             Targets { content: stylizer.content_targets(&working_content), style: self.shallow_style(), temporal };
-        let stopping = stylizer.stopping();
-        Ok(FramePlan { index, pts, content, motion, start, start_image, targets, planned, stopping, flow_seconds })
+        let item = BatchItem { targets, start: start_image, iterations: planned, stopping: stylizer.stopping() };
+        Ok((item, FramePlan { index, pts, content, motion, start, planned, flow_seconds }))
     }
 
     /// Turns an optimised image into the painted frame and makes it the one the next frame builds on.
-    fn finish(&mut self, plan: FramePlan, outcome: Optimised, optimise_seconds: f64) -> PaintedFrame {
+    pub(crate) fn finish(&mut self, plan: FramePlan, outcome: Optimised, optimise_seconds: f64) -> PaintedFrame {
         let finished = Instant::now();
         let picture = imageio::tensor_to_rgb(&self.finish_colours(&outcome.image, &plan.content));
         let optimise_seconds = optimise_seconds + finished.elapsed().as_secs_f64();

@@ -5,7 +5,9 @@
 //! order and decides, exactly as a loop reading every iteration would, whether the step is kept,
 //! overshot (go back to the last good point) or ends the item's run (converged, stalled, budget
 //! spent). Evaluations queued after such a decision are dropped, so the result does not depend on
-//! how often the losses are read, nor on which items share a batch.
+//! how often the losses are read, nor on which items share a batch. A batch can also be refilled: a
+//! [`BatchFeed`] hands each slot a new item as soon as its last one is finished (a video segment's
+//! next frame), so a batch never waits for its slowest item.
 
 use tch::{Device, Kind, Tensor};
 
@@ -13,11 +15,11 @@ use super::stylizer::{Losses, Targets};
 use crate::model::Layout;
 
 /// One image of a batch: what it aims at, where it starts and how many iterations it may take.
-pub struct BatchItem<'t> {
+pub struct BatchItem {
     /// Content, style and temporal targets at the image's size.
-    pub targets: &'t Targets,
+    pub targets: Targets,
     /// Starting image `[1, 3, H, W]` (RGB 0..1); every item of a batch has the same size.
-    pub start: &'t Tensor,
+    pub start: Tensor,
     /// Planned iterations (loss and gradient evaluations).
     pub iterations: usize,
     /// When the item's run may end early.
@@ -34,6 +36,70 @@ pub struct Optimised {
     pub iterations: usize,
 }
 
+/// Gives a batch its items, slot by slot, and takes their outcomes.
+pub trait BatchFeed {
+    /// The next item for `slot`, or `None` when the slot has no more.
+    fn next(&mut self, slot: usize) -> Option<BatchItem>;
+    /// The outcome of `slot`'s item, as soon as it is finished.
+    fn finished(&mut self, slot: usize, outcome: Optimised);
+    /// An iteration of `slot`'s item: iterations so far, losses, point `[1, 3, H, W]`.
+    fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor);
+    /// Whether items come after the first ones (each slot then keeps room for a temporal term).
+    fn refills(&self) -> bool {
+        true
+    }
+    /// Whether to drop the items in flight and stop now.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A fixed set of items, one per slot, and their outcomes.
+pub(super) struct FixedItems<'o> {
+    pub items: Vec<Option<BatchItem>>,
+    pub outcomes: Vec<Option<Optimised>>,
+    pub observer: &'o mut dyn FnMut(usize, usize, Losses, &Tensor),
+}
+
+impl BatchFeed for FixedItems<'_> {
+    fn next(&mut self, slot: usize) -> Option<BatchItem> {
+        self.items[slot].take()
+    }
+    fn finished(&mut self, slot: usize, outcome: Optimised) {
+        self.outcomes[slot] = Some(outcome);
+    }
+    fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor) {
+        (self.observer)(slot, done, losses, point);
+    }
+    fn refills(&self) -> bool {
+        false
+    }
+}
+
+/// One slot of another feed, as slot 0 (a tiled image runs alone).
+pub(super) struct OneSlot<'f> {
+    pub feed: &'f mut dyn BatchFeed,
+    pub slot: usize,
+}
+
+impl BatchFeed for OneSlot<'_> {
+    fn next(&mut self, _: usize) -> Option<BatchItem> {
+        self.feed.next(self.slot)
+    }
+    fn finished(&mut self, _: usize, outcome: Optimised) {
+        self.feed.finished(self.slot, outcome);
+    }
+    fn iteration(&mut self, _: usize, done: usize, losses: Losses, point: &Tensor) {
+        self.feed.iteration(self.slot, done, losses, point);
+    }
+    fn refills(&self) -> bool {
+        self.feed.refills()
+    }
+    fn cancelled(&self) -> bool {
+        self.feed.cancelled()
+    }
+}
+
 /// The items' targets, stacked item-first.
 pub(super) struct BatchTargets {
     /// Content features per content layer, `[B, N, h, w]`.
@@ -46,8 +112,9 @@ pub(super) struct BatchTargets {
 }
 
 impl BatchTargets {
-    /// Stacks the items' targets on `device`; `image` `[B, 3, H, W]` gives the pixel grid.
-    pub fn stack(items: &[&Targets], image: &Tensor, device: Device) -> Self {
+    /// Stacks the items' targets on `device`; `image` `[B, 3, H, W]` gives the pixel grid. With
+    /// `temporal_room` there is a temporal stack even when no item has a temporal term yet.
+    pub fn stack(items: &[&Targets], image: &Tensor, device: Device, temporal_room: bool) -> Self {
         let layer_count = |pick: fn(&Targets) -> &Vec<Tensor>| items.first().map_or(0, |t| pick(t).len());
         // NHWC strides like the features they meet (the image is NHWC), so the differences and
         // their gradients stay on the convolutions' fast path
@@ -60,13 +127,41 @@ impl BatchTargets {
         let style = (0..layer_count(|t| &t.style))
             .map(|l| Tensor::stack(&items.iter().map(|t| t.style[l].to_device(device)).collect::<Vec<_>>(), 0))
             .collect();
-        BatchTargets { content, style, temporal: stack_temporal(items, image, device) }
+        BatchTargets { content, style, temporal: stack_temporal(items, image, device, temporal_room) }
+    }
+
+    /// Puts `targets` in slot `slot`.
+    ///
+    /// # Panics
+    /// If `targets` has a temporal term and the stack has no room for one.
+    pub fn replace(&mut self, slot: usize, targets: &Targets) {
+        let slot = slot as i64;
+        for (stacked, new) in self.content.iter_mut().zip(&targets.content) {
+            stacked.narrow(0, slot, 1).copy_(new);
+        }
+        for (stacked, new) in self.style.iter_mut().zip(&targets.style) {
+            stacked.narrow(0, slot, 1).copy_(&new.unsqueeze(0));
+        }
+        match (&self.temporal, weighted_temporal(targets)) {
+            (Some((warped, masks, weights)), Some((picture, mask, weight))) => {
+                warped.narrow(0, slot, 1).copy_(picture);
+                masks.narrow(0, slot, 1).copy_(mask);
+                let _ = weights.narrow(0, slot, 1).fill_(*weight);
+            }
+            (Some((warped, masks, weights)), None) => {
+                for tensor in [warped, masks, weights] {
+                    let _ = tensor.narrow(0, slot, 1).zero_();
+                }
+            }
+            (None, Some(_)) => panic!("a temporal term in a batch stacked without room for one"),
+            (None, None) => {}
+        }
     }
 }
 
 /// The items' temporal terms, with a zero weight (and zero mask) standing in for a missing one.
-fn stack_temporal(items: &[&Targets], image: &Tensor, device: Device) -> Option<(Tensor, Tensor, Tensor)> {
-    if items.iter().all(|t| weighted_temporal(t).is_none()) {
+fn stack_temporal(items: &[&Targets], image: &Tensor, device: Device, room: bool) -> Option<(Tensor, Tensor, Tensor)> {
+    if !room && items.iter().all(|t| weighted_temporal(t).is_none()) {
         return None;
     }
     let (_, _, height, width) = image.size4().expect("image [B, 3, H, W]");

@@ -10,6 +10,6 @@ pub mod settings;
 pub mod stylizer;
 pub mod tiles;
 
-pub use batch::{BatchItem, Optimised, Stopping};
+pub use batch::{BatchFeed, BatchItem, Optimised, Stopping};
 pub use settings::{Init, LayerBalance, ScaleStep, StyleSettings};
 pub use stylizer::{Losses, Progress, StyleImage, Stylized, Stylizer, Targets};

@@ -51,6 +51,9 @@ pub trait Optimizer {
 
     /// Forgets what was learnt about item `item` (after a step of it had to be undone).
     fn reset(&mut self, item: usize);
+
+    /// Starts item `item` afresh, as if it had just joined (another problem took its place).
+    fn restart(&mut self, item: usize);
 }
 
 /// aᵀb of each item of `[B, …]` tensors: `[B]` in f64, on the tensors' device.
@@ -172,6 +175,11 @@ impl Optimizer for Lbfgs {
         }
     }
 
+    fn restart(&mut self, item: usize) {
+        // a reset item is fresh: its next pair is refused and its first step scaled as a new one's
+        self.reset(item);
+    }
+
     fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
         self.items(&grad);
@@ -223,6 +231,15 @@ impl Optimizer for Adam {
                 clear_item(tensor, item);
             }
             let _ = items.learning_rate.narrow(0, item as i64, 1).g_mul_scalar_(0.5);
+        }
+    }
+
+    fn restart(&mut self, item: usize) {
+        if let Some(items) = &self.items {
+            for tensor in [&items.first_moment, &items.second_moment, &items.steps] {
+                clear_item(tensor, item);
+            }
+            let _ = items.learning_rate.narrow(0, item as i64, 1).fill_(self.learning_rate);
         }
     }
 
@@ -345,6 +362,31 @@ mod tests {
             assert!(together.narrow(0, 0, 1).allclose(&reset_alone, 1e-9, 1e-12, false));
             let uninterrupted = minimise(&mut *make(), &points(&[starts[0]]), 40, rosenbrock);
             assert!(!reset_alone.allclose(&uninterrupted, 1e-9, 1e-12, false), "the reset changed nothing");
+        }
+    }
+
+    #[test]
+    fn a_restarted_item_runs_as_a_new_one_beside_the_others() {
+        let (starts, joining) = ([[-1.2, 1.0], [0.5, -0.5]], [2.0, 3.0]);
+        for make in [|| Box::new(Lbfgs::new(50, 1.0)) as Box<dyn Optimizer>, || Box::new(Adam::new(0.02)) as _] {
+            let mut optimizer = make();
+            let mut x = points(&starts);
+            for iteration in 0..40 {
+                if iteration == 10 {
+                    // item 0 is done; another problem takes its place (after an overshoot reset, so
+                    // the learning rate is back where a new item's is)
+                    optimizer.reset(0);
+                    optimizer.restart(0);
+                    x.narrow(0, 0, 1).copy_(&points(&[joining]));
+                }
+                let point = x.detach().set_requires_grad(true);
+                rosenbrock(&point).sum(Kind::Double).backward();
+                x = x.detach() + optimizer.propose(&point.grad()).step;
+            }
+            let newcomer = minimise(&mut *make(), &points(&[joining]), 30, rosenbrock);
+            let undisturbed = minimise(&mut *make(), &points(&[starts[1]]), 40, rosenbrock);
+            assert!(x.narrow(0, 0, 1).allclose(&newcomer, 1e-9, 1e-12, false), "{x:?} vs {newcomer:?}");
+            assert!(x.narrow(0, 1, 1).allclose(&undisturbed, 1e-9, 1e-12, false));
         }
     }
 

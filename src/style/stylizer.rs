@@ -2,14 +2,16 @@
 //! into a painting. `stylize` is the whole still-image path (coarse-to-fine schedule, colour modes,
 //! initialisation); `optimise_batch` is the inner loop that video frames reuse with their own
 //! targets, starting points and temporal term, one image at a time or several as one batch (one
-//! forward and backward pass for all), with the losses read from the device every few iterations.
+//! forward and backward pass for all), with the losses read from the device every few iterations;
+//! `optimise_refilled` keeps such a batch full, giving a slot its next image as soon as its last one
+//! is done.
 
 use std::time::Instant;
 
 use image::RgbImage;
 use tch::{Kind, Tensor};
 
-use super::batch::{BatchItem, BatchTargets, ItemRun, Optimised, Stopping};
+use super::batch::{BatchFeed, BatchItem, BatchTargets, FixedItems, ItemRun, OneSlot, Optimised, Stopping};
 use super::color::{self, ColorMode};
 use super::loss;
 use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind, where_items};
@@ -38,6 +40,18 @@ pub struct Targets {
     pub style: Vec<Tensor>,
     /// Optional temporal term: previous output warped to this frame, its reliability mask, weight γ.
     pub temporal: Option<(Tensor, Tensor, f64)>,
+}
+
+impl Targets {
+    /// The same targets, sharing their tensors.
+    pub fn shallow_clone(&self) -> Self {
+        let share = |tensors: &Vec<Tensor>| tensors.iter().map(Tensor::shallow_clone).collect();
+        Targets {
+            content: share(&self.content),
+            style: share(&self.style),
+            temporal: self.temporal.as_ref().map(|(w, m, g)| (w.shallow_clone(), m.shallow_clone(), *g)),
+        }
+    }
 }
 
 /// Loss values of one evaluation, each as it enters the total: `content` = α·L_content,
@@ -192,9 +206,28 @@ impl<'m> Stylizer<'m> {
         }
     }
 
-    /// Per-layer scales and weights of the paper's terms under the chosen balance, per item (once per run).
+    /// Per-layer scales and weights of the paper's terms under the chosen balance, per item (once per
+    /// item).
     fn balance(&self, items: &[&Targets], image: &Tensor) -> Balance {
         let (_, _, height, width) = image.size4().expect("image [B, 3, H, W]");
+        let scales: Vec<ItemScales> = items.iter().map(|targets| self.item_scales(targets, height, width)).collect();
+        let device = image.device();
+        let content_count = items.first().map_or(0, |t| t.content.len());
+        let content =
+            (0..content_count).map(|l| Term::new(scales.iter().map(|s| s.content[l]).collect(), 1.0, device)).collect();
+        let style = self
+            .settings
+            .layer_weights()
+            .into_iter()
+            .enumerate()
+            .map(|(l, weight)| Term::new(scales.iter().map(|s| s.style[l]).collect(), weight, device))
+            .collect();
+        Balance { content, style, root: self.settings.layer_balance == LayerBalance::Distance }
+    }
+
+    /// One item's scale of each content and style layer's term under the chosen balance, for images
+    /// of `height` × `width`.
+    fn item_scales(&self, targets: &Targets, height: i64, width: i64) -> ItemScales {
         let paper = self.settings.layer_balance == LayerBalance::Paper;
         let inverse = |value: f64| 1.0 / value.max(f64::MIN_POSITIVE);
         let content_scale = |p: &Tensor| {
@@ -208,22 +241,10 @@ impl<'m> Stylizer<'m> {
             let target = gram * positions as f64;
             inverse(loss::style_layer_loss_of_gram(&target.zeros_like(), &target, positions).double_value(&[]))
         };
-        let device = image.device();
-        let content_count = items.first().map_or(0, |t| t.content.len());
-        let content = (0..content_count)
-            .map(|l| Term::new(items.iter().map(|t| content_scale(&t.content[l])).collect(), 1.0, device))
-            .collect();
-        let style = self
-            .settings
-            .layer_weights()
-            .into_iter()
-            .zip(&self.settings.style_layers)
-            .enumerate()
-            .map(|(l, (weight, layer))| {
-                Term::new(items.iter().map(|t| style_scale(&t.style[l], layer)).collect(), weight, device)
-            })
-            .collect();
-        Balance { content, style, root: self.settings.layer_balance == LayerBalance::Distance }
+        ItemScales {
+            content: targets.content.iter().map(content_scale).collect(),
+            style: targets.style.iter().zip(&self.settings.style_layers).map(|(a, l)| style_scale(a, l)).collect(),
+        }
     }
 
     /// The loss is taken on the image as it will be saved: clamped to 0..1 (pixels pushed out of
@@ -379,9 +400,14 @@ impl<'m> Stylizer<'m> {
         iterations: usize,
         observer: &mut dyn FnMut(usize, Losses, &Tensor),
     ) -> (Tensor, Losses, usize) {
-        let item = BatchItem { targets, start, iterations, stopping: self.stopping() };
+        let item = BatchItem {
+            targets: targets.shallow_clone(),
+            start: start.shallow_clone(),
+            iterations,
+            stopping: self.stopping(),
+        };
         let mut observe = |_: usize, done: usize, losses: Losses, point: &Tensor| observer(done, losses, point);
-        let outcome = self.optimise_batch(std::slice::from_ref(&item), &mut observe).pop().expect("one item");
+        let outcome = self.optimise_batch(vec![item], &mut observe).pop().expect("one item");
         (outcome.image, outcome.losses, outcome.iterations)
     }
 
@@ -395,67 +421,61 @@ impl<'m> Stylizer<'m> {
     /// If the items' starting images differ in size.
     pub fn optimise_batch(
         &self,
-        items: &[BatchItem<'_>],
+        items: Vec<BatchItem>,
         observer: &mut dyn FnMut(usize, usize, Losses, &Tensor),
     ) -> Vec<Optimised> {
-        let device = self.vgg.device();
-        let starts: Vec<Tensor> =
-            items.iter().map(|item| item.start.detach().to_kind(Kind::Float).to_device(device)).collect();
-        let Some(first) = starts.first() else { return Vec::new() };
-        assert!(starts.iter().all(|s| s.size() == first.size()), "the images of a batch must have one size");
-        let grid = self.grid_for(first);
-        if grid.is_some() && items.len() > 1 {
-            return self.optimise_one_by_one(items, observer);
+        let count = items.len();
+        let mut fixed = FixedItems { items: items.into_iter().map(Some).collect(), outcomes: Vec::new(), observer };
+        fixed.outcomes.resize_with(count, || None);
+        self.optimise_refilled(count, &mut fixed);
+        fixed.outcomes.into_iter().map(|outcome| outcome.expect("every item finishes")).collect()
+    }
+
+    /// Keeps a batch of `slots` images of one size running until `feed` has no more: a slot whose
+    /// image is finished (converged, stalled, out of iterations) hands it over at the next read of the
+    /// losses and takes the feed's next one for that slot, with a fresh optimiser state, while the
+    /// others go on. So a batch never waits for its slowest image. Tiled images run one slot at a
+    /// time.
+    ///
+    /// # Panics
+    /// If the items' starting images differ in size.
+    pub fn optimise_refilled(&self, slots: usize, feed: &mut dyn BatchFeed) {
+        let first: Vec<Option<BatchItem>> = (0..slots).map(|slot| feed.next(slot)).collect();
+        self.run_slots(first, feed);
+    }
+
+    /// [`Stylizer::optimise_refilled`] from the slots' first items.
+    fn run_slots(&self, first: Vec<Option<BatchItem>>, feed: &mut dyn BatchFeed) {
+        let Some(model) = first.iter().flatten().next() else { return };
+        if first.len() > 1 && self.grid_for(&model.start).is_some() {
+            for (slot, item) in first.into_iter().enumerate() {
+                self.run_slots(vec![item], &mut OneSlot { feed: &mut *feed, slot });
+            }
+            return;
         }
-        // NHWC strides, as images read from files have: the convolutions' fastest path
-        let mut image = Layout::ChannelsLast.apply(&Tensor::cat(&starts, 0));
-        let item_targets: Vec<&Targets> = items.iter().map(|item| item.targets).collect();
-        let targets = BatchTargets::stack(&item_targets, &image, device);
-        let balance = self.balance(&item_targets, &image);
-        let mut optimizer = self.optimizer();
-        let mut runs: Vec<ItemRun> = items.iter().map(|item| ItemRun::new(item.iterations)).collect();
+        let mut batch = SlotBatch::new(self, first, feed.refills());
+        let grid = self.grid_for(&batch.image);
+        let device = self.vgg.device();
         let interval = self.settings.loss_read_interval_on(device);
-        while let Some(span) = runs.iter().map(ItemRun::remaining).max().filter(|r| *r > 0) {
-            let active = Tensor::from_slice(&runs.iter().map(|r| !r.finished()).collect::<Vec<_>>()).to_device(device);
-            let mut queued = Vec::with_capacity(span.min(interval));
-            for _ in 0..span.min(interval) {
-                let point = image.detach().set_requires_grad(true);
-                let (values, gradient) = self.loss_and_gradient(&point, &targets, &balance, grid.as_ref());
-                let proposal = optimizer.propose(&gradient);
-                image = point.detach() + where_items(&proposal.step, &active);
+        loop {
+            batch.hand_over(self, feed);
+            let remaining = batch.runs.iter().map(ItemRun::remaining).max().unwrap_or(0);
+            if remaining == 0 || feed.cancelled() {
+                break;
+            }
+            let active = batch.runs.iter().map(|r| !r.finished()).collect::<Vec<_>>();
+            let active = Tensor::from_slice(&active).to_device(device);
+            let mut queued = Vec::with_capacity(remaining.min(interval));
+            for _ in 0..remaining.min(interval) {
+                let point = batch.image.detach().set_requires_grad(true);
+                let (values, gradient) = self.loss_and_gradient(&point, &batch.targets, &batch.balance, grid.as_ref());
+                let proposal = batch.optimizer.propose(&gradient);
+                batch.image = point.detach() + where_items(&proposal.step, &active);
                 let values = Tensor::cat(&[values, proposal.stalled.to_kind(Kind::Double).unsqueeze(0)], 0);
                 queued.push((point.detach(), values));
             }
-            let read = read_values(&queued);
-            runs.iter_mut().for_each(ItemRun::begin_read);
-            for ((point, _), values) in queued.iter().zip(read) {
-                for (index, run) in runs.iter_mut().enumerate() {
-                    let item_point = point.narrow(0, index as i64, 1);
-                    let (losses, stalled) = values[index];
-                    let mut observe = |done: usize, losses: Losses, p: &Tensor| observer(index, done, losses, p);
-                    if let Some(good) = run.replay(losses, &item_point, stalled, items[index].stopping, &mut observe) {
-                        let _ = image.narrow(0, index as i64, 1).copy_(&good);
-                        optimizer.reset(index);
-                    }
-                }
-            }
+            batch.replay(&queued, feed);
         }
-        runs.into_iter().zip(starts).map(|(run, start)| run.outcome(start)).collect()
-    }
-
-    /// Each item alone (tiled images: one at a time).
-    fn optimise_one_by_one(
-        &self,
-        items: &[BatchItem<'_>],
-        observer: &mut dyn FnMut(usize, usize, Losses, &Tensor),
-    ) -> Vec<Optimised> {
-        let mut outcomes = Vec::with_capacity(items.len());
-        for (index, item) in items.iter().enumerate() {
-            let mut observe =
-                |_: usize, done: usize, losses: Losses, point: &Tensor| observer(index, done, losses, point);
-            outcomes.extend(self.optimise_batch(std::slice::from_ref(item), &mut observe));
-        }
-        outcomes
     }
 
     /// The values of one evaluation as one `[5, B]` f64 tensor (total, content, style, tv,
@@ -593,6 +613,98 @@ fn as_saved(image: &Tensor) -> Tensor {
 
 /// How each content and style layer's term enters the loss: weight·scale·E (or weight·√(scale·E)
 /// when `root`), with one scale per item.
+/// The state of a batch of slots: the images, their stacked targets, balance and optimiser, each
+/// slot's item and the host's account of its run.
+struct SlotBatch {
+    /// `[B, 3, H, W]`, NHWC strides.
+    image: Tensor,
+    targets: BatchTargets,
+    balance: Balance,
+    optimizer: Box<dyn Optimizer>,
+    /// Each slot's item (its start on the device), `None` once the slot has had its last.
+    items: Vec<Option<BatchItem>>,
+    runs: Vec<ItemRun>,
+}
+
+impl SlotBatch {
+    /// A batch of the slots' first items (an empty slot holds a copy of another's, already finished).
+    fn new(stylizer: &Stylizer<'_>, first: Vec<Option<BatchItem>>, refills: bool) -> Self {
+        let device = stylizer.vgg.device();
+        let on_device = |item: BatchItem| BatchItem { start: start_on(&item.start, device), ..item };
+        let items: Vec<Option<BatchItem>> = first.into_iter().map(|item| item.map(on_device)).collect();
+        let model = items.iter().flatten().next().expect("at least one item");
+        let size = model.start.size();
+        assert!(items.iter().flatten().all(|i| i.start.size() == size), "the images of a batch must have one size");
+        let starts: Vec<Tensor> =
+            items.iter().map(|item| item.as_ref().unwrap_or(model).start.shallow_clone()).collect();
+        // NHWC strides, as images read from files have: the convolutions' fastest path
+        let image = Layout::ChannelsLast.apply(&Tensor::cat(&starts, 0));
+        let slot_targets: Vec<&Targets> = items.iter().map(|item| &item.as_ref().unwrap_or(model).targets).collect();
+        let targets = BatchTargets::stack(&slot_targets, &image, device, refills);
+        let balance = stylizer.balance(&slot_targets, &image);
+        let runs = items.iter().map(|item| ItemRun::new(item.as_ref().map_or(0, |i| i.iterations))).collect();
+        SlotBatch { image, targets, balance, optimizer: stylizer.optimizer(), items, runs }
+    }
+
+    /// Hands each finished item to the feed and puts the feed's next one for its slot in its place.
+    fn hand_over(&mut self, stylizer: &Stylizer<'_>, feed: &mut dyn BatchFeed) {
+        for slot in 0..self.items.len() {
+            if !self.runs[slot].finished() {
+                continue;
+            }
+            let Some(item) = self.items[slot].take() else { continue };
+            let run = std::mem::replace(&mut self.runs[slot], ItemRun::new(0));
+            feed.finished(slot, run.outcome(item.start));
+            if let Some(next) = feed.next(slot) {
+                self.load(stylizer, slot, next);
+            }
+        }
+    }
+
+    /// Puts `item` in `slot`, with a fresh optimiser state there.
+    fn load(&mut self, stylizer: &Stylizer<'_>, slot: usize, item: BatchItem) {
+        let item = BatchItem { start: start_on(&item.start, self.image.device()), ..item };
+        assert_eq!(item.start.size()[1..], self.image.size()[1..], "the images of a batch must have one size");
+        let (_, _, height, width) = self.image.size4().expect("image [B, 3, H, W]");
+        self.image.narrow(0, slot as i64, 1).copy_(&item.start);
+        self.targets.replace(slot, &item.targets);
+        self.balance.replace(slot, &stylizer.item_scales(&item.targets, height, width));
+        self.optimizer.restart(slot);
+        self.runs[slot] = ItemRun::new(item.iterations);
+        self.items[slot] = Some(item);
+    }
+
+    /// Reads the queued evaluations' losses (one wait for the device) and replays them slot by slot
+    /// in order; a slot whose step overshot goes back to its last good point.
+    fn replay(&mut self, queued: &[(Tensor, Tensor)], feed: &mut dyn BatchFeed) {
+        let read = read_values(queued);
+        self.runs.iter_mut().for_each(ItemRun::begin_read);
+        for ((point, _), values) in queued.iter().zip(read) {
+            for (slot, run) in self.runs.iter_mut().enumerate() {
+                let Some(item) = &self.items[slot] else { continue };
+                let item_point = point.narrow(0, slot as i64, 1);
+                let (losses, stalled) = values[slot];
+                let mut observe = |done: usize, losses: Losses, p: &Tensor| feed.iteration(slot, done, losses, p);
+                if let Some(good) = run.replay(losses, &item_point, stalled, item.stopping, &mut observe) {
+                    self.image.narrow(0, slot as i64, 1).copy_(&good);
+                    self.optimizer.reset(slot);
+                }
+            }
+        }
+    }
+}
+
+/// A starting image as the optimisation takes it: detached, f32, on `device`.
+fn start_on(start: &Tensor, device: tch::Device) -> Tensor {
+    start.detach().to_kind(Kind::Float).to_device(device)
+}
+
+/// One item's scale of each content and style layer's term.
+struct ItemScales {
+    content: Vec<f64>,
+    style: Vec<f64>,
+}
+
 struct Balance {
     content: Vec<Term>,
     style: Vec<Term>,
@@ -611,6 +723,12 @@ impl Term {
     fn new(scales: Vec<f64>, weight: f64, device: tch::Device) -> Self {
         let device_scales = Tensor::from_slice(&scales).to_kind(Kind::Float).to_device(device);
         Term { scales, device_scales, weight }
+    }
+
+    /// Sets slot `slot`'s scale.
+    fn set(&mut self, slot: usize, scale: f64) {
+        self.scales[slot] = scale;
+        let _ = self.device_scales.narrow(0, slot as i64, 1).fill_(scale);
     }
 
     /// The scale of a run of one item (the tiled path).
@@ -658,6 +776,16 @@ fn layer_stride(layer: LayerId) -> i64 {
 }
 
 impl Balance {
+    /// Puts an item's scales in slot `slot`.
+    fn replace(&mut self, slot: usize, scales: &ItemScales) {
+        for (term, scale) in self.content.iter_mut().zip(&scales.content) {
+            term.set(slot, *scale);
+        }
+        for (term, scale) in self.style.iter_mut().zip(&scales.style) {
+            term.set(slot, *scale);
+        }
+    }
+
     /// [`Balance::weigh`] of one item's value (a run of one item).
     fn weigh_value(&self, value: f64, term: &Term) -> f64 {
         let scaled = value * term.only_scale();
@@ -760,7 +888,7 @@ mod tests {
     fn prepared(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (Tensor, Balance, BatchTargets) {
         let point = image.detach().set_requires_grad(true);
         let balance = stylizer.balance(&[targets], &point);
-        let batch = BatchTargets::stack(&[targets], &point, Device::Cpu);
+        let batch = BatchTargets::stack(&[targets], &point, Device::Cpu, false);
         (point, balance, batch)
     }
 
@@ -792,11 +920,16 @@ mod tests {
         let stylizer = Stylizer::new(vgg, settings).unwrap();
         let batch: Vec<BatchItem> = items
             .iter()
-            .map(|(targets, start)| BatchItem { targets, start, iterations, stopping: stylizer.stopping() })
+            .map(|(targets, start)| BatchItem {
+                targets: targets.shallow_clone(),
+                start: start.shallow_clone(),
+                iterations,
+                stopping: stylizer.stopping(),
+            })
             .collect();
         let mut seen = vec![Vec::new(); items.len()];
         let mut observer = |item: usize, _: usize, losses: Losses, _: &Tensor| seen[item].push(losses.total);
-        (stylizer.optimise_batch(&batch, &mut observer), seen)
+        (stylizer.optimise_batch(batch, &mut observer), seen)
     }
 
     #[test]
@@ -849,6 +982,72 @@ mod tests {
             assert!(difference < 1.0 / 255.0, "item {index}: mean difference {difference}");
         }
         assert!(together[1].losses.temporal > 0.0 && together[0].losses.temporal == 0.0);
+    }
+
+    /// Items queued per slot; what each item saw and how it ended, by item number.
+    struct QueuedItems {
+        queues: Vec<std::collections::VecDeque<(usize, BatchItem)>>,
+        current: Vec<Option<usize>>,
+        seen: std::collections::BTreeMap<usize, Vec<f64>>,
+        outcomes: std::collections::BTreeMap<usize, Optimised>,
+        order: Vec<usize>,
+    }
+
+    impl BatchFeed for QueuedItems {
+        fn next(&mut self, slot: usize) -> Option<BatchItem> {
+            let (id, item) = self.queues[slot].pop_front()?;
+            self.current[slot] = Some(id);
+            Some(item)
+        }
+        fn finished(&mut self, slot: usize, outcome: Optimised) {
+            let id = self.current[slot].take().expect("an item in the slot");
+            self.outcomes.insert(id, outcome);
+            self.order.push(id);
+        }
+        fn iteration(&mut self, slot: usize, _: usize, losses: Losses, _: &Tensor) {
+            self.seen.entry(self.current[slot].expect("an item in the slot")).or_default().push(losses.total);
+        }
+    }
+
+    #[test]
+    fn a_refilled_batch_paints_each_image_as_if_alone() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 64, 48);
+        let mut second = targets(&stylizer, 64, 48);
+        second.content = stylizer.content_targets(&imageio::rgb_to_tensor(&picture(64, 48, 1.9)));
+        let mut third = targets(&stylizer, 64, 48);
+        third.content = stylizer.content_targets(&imageio::rgb_to_tensor(&picture(64, 48, 0.9)));
+        let warped = imageio::rgb_to_tensor(&picture(64, 48, 0.5));
+        third.temporal = Some((warped, Tensor::ones([1, 1, 48, 64], (Kind::Float, Device::Cpu)), 0.5));
+        let starts: Vec<Tensor> =
+            [0.2, 2.3, 1.1].iter().map(|p| imageio::rgb_to_tensor(&picture(64, 48, *p))).collect();
+        let plan = [(&first, 3usize), (&second, 8), (&third, 5)];
+        let item = |id: usize| {
+            let (targets, iterations) = plan[id];
+            let start = starts[id].shallow_clone();
+            (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping: stylizer.stopping() })
+        };
+        // slot 0: item 0, then item 2 (with a temporal term) once item 0 is done; slot 1: item 1
+        let mut feed = QueuedItems {
+            queues: vec![[item(0), item(2)].into(), [item(1)].into()],
+            current: vec![None, None],
+            seen: Default::default(),
+            outcomes: Default::default(),
+            order: Vec::new(),
+        };
+        stylizer.optimise_refilled(2, &mut feed);
+        assert_eq!(feed.order, vec![0, 2, 1], "item 2 ran beside item 1 and finished first");
+        for (id, (targets, iterations)) in plan.into_iter().enumerate() {
+            let (alone, alone_seen) = run_batch(&vgg, StyleSettings::default(), &[(targets, &starts[id])], iterations);
+            assert_eq!(feed.seen[&id].len(), alone_seen[0].len(), "item {id}");
+            for (a, b) in feed.seen[&id].iter().zip(&alone_seen[0]) {
+                assert!((a - b).abs() <= 2e-3 * b.abs(), "item {id}: loss {a} vs {b}");
+            }
+            let difference = (&feed.outcomes[&id].image - &alone[0].image).abs().mean(Kind::Float).double_value(&[]);
+            assert!(difference < 1.0 / 255.0, "item {id}: mean difference {difference}");
+        }
+        assert!(feed.outcomes[&2].losses.temporal > 0.0 && feed.outcomes[&1].losses.temporal == 0.0);
     }
 
     #[test]
