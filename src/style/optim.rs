@@ -86,6 +86,8 @@ struct Pair {
     s: Tensor,
     y: Tensor,
     rho: Tensor,
+    /// Its number among all pairs remembered.
+    serial: u64,
 }
 
 /// Per-item state of L-BFGS, created at the first proposal (when the batch size is known).
@@ -103,6 +105,10 @@ pub struct Lbfgs {
     learning_rate: f64,
     /// Pairs, oldest first.
     pairs: VecDeque<Pair>,
+    /// Pairs remembered so far.
+    serials: u64,
+    /// Per item: the serial of its first pair since it was last reset (earlier pairs hold zeros for it).
+    since: Vec<u64>,
     /// (gradient, step) at the last proposal.
     previous: Option<(Tensor, Tensor)>,
     items: Option<LbfgsItems>,
@@ -111,7 +117,15 @@ pub struct Lbfgs {
 impl Lbfgs {
     /// An L-BFGS keeping `history` curvature pairs, with step scale `learning_rate` (1 in the references).
     pub fn new(history: usize, learning_rate: f64) -> Self {
-        Lbfgs { history: history.max(1), learning_rate, pairs: VecDeque::new(), previous: None, items: None }
+        Lbfgs {
+            history: history.max(1),
+            learning_rate,
+            pairs: VecDeque::new(),
+            serials: 0,
+            since: Vec::new(),
+            previous: None,
+            items: None,
+        }
     }
 
     fn items(&mut self, grad: &Tensor) -> &mut LbfgsItems {
@@ -140,7 +154,19 @@ impl Lbfgs {
         if self.pairs.len() == self.history {
             self.pairs.pop_front();
         }
-        self.pairs.push_back(Pair { s: where_items(&old_step, &accept), y: where_items(&y, &accept), rho });
+        let serial = self.serials;
+        self.serials += 1;
+        self.pairs.push_back(Pair { s: where_items(&old_step, &accept), y: where_items(&y, &accept), rho, serial });
+        self.drop_dead_pairs();
+    }
+
+    /// Drops the oldest pairs while every item has been reset since they were remembered (they hold
+    /// only zeros, and each costs the two-loop recursion four passes over the images).
+    fn drop_dead_pairs(&mut self) {
+        let oldest_live = self.since.iter().copied().min().unwrap_or(0);
+        while self.pairs.front().is_some_and(|pair| pair.serial < oldest_live) {
+            self.pairs.pop_front();
+        }
     }
 
     /// The two-loop recursion, entirely on the device: the coefficients stay tensors, so a GPU runs
@@ -169,6 +195,11 @@ impl Optimizer for Lbfgs {
                 clear_item(tensor, item);
             }
         }
+        if self.since.len() <= item {
+            self.since.resize(item + 1, 0);
+        }
+        self.since[item] = self.serials;
+        self.drop_dead_pairs();
         if let Some(items) = &self.items {
             let _ = items.hessian_diagonal.narrow(0, item as i64, 1).fill_(1.0);
             let _ = items.fresh.narrow(0, item as i64, 1).fill_(1i64);
@@ -183,6 +214,10 @@ impl Optimizer for Lbfgs {
     fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
         self.items(&grad);
+        let batch = grad.size()[0] as usize;
+        if self.since.len() < batch {
+            self.since.resize(batch, 0);
+        }
         self.remember(&grad);
         let items = self.items.as_ref().expect("created above");
         let direction = self.direction(&grad, &items.hessian_diagonal);
@@ -388,6 +423,21 @@ mod tests {
             assert!(x.narrow(0, 0, 1).allclose(&newcomer, 1e-9, 1e-12, false), "{x:?} vs {newcomer:?}");
             assert!(x.narrow(0, 1, 1).allclose(&undisturbed, 1e-9, 1e-12, false));
         }
+    }
+
+    #[test]
+    fn pairs_every_item_has_forgotten_are_dropped() {
+        let mut lbfgs = Lbfgs::new(20, 1.0);
+        let x = minimise(&mut lbfgs, &points(&[[-1.2, 1.0], [0.5, -0.5]]), 6, rosenbrock);
+        assert_eq!(lbfgs.pairs.len(), 5);
+        lbfgs.restart(0);
+        assert_eq!(lbfgs.pairs.len(), 5, "item 1 still learns from them");
+        let point = x.detach().set_requires_grad(true);
+        rosenbrock(&point).sum(Kind::Double).backward();
+        let _ = lbfgs.propose(&point.grad());
+        assert_eq!(lbfgs.pairs.len(), 6);
+        lbfgs.restart(1);
+        assert_eq!(lbfgs.pairs.len(), 1, "only the pair remembered after item 0's restart is left");
     }
 
     #[test]
