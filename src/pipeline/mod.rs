@@ -39,7 +39,7 @@ mod stages;
 pub use eval::{Evaluation, WarpingPair, evaluate};
 #[cfg(feature = "media")]
 pub use job::{JobEvent, PreparedJob, VideoJob};
-pub use painter::{FramePainter, PaintedFrame};
+pub use painter::{FramePainter, FramePlan, PaintedFrame};
 pub use report::{FrameLosses, FrameRecord, FrameSeconds, Report, Start, WarpingSummary};
 pub use settings::{EncodeSettings, TemporalMode, VideoSettings};
 #[cfg(feature = "media")]

@@ -48,7 +48,7 @@ pub struct PaintedFrame {
 
 /// What a frame's painting needs besides its optimisation: decided before it (see
 /// [`FramePainter::plan`]), used after it (see [`FramePainter::finish`]).
-pub(crate) struct FramePlan {
+pub struct FramePlan {
     index: u64,
     pts: i64,
     /// The input frame on the network's device.
@@ -61,12 +61,12 @@ pub(crate) struct FramePlan {
 
 impl FramePlan {
     /// The frame's position in the video.
-    pub(crate) fn index(&self) -> u64 {
+    pub fn index(&self) -> u64 {
         self.index
     }
 
     /// Iterations planned.
-    pub(crate) fn planned(&self) -> usize {
+    pub fn planned(&self) -> usize {
         self.planned
     }
 }
@@ -156,13 +156,13 @@ impl<'m> FramePainter<'m> {
 
     /// A stylizer that can optimise the frames of this painter and its siblings together (the
     /// stop settings come with each frame).
-    pub(crate) fn runner(&self) -> Result<Stylizer<'m>> {
+    pub fn runner(&self) -> Result<Stylizer<'m>> {
         Stylizer::new(self.first.network(), self.first.settings().clone())
     }
 
     /// Everything this frame's optimisation needs, decided from the frames before it: the motion, how
     /// it starts, the starting image, the targets, the iteration budget and stop settings.
-    pub(crate) fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<(BatchItem, FramePlan)> {
+    pub fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<(BatchItem, FramePlan)> {
         let content = content.to_device(self.device);
         let flow_started = Instant::now();
         let motion = self.motion_to(&content)?;
@@ -182,7 +182,7 @@ impl<'m> FramePainter<'m> {
     }
 
     /// Turns an optimised image into the painted frame and makes it the one the next frame builds on.
-    pub(crate) fn finish(&mut self, plan: FramePlan, outcome: Optimised, optimise_seconds: f64) -> PaintedFrame {
+    pub fn finish(&mut self, plan: FramePlan, outcome: Optimised, optimise_seconds: f64) -> PaintedFrame {
         let finished = Instant::now();
         let picture = imageio::tensor_to_rgb(&self.finish_colours(&outcome.image, &plan.content));
         let optimise_seconds = optimise_seconds + finished.elapsed().as_secs_f64();
