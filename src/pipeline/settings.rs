@@ -106,7 +106,7 @@ impl Default for VideoSettings {
             tolerance: 1e-3,
             patience: 5,
             segments: 1,
-            segment_overlap: 4,
+            segment_overlap: 8,
             queue: 4,
             flow_threads: 1,
             flow: FlowSettings::default(),
