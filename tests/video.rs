@@ -377,6 +377,37 @@ fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
 }
 
 #[test]
+fn segments_of_a_damaged_video_report_the_damage_once_and_paint_every_frame() {
+    let dir = TempDir::new().unwrap();
+    // bikes.mp4 with 2000 bytes overwritten in the middle: some frames cannot be decoded
+    let input = dir.path().join("damaged.mp4");
+    let mut bytes = std::fs::read(clip("bikes.mp4")).unwrap();
+    let middle = bytes.len() / 2;
+    for (offset, byte) in bytes[middle..middle + 2000].iter_mut().enumerate() {
+        *byte = (offset as u8).wrapping_mul(151).wrapping_add(89);
+    }
+    std::fs::write(&input, &bytes).unwrap();
+    let paint = |segments: &str| {
+        let (output, report) =
+            (dir.path().join(format!("{segments}.mp4")), dir.path().join(format!("{segments}.json")));
+        let extra =
+            ["--size", "48", "--first-iterations", "1", "-n", "1", "--segments", segments, "--temporal", "previous"];
+        let mut command = video_command(&input, &output, &extra);
+        command.arg("--report").arg(&report);
+        let result = run(command);
+        assert!(result.status.success(), "{segments} segments: {}", stderr(&result));
+        (read_json(&report), frame_timestamps(&output))
+    };
+    let (whole, whole_pts) = paint("1");
+    let (split, split_pts) = paint("4");
+    assert_eq!(split["segments"], 4);
+    assert!(!whole["damaged"].as_array().unwrap().is_empty(), "the damage is found");
+    assert_eq!(split["damaged"], whole["damaged"], "each damage report once, in order");
+    assert_eq!(split["frame_count"], whole["frame_count"]);
+    assert_eq!(split_pts, whole_pts, "the same frames, in order");
+}
+
+#[test]
 fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
     let dir = TempDir::new().unwrap();
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");

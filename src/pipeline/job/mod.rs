@@ -233,7 +233,7 @@ impl PreparedJob {
         }
         painters.insert(0, painter);
         if plan.segments().len() > 1 {
-            tracing::info!(segments = plan.segments().len(), steps = plan.steps(), "painting in segments");
+            tracing::info!(segments = plan.segments().len(), longest = plan.steps(), "painting in segments");
         }
         let painting = PaintStage::new(painters, &plan, &resumable, &stored, self.frame_count, &self.stop);
         let encoding = EncodeStage::new(writer, checkpoint, Reorder::new(&plan, read_back));
