@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use crossbeam_channel::Sender;
 
-use super::super::segments::Segment;
-use super::super::stages::{FirstError, Item};
 use crate::error::Result;
 use crate::media::{Frame, MediaError, VideoReader, WorkingSize};
+use crate::pipeline::segments::Segment;
+use crate::pipeline::stages::{FirstError, Item};
 
 /// A decoded frame and the seconds it took.
 pub(super) struct Decoded {

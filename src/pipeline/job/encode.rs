@@ -8,12 +8,12 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use image::RgbImage;
 
-use super::super::checkpoint::{Checkpoint, StoredFrames};
-use super::super::report::FrameRecord;
-use super::super::segments::{SegmentPlan, cross_fade};
-use super::super::stages::{FirstError, Item};
 use crate::error::{Error, Result};
 use crate::media::{Frame, VideoWriter};
+use crate::pipeline::checkpoint::{Checkpoint, StoredFrames};
+use crate::pipeline::report::FrameRecord;
+use crate::pipeline::segments::{SegmentPlan, cross_fade};
+use crate::pipeline::stages::{FirstError, Item};
 
 /// A painted picture (a frame's own or a lead-in one) on its way to the encoder: the input frame's
 /// timing, the picture, the record.

@@ -11,17 +11,17 @@ use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 use tch::Tensor;
 
-use super::super::checkpoint::{PictureKey, StoredFrames};
-use super::super::painter::{FramePainter, FramePlan, PaintedFrame};
-use super::super::report::FrameRecord;
-use super::super::segments::SegmentPlan;
-use super::super::stages::{FirstError, Item};
 use super::JobEvent;
 use super::decode::Decoded;
 use super::encode::Painted;
 use crate::error::{Error, Result};
 use crate::imageio;
 use crate::media::Frame;
+use crate::pipeline::checkpoint::{PictureKey, StoredFrames};
+use crate::pipeline::painter::{FramePainter, FramePlan, PaintedFrame};
+use crate::pipeline::report::FrameRecord;
+use crate::pipeline::segments::SegmentPlan;
+use crate::pipeline::stages::{FirstError, Item};
 use crate::style::{BatchFeed, BatchItem, Losses, Optimised};
 
 /// The stored picture `key`, if it is readable and `size` big.
@@ -34,6 +34,7 @@ fn load_stored(stored: &StoredFrames, key: PictureKey, size: (u32, u32)) -> Opti
         }
     }
 }
+
 /// The painting stage's state, on the calling thread (the network stays where it was loaded): one
 /// lane per segment, all painted as one batch that takes a lane's next frame as soon as its last is
 /// done.
