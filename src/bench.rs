@@ -264,6 +264,9 @@ pub struct VideoBenchRow {
     pub layout: String,
     /// Wall-clock seconds of the job per frame (stages overlap on three threads).
     pub seconds_per_frame: f64,
+    /// Optimisation iterations per frame painted, the segments' lead-in pictures included: the work
+    /// per frame, whatever the machine's speed.
+    pub iterations_per_frame: f64,
     /// Mean seconds per frame in each stage.
     pub stage_seconds_per_frame: FrameSeconds,
     /// Each stage's fraction of the summed stage time (the four add up to 1).
@@ -292,6 +295,7 @@ impl VideoBenchRow {
             arch: vgg.arch().to_string(),
             layout: format!("{:?}", vgg.layout()),
             seconds_per_frame: report.wall_seconds / report.frame_count.max(1) as f64,
+            iterations_per_frame: mean_iterations(report),
             stage_seconds_per_frame: stages,
             share: shares(&stages),
             wall_seconds: report.wall_seconds,
@@ -300,6 +304,14 @@ impl VideoBenchRow {
             cuda_max_allocated_mib: memory::allocator_peaks_mib(vgg.device()).map(|(allocated, _)| allocated),
         }
     }
+}
+
+/// Iterations per frame a job painted in this run (not those taken from a checkpoint), its
+/// lead-in pictures' iterations included.
+fn mean_iterations(report: &Report) -> f64 {
+    let painted: Vec<usize> = report.frames.iter().filter(|f| !f.resumed).map(|f| f.iterations).collect();
+    let iterations = painted.iter().sum::<usize>() as u64 + report.lead_in_iterations;
+    iterations as f64 / painted.len().max(1) as f64
 }
 
 /// Each stage's fraction of the stages' sum (all zero when nothing was timed).

@@ -134,6 +134,10 @@ pub struct Report {
     /// Runs of consecutive frames painted side by side (1: frame after frame).
     #[serde(default)]
     pub segments: u64,
+    /// Iterations spent in this run on the segments' lead-in pictures (cross-faded into the frames
+    /// before each segment; not in `frames`).
+    #[serde(default)]
+    pub lead_in_iterations: u64,
     /// Frames written.
     pub frame_count: u64,
     /// Frames taken from a checkpoint of an earlier, interrupted run.

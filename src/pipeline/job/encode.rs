@@ -42,15 +42,16 @@ impl<'p> Reorder<'p> {
         Reorder { plan, stored, next: 0, own: BTreeMap::new(), lead_ins: BTreeSet::new() }
     }
 
-    /// Takes a stored picture in.
-    fn add(&mut self, painted: Painted) {
+    /// Takes a stored picture in; gives back a lead-in picture's record (it is not encoded as such).
+    fn add(&mut self, painted: Painted) -> Option<FrameRecord> {
         let Painted { timing, picture, record } = painted;
         if record.lead_in {
             self.lead_ins.insert(record.index);
-        } else {
-            let held = (record.index == self.next).then_some(picture);
-            self.own.insert(record.index, (timing, record, held));
+            return Some(record);
         }
+        let held = (record.index == self.next).then_some(picture);
+        self.own.insert(record.index, (timing, record, held));
+        None
     }
 
     /// The next frame in order, its picture final, once it and its lead-in (if any) are in.
@@ -93,18 +94,20 @@ pub(super) struct EncodeStage<'c> {
     checkpoint: &'c mut Checkpoint,
     order: Reorder<'c>,
     records: Vec<FrameRecord>,
+    lead_ins: Vec<FrameRecord>,
 }
 
 impl<'c> EncodeStage<'c> {
     /// A stage encoding into `writer`, storing into `checkpoint`, putting frames in order with `order`.
     pub(super) fn new(writer: VideoWriter, checkpoint: &'c mut Checkpoint, order: Reorder<'c>) -> Self {
-        EncodeStage { writer, checkpoint, order, records: Vec::new() }
+        EncodeStage { writer, checkpoint, order, records: Vec::new(), lead_ins: Vec::new() }
     }
 }
 
 impl EncodeStage<'_> {
     /// Runs to the end of the stream and finishes the video. Returns the records with their encode
-    /// times, or `None` when an earlier stage failed (the unfinished video is then removed).
+    /// times (the frames' in order, then the lead-in pictures'), or `None` when an earlier stage
+    /// failed (the unfinished video is then removed).
     pub(super) fn run(
         mut self,
         receiver: Receiver<Item<Painted>>,
@@ -114,6 +117,7 @@ impl EncodeStage<'_> {
             let Item::Next(mut painted) = item else {
                 self.order.finish()?;
                 self.writer.finish()?;
+                self.records.append(&mut self.lead_ins);
                 return Ok(Some(self.records));
             };
             if errors.stopped() {
@@ -124,7 +128,7 @@ impl EncodeStage<'_> {
                 self.checkpoint.store(&painted.record, &painted.picture)?;
             }
             painted.record.seconds.encode = started.elapsed().as_secs_f64();
-            self.order.add(painted);
+            self.lead_ins.extend(self.order.add(painted));
             while let Some((timing, mut record, picture)) = self.order.take_ready()? {
                 let started = Instant::now();
                 self.writer.write(&Frame { rgb: picture.into_raw(), ..timing })?;

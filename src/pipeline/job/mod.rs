@@ -180,13 +180,16 @@ impl PreparedJob {
     }
 
     /// The report of a finished job.
-    fn report(&self, frames: Vec<FrameRecord>, damaged: Vec<String>, wall_seconds: f64) -> Report {
+    fn report(&self, records: Vec<FrameRecord>, damaged: Vec<String>, wall_seconds: f64) -> Report {
+        let (lead_ins, frames): (Vec<FrameRecord>, Vec<FrameRecord>) = records.into_iter().partition(|r| r.lead_in);
+        let painted_lead_ins = lead_ins.iter().filter(|r| !r.resumed);
         Report {
             input: self.job.input.clone(),
             output: self.job.output.clone(),
             working_size: self.frame_size,
             temporal: self.job.video.temporal,
             segments: self.plan().segments().len() as u64,
+            lead_in_iterations: painted_lead_ins.map(|r| r.iterations as u64).sum(),
             frame_count: 0,
             resumed_frames: 0,
             scene_cuts: 0,
