@@ -15,9 +15,10 @@
 # It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
 # `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
 # card, date, command and commit; memory: peak RSS, the CUDA caching allocator's max allocated, and
-# the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one
-# process each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every
-# iteration against every 5th (the default) and every 10th) and gpu-bench.log (stderr of every command).
+# the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one process
+# each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
+# against every 5th (the default) and every 10th) and gpu-bench.log (stderr of every command).
+# benches/gpu_tables.py writes the tables.
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
 # where there is no GPU. Environment: IMPASTO_BIN, OUT, IMPASTO_MODEL, IMPASTO_DEVICE (default cuda:0),
@@ -115,23 +116,7 @@ for precision in "${precisions[@]}"; do
     done
 done
 
-CARD="$card" COMMIT="$commit" COMMAND="$command_line" python3 - "$jsonl" >"$md" <<'PY'
-import datetime, json, os, sys
-
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
-mib = lambda value: "–" if value is None else f"{value:.0f}"
-print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}.")
-print(f"Command: `{os.environ['COMMAND']}`")
-print()
-print("| precision | layout | size | s/iteration | s/forward | TFLOP/s | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|---|---|---|---|")
-layouts = {"ChannelsFirst": "channels-first", "ChannelsLast": "channels-last"}
-for r in rows:
-    size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
-    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
-    print(f"| {r['precision']} | {layouts.get(r['layout'], r['layout'])} | {size} | {r['seconds_per_iteration']:.4f} "
-          f"| {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
-PY
+CARD="$card" COMMIT="$commit" COMMAND="$command_line" python3 benches/gpu_tables.py iterations "$jsonl" >"$md"
 
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).
 # A 4K frame without tiles may not fit a smaller card: that failure is reported, not counted.
@@ -153,21 +138,7 @@ for entry in "${large[@]}"; do
             | tee -a "$log"
     fi
 done
-CARD="$card" COMMIT="$commit" python3 - "$memory_jsonl" >"$memory_md" <<'PY'
-import datetime, json, os, sys
-
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
-mib = lambda value: "–" if value is None else f"{value:.0f}"
-print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. f32, one process per row.")
-print()
-print("| size | tile | s/iteration | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|---|")
-for r in rows:
-    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
-    tile = r.get("tile_size") or "none"
-    print(f"| {r['width']}×{r['height']} | {tile} | {r['seconds_per_iteration']:.4f} | {r['peak_rss_mib']:.0f} "
-          f"| {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
-PY
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py memory "$memory_jsonl" >"$memory_md"
 
 # Batches (several images in one forward and backward pass) and how often the losses are read (each
 # read waits for the device): bf16, channels-last.
@@ -186,22 +157,7 @@ for entry in "${batched[@]}"; do
         --warmup "$batch_warmup" --device "$device" --precision bf16 --layout channels-last "${model_args[@]}" \
         || count_failure $?
 done
-CARD="$card" COMMIT="$commit" python3 - "$batch_jsonl" >"$batch_md" <<'PY'
-import datetime, json, os, sys
-
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
-mib = lambda value: "–" if value is None else f"{value:.0f}"
-print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}. bf16, channels-last.")
-print()
-print("| size | batch | loss read every | s/iteration (batch) | s/iteration per image | TFLOP/s | peak RSS MiB | CUDA max allocated MiB | CUDA in use MiB |")
-print("|---|---|---|---|---|---|---|---|---|")
-for r in rows:
-    size = f"{r['width']}²" if r["width"] == r["height"] else f"{r['width']}×{r['height']}"
-    cuda = "–" if r.get("cuda_peak_mib") is None else f"{r['cuda_peak_mib']:.0f}"
-    print(f"| {size} | {r['batch']} | {r['loss_read_interval']} | {r['seconds_per_iteration']:.4f} "
-          f"| {r['seconds_per_image_iteration']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} "
-          f"| {mib(r.get('cuda_max_allocated_mib'))} | {cuda} |")
-PY
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py batch "$batch_jsonl" >"$batch_md"
 
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
 cat "$md" "$memory_md" "$batch_md"

@@ -1,0 +1,72 @@
+"""Markdown tables of the JSON rows `impasto bench` prints, for benches/gpu.sh.
+
+Usage: gpu_tables.py iterations|memory|batch ROWS.jsonl; the card, commit and (for the main table)
+command come from the CARD, COMMIT and COMMAND environment variables. Lines that are not JSON rows
+(a failed command's output) are skipped.
+"""
+
+import datetime
+import json
+import os
+import sys
+
+LAYOUTS = {"ChannelsFirst": "channels-first", "ChannelsLast": "channels-last"}
+
+
+def mib(value):
+    return "–" if value is None else f"{value:.0f}"
+
+
+def size(row):
+    return f"{row['width']}²" if row["width"] == row["height"] else f"{row['width']}×{row['height']}"
+
+
+def memory(row):
+    """The CUDA max allocated and in-use columns."""
+    return f"{mib(row.get('cuda_max_allocated_mib'))} | {mib(row.get('cuda_peak_mib'))}"
+
+
+def table(header, lines):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for line in lines:
+        print(f"| {line} |")
+
+
+def iterations(rows):
+    print(f"Command: `{os.environ['COMMAND']}`")
+    print()
+    header = ["precision", "layout", "size", "s/iteration", "s/forward", "TFLOP/s", "peak RSS MiB",
+              "CUDA max allocated MiB", "CUDA in use MiB"]
+    table(header, (f"{r['precision']} | {LAYOUTS.get(r['layout'], r['layout'])} | {size(r)} "
+                   f"| {r['seconds_per_iteration']:.4f} | {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} "
+                   f"| {r['peak_rss_mib']:.0f} | {memory(r)}" for r in rows))
+
+
+def large_frames(rows):
+    header = ["size", "tile", "s/iteration", "peak RSS MiB", "CUDA max allocated MiB", "CUDA in use MiB"]
+    table(header, (f"{r['width']}×{r['height']} | {r.get('tile_size') or 'none'} | {r['seconds_per_iteration']:.4f} "
+                   f"| {r['peak_rss_mib']:.0f} | {memory(r)}" for r in rows))
+
+
+def batches(rows):
+    header = ["size", "batch", "loss read every", "s/iteration (batch)", "s/iteration per image", "TFLOP/s",
+              "peak RSS MiB", "CUDA max allocated MiB", "CUDA in use MiB"]
+    table(header, (f"{size(r)} | {r['batch']} | {r['loss_read_interval']} | {r['seconds_per_iteration']:.4f} "
+                   f"| {r['seconds_per_image_iteration']:.4f} | {r['tflops']:.2f} | {r['peak_rss_mib']:.0f} "
+                   f"| {memory(r)}" for r in rows))
+
+
+KINDS = {
+    "iterations": ("", iterations),
+    "memory": (" f32, one process per row.", large_frames),
+    "batch": (" bf16, channels-last.", batches),
+}
+
+if __name__ == "__main__":
+    note, write = KINDS[sys.argv[1]]
+    rows = [json.loads(line) for line in open(sys.argv[2]) if line.strip().startswith("{")]
+    print(f"Card: {os.environ['CARD']}. Date: {datetime.date.today()}. Commit: {os.environ['COMMIT']}.{note}")
+    if write is not iterations:
+        print()
+    write(rows)
