@@ -166,6 +166,7 @@ impl Checkpoint {
 }
 
 /// Reads the pictures of a work directory.
+#[derive(Clone)]
 pub struct StoredFrames {
     dir: PathBuf,
 }

@@ -19,7 +19,7 @@ use crate::flow::{self, FlowPair};
 use crate::imageio;
 use crate::model::Vgg;
 use crate::style::color::{self, ColorMode};
-use crate::style::{BatchItem, Losses, Optimised, StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, Losses, Optimised, Stopping, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// What the next frame builds on.
 struct Previous {
@@ -73,8 +73,9 @@ impl FramePlan {
 
 /// Paints the frames of one video in order.
 pub struct FramePainter<'m> {
-    first: Stylizer<'m>,
-    later: Stylizer<'m>,
+    stylizer: Stylizer<'m>,
+    /// When a later frame of a shot stops early (the first frame stops as the style settings say).
+    later_stopping: Stopping,
     style_targets: Vec<Tensor>,
     video: VideoSettings,
     color: ColorMode,
@@ -95,13 +96,12 @@ impl<'m> FramePainter<'m> {
         measure_warping: bool,
     ) -> Result<Self> {
         video.validate()?;
-        let first = Stylizer::new(vgg, style.clone())?;
-        let later_settings = StyleSettings { tolerance: video.tolerance, patience: video.patience, ..style.clone() };
-        let later = Stylizer::new(vgg, later_settings)?;
-        let style_targets = first.style_targets(styles, long_side);
+        let stylizer = Stylizer::new(vgg, style.clone())?;
+        let later_stopping = Stopping { tolerance: video.tolerance, patience: video.patience };
+        let style_targets = stylizer.style_targets(styles, long_side);
         Ok(FramePainter {
-            first,
-            later,
+            stylizer,
+            later_stopping,
             style_targets,
             video: video.clone(),
             color: style.color,
@@ -113,17 +113,17 @@ impl<'m> FramePainter<'m> {
 
     /// A painter with the same settings and style targets (shared, not recomputed) and no frame
     /// behind it: the painter of another segment of the same video.
-    pub fn sibling(&self) -> Result<Self> {
-        Ok(FramePainter {
-            first: Stylizer::new(self.first.network(), self.first.settings().clone())?,
-            later: Stylizer::new(self.later.network(), self.later.settings().clone())?,
+    pub fn sibling(&self) -> Self {
+        FramePainter {
+            stylizer: self.stylizer.clone(),
+            later_stopping: self.later_stopping,
             style_targets: self.shallow_style(),
             video: self.video.clone(),
             color: self.color,
             device: self.device,
             measure_warping: self.measure_warping,
             previous: None,
-        })
+        }
     }
 
     /// The device frames should be on.
@@ -138,26 +138,10 @@ impl<'m> FramePainter<'m> {
         self.previous = Some(Previous { input: content.to_device(self.device), output, loss_scale: record.loss_scale });
     }
 
-    /// Paints the next frame, `content` (RGB 0..1 `[1, 3, H, W]`). `on_iteration` sees (done, planned)
-    /// iterations.
-    pub fn paint(
-        &mut self,
-        index: u64,
-        pts: i64,
-        content: &Tensor,
-        on_iteration: &mut dyn FnMut(usize, usize),
-    ) -> Result<PaintedFrame> {
-        let (item, plan) = self.plan(index, pts, content)?;
-        let started = Instant::now();
-        let mut observer = |_: usize, done: usize, _: Losses, _: &Tensor| on_iteration(done, plan.planned);
-        let outcome = self.first.optimise_batch(vec![item], &mut observer).pop().expect("one item");
-        Ok(self.finish(plan, outcome, started.elapsed().as_secs_f64()))
-    }
-
     /// A stylizer that can optimise the frames of this painter and its siblings together (the
     /// stop settings come with each frame).
-    pub fn runner(&self) -> Result<Stylizer<'m>> {
-        Stylizer::new(self.first.network(), self.first.settings().clone())
+    pub fn runner(&self) -> Stylizer<'m> {
+        self.stylizer.clone()
     }
 
     /// Everything this frame's optimisation needs, decided from the frames before it: the motion, how
@@ -170,14 +154,14 @@ impl<'m> FramePainter<'m> {
         let working_content = self.to_working(&content);
         let (start_image, temporal) = self.starting_point(start, &working_content, motion.as_ref());
         let flow_seconds = flow_started.elapsed().as_secs_f64();
-        let (stylizer, planned) = if start.is_fresh() {
-            (&self.first, self.video.first_iterations as usize)
+        let (planned, stopping) = if start.is_fresh() {
+            (self.video.first_iterations as usize, self.stylizer.stopping())
         } else {
-            (&self.later, self.video.iterations as usize)
+            (self.video.iterations as usize, self.later_stopping)
         };
-        let targets =
-            Targets { content: stylizer.content_targets(&working_content), style: self.shallow_style(), temporal };
-        let item = BatchItem { targets, start: start_image, iterations: planned, stopping: stylizer.stopping() };
+        let content_targets = self.stylizer.content_targets(&working_content);
+        let targets = Targets { content: content_targets, style: self.shallow_style(), temporal };
+        let item = BatchItem { targets, start: start_image, iterations: planned, stopping };
         Ok((item, FramePlan { index, pts, content, motion, start, planned, flow_seconds }))
     }
 

@@ -96,6 +96,7 @@ pub struct Stylized {
 }
 
 /// Runs Gatys-style optimisation with one network.
+#[derive(Clone)]
 pub struct Stylizer<'m> {
     vgg: &'m Vgg,
     settings: StyleSettings,

@@ -226,20 +226,16 @@ impl PreparedJob {
         let writer = VideoWriter::create(staging, &video.encode, spec)?;
         let resumable = checkpoint.resumable().clone();
         let stored = checkpoint.stored_frames();
-        let read_back = checkpoint.stored_frames();
         let long_side = self.frame_size.0.max(self.frame_size.1);
         let painter =
             FramePainter::new(vgg, &self.job.style, video, &self.job.styles, long_side, self.job.measure_warping)?;
-        let mut painters = Vec::with_capacity(plan.segments().len());
-        for _ in 1..plan.segments().len() {
-            painters.push(painter.sibling()?);
-        }
-        painters.insert(0, painter);
+        let siblings: Vec<FramePainter> = (1..plan.segments().len()).map(|_| painter.sibling()).collect();
+        let painters: Vec<FramePainter> = std::iter::once(painter).chain(siblings).collect();
         if plan.segments().len() > 1 {
             tracing::info!(segments = plan.segments().len(), longest = plan.steps(), "painting in segments");
         }
         let painting = PaintStage::new(painters, &plan, &resumable, &stored, self.frame_count, &self.stop);
-        let encoding = EncodeStage::new(writer, checkpoint, Reorder::new(&plan, read_back));
+        let encoding = EncodeStage::new(writer, checkpoint, Reorder::new(&plan, stored.clone()));
         run_threads(readers, painting, encoding, video.queue, observer)
     }
 }

@@ -116,7 +116,7 @@ impl PaintStage<'_, '_> {
         errors: &FirstError,
         observer: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<Option<()>> {
-        let runner = self.lanes[0].painter.runner()?;
+        let runner = self.lanes[0].painter.runner();
         let lanes = self.lanes.len();
         let mut feed = LaneFeed { stage: self, receivers, sender, errors, observer, failure: None, halted: false };
         runner.optimise_refilled(lanes, &mut feed);
