@@ -199,13 +199,7 @@ fn matroska_output_works_and_its_frames_are_counted() {
 #[test]
 fn damaged_data_is_reported_with_its_frame_and_decoding_goes_on() {
     let dir = TempDir::new().unwrap();
-    let input = dir.path().join("damaged.mp4");
-    let mut bytes = std::fs::read(clip("bikes.mp4")).unwrap();
-    let middle = bytes.len() / 2;
-    for (offset, byte) in bytes[middle..middle + 2000].iter_mut().enumerate() {
-        *byte = (offset as u8).wrapping_mul(151).wrapping_add(89);
-    }
-    std::fs::write(&input, &bytes).unwrap();
+    let input = common::damaged_bikes(dir.path());
 
     let (mut frames, mut reports) = (0u64, Vec::new());
     for item in VideoReader::open(&input, WorkingSize::LongSide(96)).unwrap() {

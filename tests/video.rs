@@ -92,6 +92,11 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The frame numbers of a report's records, in its order.
+fn frame_indices(report: &Value) -> Vec<u64> {
+    report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect()
+}
+
 /// The names in a folder, hidden ones included, sorted.
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
@@ -251,27 +256,32 @@ fn manifest_frames(work_dir: &Path) -> usize {
     std::fs::read_to_string(work_dir.join("manifest.jsonl")).map_or(0, |text| text.lines().count().saturating_sub(1))
 }
 
+/// Runs `command` until the manifest of the job writing `output` lists `pictures` pictures (failing if
+/// the job ends first or never gets there), kills it with SIGKILL and returns its work directory.
+fn kill_once_listed(mut command: Command, output: &Path, pictures: usize) -> PathBuf {
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let listed = loop {
+        let listed = work_dir(output).map_or(0, |d| manifest_frames(&d));
+        if listed >= pictures || started.elapsed() > Duration::from_secs(180) {
+            break listed;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(listed >= pictures, "the manifest never listed frames");
+    work_dir(output).expect("the work directory survives the kill")
+}
+
 #[test]
 fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     let dir = TempDir::new().unwrap();
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--json"];
-    let mut first = video_command(&input, &output, &extra);
-    let mut child = first.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    let listed = loop {
-        let listed = work_dir(&output).map_or(0, |d| manifest_frames(&d));
-        if listed >= 5 || started.elapsed() > Duration::from_secs(180) {
-            break listed;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(listed >= 5, "the manifest never listed frames");
-    let killed_dir = work_dir(&output).expect("the work directory survives the kill");
+    let killed_dir = kill_once_listed(video_command(&input, &output, &extra), &output, 5);
     assert!(manifest_frames(&killed_dir) < 50, "the job was killed before it finished");
     assert!(!output.exists(), "no output after a kill");
 
@@ -318,8 +328,7 @@ fn segments_painted_side_by_side_keep_every_frame_in_order_and_cross_fade_their_
     let (faded, report) = paint("faded", None);
     assert_eq!(report["segments"], 2);
     assert_eq!(report["frame_count"], 50);
-    let indices: Vec<u64> = report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
-    assert_eq!(indices, (0..50).collect::<Vec<u64>>(), "every frame once, in order");
+    assert_eq!(frame_indices(&report), (0..50).collect::<Vec<u64>>(), "every frame once, in order");
     assert_eq!(frame_timestamps(&faded), frame_timestamps(&input));
     assert_eq!(stream_list(&ffprobe(&faded)), stream_list(&ffprobe(&input)), "audio kept");
     assert_eq!(entries(dir.path()).iter().filter(|n| n.contains(".impasto-")).count(), 0, "work directory removed");
@@ -343,22 +352,8 @@ fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "32", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--segments", "3", "--json"];
-    let mut first = video_command(&input, &output, &extra);
-    let mut child = first.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
     // Three segments: frames 0…15, 8…32 and 25…49 (lead-ins of eight frames), painted side by side.
-    let listed = loop {
-        let listed = work_dir(&output).map_or(0, |d| manifest_frames(&d));
-        if listed >= 9 || started.elapsed() > Duration::from_secs(180) {
-            break listed;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the job ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(listed >= 9, "the manifest never listed frames");
-    let killed_dir = work_dir(&output).expect("the work directory survives the kill");
+    let killed_dir = kill_once_listed(video_command(&input, &output, &extra), &output, 9);
     let pictures = entries(&killed_dir.join("frames"));
     assert!(pictures.iter().any(|n| n.ends_with(".lead.png")), "lead-in pictures stored: {pictures:?}");
     assert!(manifest_frames(&killed_dir) < 66, "the job was killed before it finished");
@@ -371,22 +366,14 @@ fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
     let report = read_json(&report);
     assert_eq!(report["segments"], 3);
     assert!(report["resumed_frames"].as_u64().unwrap() >= 3, "{}", report["resumed_frames"]);
-    let indices: Vec<u64> = report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
-    assert_eq!(indices, (0..50).collect::<Vec<u64>>());
+    assert_eq!(frame_indices(&report), (0..50).collect::<Vec<u64>>());
     assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
 }
 
 #[test]
 fn segments_of_a_damaged_video_report_the_damage_once_and_paint_every_frame() {
     let dir = TempDir::new().unwrap();
-    // bikes.mp4 with 2000 bytes overwritten in the middle: some frames cannot be decoded
-    let input = dir.path().join("damaged.mp4");
-    let mut bytes = std::fs::read(clip("bikes.mp4")).unwrap();
-    let middle = bytes.len() / 2;
-    for (offset, byte) in bytes[middle..middle + 2000].iter_mut().enumerate() {
-        *byte = (offset as u8).wrapping_mul(151).wrapping_add(89);
-    }
-    std::fs::write(&input, &bytes).unwrap();
+    let input = common::damaged_bikes(dir.path());
     let paint = |segments: &str| {
         let (output, report) =
             (dir.path().join(format!("{segments}.mp4")), dir.path().join(format!("{segments}.json")));

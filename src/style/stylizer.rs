@@ -956,6 +956,24 @@ mod tests {
         assert!(stopped[0].image.equal(&stopped_seldom[0].image));
     }
 
+    /// Asserts that item `id`, optimised beside others (the totals it saw, its outcome), took the
+    /// steps it takes alone from `start` towards `targets` in `iterations`: up to the last bits of
+    /// batched against single convolutions (which L-BFGS amplifies a little from step to step).
+    fn assert_as_if_alone(
+        vgg: &Vgg,
+        id: usize,
+        (seen, outcome): (&[f64], &Optimised),
+        (targets, start, iterations): (&Targets, &Tensor, usize),
+    ) {
+        let (alone, alone_seen) = run_batch(vgg, StyleSettings::default(), &[(targets, start)], iterations);
+        assert_eq!(seen.len(), alone_seen[0].len(), "item {id}");
+        for (a, b) in seen.iter().zip(&alone_seen[0]) {
+            assert!((a - b).abs() <= 2e-3 * b.abs(), "item {id}: loss {a} vs {b}");
+        }
+        let difference = (&outcome.image - &alone[0].image).abs().mean(Kind::Float).double_value(&[]);
+        assert!(difference < 1.0 / 255.0, "item {id}: mean difference {difference}");
+    }
+
     #[test]
     fn a_batch_paints_each_image_as_if_alone() {
         let vgg = network();
@@ -972,15 +990,7 @@ mod tests {
         // the last bits of the batched convolutions decide the first steps)
         let (together, seen) = run_batch(&vgg, settings.clone(), &[(&first, &starts[0]), (&second, &starts[1])], 6);
         for (index, (targets, start)) in [(&first, &starts[0]), (&second, &starts[1])].into_iter().enumerate() {
-            let (alone, alone_seen) = run_batch(&vgg, settings.clone(), &[(targets, start)], 6);
-            // the same steps, up to the last bits of batched against single convolutions (which
-            // L-BFGS amplifies a little from step to step)
-            assert_eq!(seen[index].len(), alone_seen[0].len());
-            for (a, b) in seen[index].iter().zip(&alone_seen[0]) {
-                assert!((a - b).abs() <= 2e-3 * b.abs(), "item {index}: loss {a} vs {b}");
-            }
-            let difference = (&together[index].image - &alone[0].image).abs().mean(Kind::Float).double_value(&[]);
-            assert!(difference < 1.0 / 255.0, "item {index}: mean difference {difference}");
+            assert_as_if_alone(&vgg, index, (&seen[index], &together[index]), (targets, start, 6));
         }
         assert!(together[1].losses.temporal > 0.0 && together[0].losses.temporal == 0.0);
     }
@@ -1040,13 +1050,7 @@ mod tests {
         stylizer.optimise_refilled(2, &mut feed);
         assert_eq!(feed.order, vec![0, 2, 1], "item 2 ran beside item 1 and finished first");
         for (id, (targets, iterations)) in plan.into_iter().enumerate() {
-            let (alone, alone_seen) = run_batch(&vgg, StyleSettings::default(), &[(targets, &starts[id])], iterations);
-            assert_eq!(feed.seen[&id].len(), alone_seen[0].len(), "item {id}");
-            for (a, b) in feed.seen[&id].iter().zip(&alone_seen[0]) {
-                assert!((a - b).abs() <= 2e-3 * b.abs(), "item {id}: loss {a} vs {b}");
-            }
-            let difference = (&feed.outcomes[&id].image - &alone[0].image).abs().mean(Kind::Float).double_value(&[]);
-            assert!(difference < 1.0 / 255.0, "item {id}: mean difference {difference}");
+            assert_as_if_alone(&vgg, id, (&feed.seen[&id], &feed.outcomes[&id]), (targets, &starts[id], iterations));
         }
         assert!(feed.outcomes[&2].losses.temporal > 0.0 && feed.outcomes[&1].losses.temporal == 0.0);
     }

@@ -83,3 +83,16 @@ pub fn truncated_bikes(dir: &std::path::Path) -> PathBuf {
     std::fs::remove_file(&whole).unwrap();
     truncated
 }
+
+/// `dir/damaged.mp4`: the shared bikes.mp4 with 2000 bytes in the middle overwritten, so that some
+/// frames cannot be decoded.
+pub fn damaged_bikes(dir: &std::path::Path) -> PathBuf {
+    let damaged = dir.join("damaged.mp4");
+    let mut bytes = std::fs::read(media("video/bikes.mp4")).unwrap();
+    let middle = bytes.len() / 2;
+    for (offset, byte) in bytes[middle..middle + 2000].iter_mut().enumerate() {
+        *byte = (offset as u8).wrapping_mul(151).wrapping_add(89);
+    }
+    std::fs::write(&damaged, &bytes).unwrap();
+    damaged
+}
