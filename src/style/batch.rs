@@ -107,7 +107,7 @@ pub(super) struct BatchTargets {
     /// Style Gram matrices per feature position per style layer, `[B, N, N]`.
     pub style: Vec<Tensor>,
     /// The warped previous outputs `[B, 3, H, W]`, their masks `[B, 1, H, W]` and weights `[B]` (an
-    /// item without a temporal term has weight 0); `None` when no item has one.
+    /// item without a temporal term has weight 0); `None` when no item has one and none can join.
     pub temporal: Option<(Tensor, Tensor, Tensor)>,
 }
 
