@@ -120,6 +120,18 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The error for a panic's text in `stage`: libtorch's failures (out of memory above all) as
+    /// such, anything else as an internal error naming the stage.
+    pub fn from_panic_text(stage: &str, text: &str) -> Self {
+        if text.contains("out of memory") || text.contains("Torch") || text.contains("TchError") {
+            Error::from_torch_message("the device", text)
+        } else {
+            Error::Internal(format!("the {stage} stage panicked: {}", first_line(text)))
+        }
+    }
+}
+
 /// The first line of a message, escaped newlines included.
 pub fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();

@@ -59,12 +59,7 @@ impl FirstError {
 /// The error for a stage that panicked: libtorch failures (which tch raises as panics) keep their
 /// meaning, out of memory included.
 pub fn panic_error(stage: &str, payload: &(dyn std::any::Any + Send)) -> Error {
-    let text = crate::error::panic_text(payload);
-    if text.contains("out of memory") || text.contains("Torch") || text.contains("TchError") {
-        Error::from_torch_message("the device", &text)
-    } else {
-        Error::Internal(format!("the {stage} stage panicked: {}", crate::error::first_line(&text)))
-    }
+    Error::from_panic_text(stage, &crate::error::panic_text(payload))
 }
 
 #[cfg(test)]

@@ -60,6 +60,10 @@ pub enum DeviceSlots {
         device: DeviceChoice,
         /// Jobs it runs at once.
         slots: usize,
+        /// Whether the slots' frames go through the network in one shared batch (default true);
+        /// false runs each job's batch on its own.
+        #[serde(default)]
+        shared_batch: Option<bool>,
     },
 }
 
@@ -76,6 +80,14 @@ impl DeviceSlots {
         match self {
             DeviceSlots::Name(_) => 1,
             DeviceSlots::Slots { slots, .. } => *slots,
+        }
+    }
+
+    /// Whether its slots share one batch: when there are several, unless turned off.
+    pub fn shares_batch(&self) -> bool {
+        match self {
+            DeviceSlots::Name(_) => false,
+            DeviceSlots::Slots { slots, shared_batch, .. } => *slots > 1 && shared_batch.unwrap_or(true),
         }
     }
 }
@@ -399,6 +411,10 @@ mod tests {
             toml::from_str("devices = [\"cuda:1\", { device = \"cpu\", slots = 3 }]\n").unwrap();
         let slots: Vec<(String, usize)> = config.devices.iter().map(|d| (d.device().to_string(), d.slots())).collect();
         assert_eq!(slots, [("cuda:1".to_string(), 1), ("cpu".to_string(), 3)]);
+        assert_eq!(config.devices.iter().map(DeviceSlots::shares_batch).collect::<Vec<_>>(), [false, true]);
+        let alone: ServiceConfig =
+            toml::from_str("devices = [{ device = \"cpu\", slots = 2, shared_batch = false }]\n").unwrap();
+        assert!(!alone.devices[0].shares_batch());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Metrics in the Prometheus text format (`/metrics`): jobs by state and the queue depth (read from
 //! the store at scrape time, so they hold for every node sharing it), and this node's frames
-//! rendered, seconds per frame (a histogram), per-device busy time and memory.
+//! rendered, seconds per frame (a histogram), per-device busy time and memory, and what each
+//! device's shared batch has done.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::lock;
+use crate::style::SharedBatch;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -20,6 +22,7 @@ pub struct Metrics {
     frame_seconds: Mutex<Histogram>,
     devices: Mutex<BTreeMap<String, DeviceUse>>,
     jobs_finished: Mutex<BTreeMap<&'static str, u64>>,
+    batches: Mutex<BTreeMap<String, Arc<SharedBatch>>>,
 }
 
 /// A histogram with the fixed frame buckets.
@@ -53,6 +56,11 @@ impl Metrics {
     /// Registers a device with its slots.
     pub fn add_device(&self, name: &str, slots: usize) {
         lock(&self.devices).entry(name.to_string()).or_default().slots += slots;
+    }
+
+    /// Registers a device's shared batch.
+    pub fn add_shared_batch(&self, device: &str, batch: Arc<SharedBatch>) {
+        lock(&self.batches).insert(device.to_string(), batch);
     }
 
     /// A frame was painted in `seconds`.
@@ -106,6 +114,7 @@ impl Metrics {
         self.render_frame_seconds(&mut out);
         self.render_jobs_finished(&mut out);
         self.render_devices(&mut out);
+        self.render_shared_batches(&mut out);
         out
     }
 
@@ -147,6 +156,34 @@ impl Metrics {
         for name in devices.keys() {
             if let Some(bytes) = device_memory_bytes(name) {
                 let _ = writeln!(out, "impasto_device_memory_bytes{{device=\"{name}\"}} {bytes}");
+            }
+        }
+    }
+}
+
+impl Metrics {
+    fn render_shared_batches(&self, out: &mut String) {
+        let stats: Vec<(String, crate::style::SharedBatchStats)> =
+            lock(&self.batches).iter().map(|(name, batch)| (name.clone(), batch.stats())).collect();
+        let families: [(&str, &str, &str, fn(&crate::style::SharedBatchStats) -> u64); 4] = [
+            ("impasto_shared_batches_total", "counter", "Batches the device's shared batch started.", |s| s.batches),
+            ("impasto_shared_batch_items_total", "counter", "Frames painted in the device's shared batch.", |s| {
+                s.items
+            }),
+            (
+                "impasto_shared_batch_item_iterations_total",
+                "counter",
+                "Frame iterations run in the device's shared batch.",
+                |s| s.item_iterations,
+            ),
+            ("impasto_shared_batch_most_items", "gauge", "The most frames the shared batch held at once.", |s| {
+                s.most_together
+            }),
+        ];
+        for (name, kind, help, value) in families {
+            family(out, name, kind, help);
+            for (device, stats) in &stats {
+                let _ = writeln!(out, "{name}{{device=\"{device}\"}} {}", value(stats));
             }
         }
     }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::device::DeviceChoice;
 use crate::model::Vgg;
+use crate::style::SharedBatch;
 use config::ServiceConfig;
 use metrics::Metrics;
 use store::Store;
@@ -149,7 +150,7 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
     let metrics = Arc::new(Metrics::default());
     let bell = Arc::new(Bell::default());
     let shutdown_flag = Arc::new(AtomicBool::new(false));
-    let slots = tokio::task::block_in_place(|| load_slots(&config, &watches, &metrics))?;
+    let (slots, runners) = tokio::task::block_in_place(|| load_slots(&config, &watches, &metrics))?;
     let shared = Arc::new(Shared {
         store: store.clone(),
         node: node.clone(),
@@ -165,6 +166,12 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
         .map(|slot| worker::spawn(shared.clone(), slot))
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| ServiceError::Internal(format!("cannot start a worker: {e}")))?;
+    let batches: Vec<Arc<SharedBatch>> = runners.iter().map(|runner| runner.batch.clone()).collect();
+    let runners = runners
+        .into_iter()
+        .map(BatchRunner::spawn)
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| ServiceError::Internal(format!("cannot start a device's batch: {e}")))?;
     let stop = CancellationToken::new();
     let state = Arc::new(api::AppState {
         store: store.clone(),
@@ -198,6 +205,9 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
     bell.ring();
     stop.cancel();
     wait_for_workers(workers, Duration::from_secs_f64(config.jobs.stop_timeout_seconds)).await;
+    // the workers' frames are done (or given up on): the shared batches may stop
+    batches.iter().for_each(|batch| batch.close());
+    wait_for_workers(runners, Duration::from_secs(5)).await;
     for task in ingest {
         let _ = task.await;
     }
@@ -278,11 +288,37 @@ fn load_watches(config: &ServiceConfig) -> Result<Vec<Arc<Watch>>, ServiceError>
     config.watch.iter().map(|w| Watch::load(w.clone()).map(Arc::new)).collect()
 }
 
+/// A device's shared batch and its own handles on the device's networks.
+struct BatchRunner {
+    device: String,
+    batch: Arc<SharedBatch>,
+    models: HashMap<String, Vgg>,
+}
+
+impl BatchRunner {
+    /// Starts the thread that paints the batch until it is closed.
+    fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let name = format!("impasto-{}-batch", self.device);
+        std::thread::Builder::new().name(name).spawn(move || {
+            let _span = tracing::info_span!("shared_batch", device = %self.device).entered();
+            self.batch.serve(&self.models);
+        })
+    }
+}
+
 /// Loads the networks the watch folders need on every device (once per device), and makes the
-/// slots, each with its own handle on them.
-fn load_slots(config: &ServiceConfig, watches: &[Arc<Watch>], metrics: &Metrics) -> Result<Vec<Slot>, ServiceError> {
+/// slots, each with its own handle on them, and the shared batches of the devices whose slots
+/// share one.
+fn load_slots(
+    config: &ServiceConfig,
+    watches: &[Arc<Watch>],
+    metrics: &Metrics,
+) -> Result<(Vec<Slot>, Vec<BatchRunner>), ServiceError> {
     let _no_grad = tch::no_grad_guard();
     let mut slots = Vec::new();
+    let mut runners = Vec::new();
+    // each job may bring one lane per segment
+    let lanes_per_job = watches.iter().map(|w| w.profile.video.segments as usize).max().unwrap_or(1).max(1);
     for entry in &config.devices {
         for device in expand_device(entry.device())? {
             let name = crate::device::device_name(device.resolve()?);
@@ -297,13 +333,19 @@ fn load_slots(config: &ServiceConfig, watches: &[Arc<Watch>], metrics: &Metrics)
                 }
             }
             metrics.add_device(&name, entry.slots());
+            let share =
+                |models: &HashMap<String, Vgg>| models.iter().map(|(k, vgg)| (k.clone(), vgg.share())).collect();
+            let batch = entry.shares_batch().then(|| Arc::new(SharedBatch::new(entry.slots() * lanes_per_job)));
+            if let Some(batch) = &batch {
+                metrics.add_shared_batch(&name, batch.clone());
+                runners.push(BatchRunner { device: name.clone(), batch: batch.clone(), models: share(&models) });
+            }
             for index in 0..entry.slots() {
-                let shared = models.iter().map(|(key, vgg)| (key.clone(), vgg.share())).collect();
-                slots.push(Slot { device: name.clone(), index, models: shared });
+                slots.push(Slot { device: name.clone(), index, models: share(&models), batch: batch.clone() });
             }
         }
     }
-    Ok(slots)
+    Ok((slots, runners))
 }
 
 /// `auto` means every CUDA device, or the CPU when there is none.

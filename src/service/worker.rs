@@ -1,5 +1,7 @@
 //! Workers: one named thread per device slot, owning its handle on the device's network (loaded
-//! once per device and shared by its slots without a copy). A worker claims the oldest due job from
+//! once per device and shared by its slots without a copy). Where the device's slots share a batch,
+//! a worker's frames are optimised there, in one forward pass with the other slots' frames, while
+//! the worker decodes, plans and encodes its own job. A worker claims the oldest due job from
 //! the store, paints it with the video pipeline, and settles it: done (input to the done folder),
 //! failed for good (bad input: to the failed folder with a JSON sidecar), queued again with
 //! exponential back-off (transient errors), cancelled, or — on shutdown — queued again after the
@@ -22,6 +24,7 @@ use super::{Bell, ServiceError, lock};
 use crate::error::Error;
 use crate::model::Vgg;
 use crate::pipeline::{JobEvent, Report, VideoJob};
+use crate::style::SharedBatch;
 
 /// What every worker shares.
 pub struct Shared {
@@ -51,6 +54,8 @@ pub struct Slot {
     pub index: usize,
     /// Networks on the device, by the model identity of the watch folders that use them.
     pub models: HashMap<String, Vgg>,
+    /// The device's shared batch, when its slots paint their frames in one.
+    pub batch: Option<Arc<SharedBatch>>,
 }
 
 /// Starts a worker thread.
@@ -147,8 +152,12 @@ fn paint(shared: &Shared, slot: &mut Slot, watch: &Watch, job: &Job, live: &Arc<
     })?;
     let mut observer =
         FrameObserver { live, metrics: &shared.metrics, painted_seconds: 0.0, painted: 0, last_thumbnail: None };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepared.run(vgg, &mut |event| observer.see(event))))
-        .unwrap_or_else(|payload| Err(crate::pipeline::panic_error("paint", payload.as_ref())))
+    let mut see = |event: JobEvent<'_>| observer.see(event);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &slot.batch {
+        Some(batch) => prepared.run_shared(vgg, batch, &mut see),
+        None => prepared.run(vgg, &mut see),
+    }))
+    .unwrap_or_else(|payload| Err(crate::pipeline::panic_error("paint", payload.as_ref())))
 }
 
 /// Turns pipeline events into progress, metrics and thumbnails.

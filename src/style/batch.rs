@@ -52,6 +52,16 @@ pub trait BatchFeed {
     fn cancelled(&self) -> bool {
         false
     }
+    /// Whether `slot`, given nothing by [`BatchFeed::next`], may still get an item: it is then asked
+    /// again at every read of the losses while other slots run (a batch shared by several jobs).
+    fn open(&self, _slot: usize) -> bool {
+        false
+    }
+    /// Whether to end `slot`'s run now, unfinished (its job is gone); the outcome still goes to
+    /// [`BatchFeed::finished`].
+    fn abandoned(&self, _slot: usize) -> bool {
+        false
+    }
 }
 
 /// A fixed set of items, one per slot, and their outcomes.
@@ -97,6 +107,12 @@ impl BatchFeed for OneSlot<'_> {
     }
     fn cancelled(&self) -> bool {
         self.feed.cancelled()
+    }
+    fn open(&self, _: usize) -> bool {
+        self.feed.open(self.slot)
+    }
+    fn abandoned(&self, _: usize) -> bool {
+        self.feed.abandoned(self.slot)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Stylization: the paper's losses, the optimisers, colour preservation, settings, the `Stylizer`
-//! that runs them, and the quality score that measures the result.
+//! that runs them, the batch several jobs share on a device, and the quality score that measures
+//! the result.
 
 pub mod batch;
 pub mod color;
@@ -7,9 +8,11 @@ pub mod loss;
 pub mod optim;
 pub mod score;
 pub mod settings;
+pub mod shared;
 pub mod stylizer;
 pub mod tiles;
 
 pub use batch::{BatchFeed, BatchItem, Optimised, Stopping};
 pub use settings::{Init, LayerBalance, ScaleStep, StyleSettings};
+pub use shared::{SharedBatch, SharedBatchStats};
 pub use stylizer::{Losses, Progress, StyleImage, Stylized, Stylizer, Targets};

@@ -132,6 +132,11 @@ impl<'m> Stylizer<'m> {
     }
 
     /// The tiles of `image` `[1, 3, H, W]` when the settings ask for tiles and one is not enough.
+    /// Whether images of `height` × `width` are optimised in tiles (one at a time, never batched).
+    pub fn tiles(&self, height: i64, width: i64) -> bool {
+        TileGrid::needed(height, width, self.settings.tile_size)
+    }
+
     fn grid_for(&self, image: &Tensor) -> Option<TileGrid> {
         let size = image.size();
         TileGrid::plan(size[2], size[3], self.settings.tile_size, self.settings.tile_overlap, image.device())
@@ -461,8 +466,11 @@ impl<'m> Stylizer<'m> {
         loop {
             batch.hand_over(self, feed);
             let remaining = batch.runs.iter().map(ItemRun::remaining).max().unwrap_or(0);
-            if remaining == 0 || feed.cancelled() {
+            if feed.cancelled() || (remaining == 0 && !batch.holds_items()) {
                 break;
+            }
+            if remaining == 0 {
+                continue; // items loaded with nothing to do: handed back at once
             }
             let active = batch.runs.iter().map(|r| !r.finished()).collect::<Vec<_>>();
             let active = Tensor::from_slice(&active).to_device(device);
@@ -647,19 +655,29 @@ impl SlotBatch {
         SlotBatch { image, targets, balance, optimizer: stylizer.optimizer(), items, runs }
     }
 
-    /// Hands each finished item to the feed and puts the feed's next one for its slot in its place.
+    /// Hands each finished (or abandoned) item to the feed and puts the feed's next one for its slot
+    /// in its place; an empty slot the feed keeps open is offered an item again.
     fn hand_over(&mut self, stylizer: &Stylizer<'_>, feed: &mut dyn BatchFeed) {
         for slot in 0..self.items.len() {
-            if !self.runs[slot].finished() {
+            if self.items[slot].is_some() {
+                if !self.runs[slot].finished() && !feed.abandoned(slot) {
+                    continue;
+                }
+                let Some(item) = self.items[slot].take() else { continue };
+                let run = std::mem::replace(&mut self.runs[slot], ItemRun::new(0));
+                feed.finished(slot, run.outcome(item.start));
+            } else if !feed.open(slot) {
                 continue;
             }
-            let Some(item) = self.items[slot].take() else { continue };
-            let run = std::mem::replace(&mut self.runs[slot], ItemRun::new(0));
-            feed.finished(slot, run.outcome(item.start));
             if let Some(next) = feed.next(slot) {
                 self.load(stylizer, slot, next);
             }
         }
+    }
+
+    /// Whether any slot holds an item.
+    fn holds_items(&self) -> bool {
+        self.items.iter().any(Option::is_some)
     }
 
     /// Puts `item` in `slot`, with a fresh optimiser state there.
@@ -854,19 +872,19 @@ fn read_values(queued: &[(Tensor, Tensor)]) -> Vec<Vec<(Losses, bool)>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::DeviceChoice;
     use crate::model::{Arch, ModelSettings};
     use tch::Device;
 
-    fn network() -> Vgg {
+    pub(crate) fn network() -> Vgg {
         let settings = ModelSettings { device: DeviceChoice::Cpu, ..ModelSettings::default() };
         crate::bench::random_vgg(Arch::Vgg16, &settings, Device::Cpu).unwrap()
     }
 
     /// A smooth, deterministic picture.
-    fn picture(width: u32, height: u32, phase: f32) -> RgbImage {
+    pub(crate) fn picture(width: u32, height: u32, phase: f32) -> RgbImage {
         RgbImage::from_fn(width, height, |x, y| {
             let (x, y) = (x as f32 / 9.0 + phase, y as f32 / 7.0 - phase);
             let channel = |k: f32| (127.0 + 100.0 * ((x * k).sin() * (y / k).cos())) as u8;
@@ -874,7 +892,7 @@ mod tests {
         })
     }
 
-    fn targets(stylizer: &Stylizer, width: u32, height: u32) -> Targets {
+    pub(crate) fn targets(stylizer: &Stylizer, width: u32, height: u32) -> Targets {
         let content = imageio::rgb_to_tensor(&picture(width, height, 0.0));
         let style = StyleImage { image: picture(90, 70, 2.0), weight: 1.0 };
         Targets {
@@ -959,7 +977,7 @@ mod tests {
     /// Asserts that item `id`, optimised beside others (the totals it saw, its outcome), took the
     /// steps it takes alone from `start` towards `targets` in `iterations`: up to the last bits of
     /// batched against single convolutions (which L-BFGS amplifies a little from step to step).
-    fn assert_as_if_alone(
+    pub(crate) fn assert_as_if_alone(
         vgg: &Vgg,
         id: usize,
         (seen, outcome): (&[f64], &Optimised),
@@ -996,12 +1014,20 @@ mod tests {
     }
 
     /// Items queued per slot; what each item saw and how it ended, by item number.
-    struct QueuedItems {
-        queues: Vec<std::collections::VecDeque<(usize, BatchItem)>>,
-        current: Vec<Option<usize>>,
-        seen: std::collections::BTreeMap<usize, Vec<f64>>,
-        outcomes: std::collections::BTreeMap<usize, Optimised>,
-        order: Vec<usize>,
+    pub(crate) struct QueuedItems {
+        pub queues: Vec<std::collections::VecDeque<(usize, BatchItem)>>,
+        pub current: Vec<Option<usize>>,
+        pub seen: std::collections::BTreeMap<usize, Vec<f64>>,
+        pub outcomes: std::collections::BTreeMap<usize, Optimised>,
+        pub order: Vec<usize>,
+    }
+
+    impl QueuedItems {
+        /// Items `queues` per slot (numbered), nothing seen yet.
+        pub fn new(queues: Vec<std::collections::VecDeque<(usize, BatchItem)>>) -> Self {
+            let current = queues.iter().map(|_| None).collect();
+            QueuedItems { queues, current, seen: Default::default(), outcomes: Default::default(), order: Vec::new() }
+        }
     }
 
     impl BatchFeed for QueuedItems {
@@ -1040,13 +1066,7 @@ mod tests {
             (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping: stylizer.stopping() })
         };
         // slot 0: item 0, then item 2 (with a temporal term) once item 0 is done; slot 1: item 1
-        let mut feed = QueuedItems {
-            queues: vec![[item(0), item(2)].into(), [item(1)].into()],
-            current: vec![None, None],
-            seen: Default::default(),
-            outcomes: Default::default(),
-            order: Vec::new(),
-        };
+        let mut feed = QueuedItems::new(vec![[item(0), item(2)].into(), [item(1)].into()]);
         stylizer.optimise_refilled(2, &mut feed);
         assert_eq!(feed.order, vec![0, 2, 1], "item 2 ran beside item 1 and finished first");
         for (id, (targets, iterations)) in plan.into_iter().enumerate() {

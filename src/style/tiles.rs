@@ -58,10 +58,12 @@ impl TileGrid {
     /// Tiles of about `tile` pixels overlapping by about `overlap` for an image of `height` ×
     /// `width`; `None` when `tile` is 0 or one tile covers the image.
     pub fn plan(height: i64, width: i64, tile: u32, overlap: u32, device: Device) -> Option<TileGrid> {
-        if tile == 0 || (height <= tile as i64 && width <= tile as i64) {
-            return None;
-        }
-        Some(Self::plan_always(height, width, tile, overlap, device))
+        Self::needed(height, width, tile).then(|| Self::plan_always(height, width, tile, overlap, device))
+    }
+
+    /// Whether an image of `height` × `width` is split into tiles of `tile` pixels (0: never).
+    pub fn needed(height: i64, width: i64, tile: u32) -> bool {
+        tile != 0 && (height > tile as i64 || width > tile as i64)
     }
 
     /// Like [`TileGrid::plan`], even when one tile covers the image.

@@ -34,7 +34,7 @@ use super::stages::{FirstError, panic_error};
 use crate::error::{Error, Result};
 use crate::media::{MediaError, VideoInfo, VideoReader, VideoWriter, VideoWriterSpec, WorkingSize, probe};
 use crate::model::Vgg;
-use crate::style::{StyleImage, StyleSettings};
+use crate::style::{SharedBatch, StyleImage, StyleSettings};
 
 /// What to paint and how.
 pub struct VideoJob {
@@ -156,10 +156,20 @@ impl PreparedJob {
     /// moves the finished video onto the output. The work directory is removed on success, and kept
     /// on failure when it holds finished frames.
     pub fn run(self, vgg: &Vgg, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Report> {
+        self.run_in(vgg, None, observer)
+    }
+
+    /// [`PreparedJob::run`], painting in the device's shared `batch` (which knows `vgg` by the job's
+    /// model identity) alongside other jobs' frames.
+    pub fn run_shared(self, vgg: &Vgg, batch: &SharedBatch, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Report> {
+        self.run_in(vgg, Some(batch), observer)
+    }
+
+    fn run_in(self, vgg: &Vgg, batch: Option<&SharedBatch>, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Report> {
         let started = Instant::now();
         let mut checkpoint = Checkpoint::open(&self.job.output, &self.key)?;
         let staging = checkpoint.staging_path(&self.job.output);
-        match self.run_stages(vgg, &mut checkpoint, &staging, observer) {
+        match self.run_stages(vgg, batch, &mut checkpoint, &staging, observer) {
             Ok((frames, damaged)) => {
                 std::fs::rename(&staging, &self.job.output).map_err(|e| Error::io(&self.job.output, e))?;
                 checkpoint.remove()?;
@@ -206,6 +216,7 @@ impl PreparedJob {
     fn run_stages(
         &self,
         vgg: &Vgg,
+        batch: Option<&SharedBatch>,
         checkpoint: &mut Checkpoint,
         staging: &Path,
         observer: &mut dyn FnMut(JobEvent<'_>),
@@ -234,7 +245,11 @@ impl PreparedJob {
         if plan.segments().len() > 1 {
             tracing::info!(segments = plan.segments().len(), longest = plan.steps(), "painting in segments");
         }
-        let painting = PaintStage::new(painters, &plan, &resumable, &stored, self.frame_count, &self.stop);
+        let mut painting = PaintStage::new(painters, &plan, &resumable, &stored, self.frame_count, &self.stop);
+        let model = self.job.model_identity.to_string();
+        if let Some(batch) = batch {
+            painting = painting.sharing(batch, &model);
+        }
         let encoding = EncodeStage::new(writer, checkpoint, Reorder::new(&plan, stored.clone()));
         run_threads(readers, painting, encoding, video.queue, observer)
     }

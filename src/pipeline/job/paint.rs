@@ -1,7 +1,8 @@
 //! The painting stage of a video job, on the thread that holds the network: one lane per segment,
 //! each with its own painter (its chain in time), all optimised as one batch that gives a lane its
-//! next frame as soon as its last is done. Frames an earlier run stored are taken from the
-//! checkpoint instead, while a lane's stored frames last.
+//! next frame as soon as its last is done — the job's own batch, or a batch the device shares with
+//! other jobs. Frames an earlier run stored are taken from the checkpoint instead, while a lane's
+//! stored frames last.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use crate::pipeline::painter::{FramePainter, FramePlan, PaintedFrame};
 use crate::pipeline::report::FrameRecord;
 use crate::pipeline::segments::SegmentPlan;
 use crate::pipeline::stages::{FirstError, Item};
-use crate::style::{BatchFeed, BatchItem, Losses, Optimised};
+use crate::style::{BatchFeed, BatchItem, Losses, Optimised, SharedBatch};
 
 /// The stored picture `key`, if it is readable and `size` big.
 fn load_stored(stored: &StoredFrames, key: PictureKey, size: (u32, u32)) -> Option<RgbImage> {
@@ -50,6 +51,8 @@ pub(super) struct PaintStage<'a, 'm> {
     stop: &'a AtomicBool,
     /// Frames passed on before a requested stop, once stopped.
     stopped_after: Option<u64>,
+    /// The device's shared batch and the network's identity there, when the job joins one.
+    shared: Option<(&'a SharedBatch, &'a str)>,
 }
 
 /// One segment's painter and where it is.
@@ -97,7 +100,12 @@ impl<'a, 'm> PaintStage<'a, 'm> {
         stop: &'a AtomicBool,
     ) -> Self {
         let lanes = painters.into_iter().map(Lane::new).collect();
-        PaintStage { lanes, plan, resumable, stored, done: 0, total, stop, stopped_after: None }
+        PaintStage { lanes, plan, resumable, stored, done: 0, total, stop, stopped_after: None, shared: None }
+    }
+
+    /// Paints in the device's shared `batch`, where this job's network is known as `model`.
+    pub(super) fn sharing(self, batch: &'a SharedBatch, model: &'a str) -> Self {
+        PaintStage { shared: Some((batch, model)), ..self }
     }
 
     /// Frames passed on before a requested stop, once stopped.
@@ -118,8 +126,16 @@ impl PaintStage<'_, '_> {
     ) -> Result<Option<()>> {
         let runner = self.lanes[0].painter.runner();
         let lanes = self.lanes.len();
+        let shared = self.shared;
         let mut feed = LaneFeed { stage: self, receivers, sender, errors, observer, failure: None, halted: false };
-        runner.optimise_refilled(lanes, &mut feed);
+        match shared {
+            None => runner.optimise_refilled(lanes, &mut feed),
+            Some((batch, model)) => {
+                if let Err(error) = batch.optimise(model, runner.settings(), lanes, &mut feed) {
+                    feed.failure.get_or_insert(error);
+                }
+            }
+        }
         let LaneFeed { failure, halted, sender, .. } = feed;
         if let Some(error) = failure {
             return Err(error);

@@ -1,0 +1,477 @@
+//! A batch that several jobs share on one device, so that the frames of several videos (and their
+//! segments) go through the network in one forward pass. Each job hands in its lanes' items from its
+//! own thread ([`SharedBatch::optimise`], which takes the place of [`Stylizer::optimise_refilled`]);
+//! one runner thread per device ([`SharedBatch::serve`]) paints them. Items join a running batch only
+//! when they run the same network with the same settings at the same size; when the oldest waiting
+//! item differs, the running batch takes no more, finishes what it holds, and the next one starts
+//! with that item, so no job waits behind another for long. A job that stops (cancelled, failed,
+//! gone) withdraws: its items leave the batch at the next read of the losses while the others go on.
+//! Every item is optimised exactly as if it ran alone.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use tch::Tensor;
+
+use super::batch::{BatchFeed, BatchItem, Optimised};
+use super::settings::StyleSettings;
+use super::stylizer::{Losses, Stylizer};
+use crate::error::{Error, Result};
+use crate::model::Vgg;
+
+/// A device's shared batch: the items waiting for a slot, and what the runner has done.
+pub struct SharedBatch {
+    slots: usize,
+    state: Mutex<Waiting>,
+    arrived: Condvar,
+}
+
+/// What the runner has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedBatchStats {
+    /// Batches started (a new one whenever the network, settings or size change, or all went idle).
+    pub batches: u64,
+    /// Items taken into a batch.
+    pub items: u64,
+    /// Item iterations run.
+    pub item_iterations: u64,
+    /// The most items a batch held at once.
+    pub most_together: u64,
+}
+
+/// The items waiting, oldest first.
+#[derive(Default)]
+struct Waiting {
+    tickets: VecDeque<Ticket>,
+    closed: bool,
+    stats: SharedBatchStats,
+}
+
+/// What a batch is for: items share one only when all of this is equal.
+#[derive(Clone, PartialEq)]
+struct BatchKey {
+    /// The network's identity (the runner's key for it).
+    model: String,
+    settings: StyleSettings,
+    /// The image's size `[1, 3, H, W]`.
+    size: Vec<i64>,
+}
+
+/// One item handed in: what batch it needs, the job's lane it belongs to, and where its results go.
+struct Ticket {
+    key: BatchKey,
+    lane: usize,
+    item: BatchItem,
+    job: Arc<JobLink>,
+}
+
+/// The way back to a job.
+struct JobLink {
+    replies: Sender<Reply>,
+    /// The job no longer wants its items.
+    withdrawn: AtomicBool,
+}
+
+/// What the runner tells a job about one of its lanes.
+enum Reply {
+    Iteration {
+        lane: usize,
+        done: usize,
+        losses: Losses,
+        point: Tensor,
+    },
+    Finished {
+        lane: usize,
+        outcome: Optimised,
+    },
+    /// The batch failed (the runner's panic text); the job's items in it are lost.
+    Failed(String),
+}
+
+/// How long a job or the runner waits before looking again at its stop conditions.
+const POLL: Duration = Duration::from_millis(100);
+
+impl std::fmt::Debug for SharedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBatch").field("slots", &self.slots).field("stats", &self.stats()).finish()
+    }
+}
+
+impl SharedBatch {
+    /// A shared batch of at most `slots` items at once.
+    pub fn new(slots: usize) -> Self {
+        SharedBatch { slots: slots.max(1), state: Mutex::new(Waiting::default()), arrived: Condvar::new() }
+    }
+
+    /// What the runner has done so far.
+    pub fn stats(&self) -> SharedBatchStats {
+        self.waiting().stats
+    }
+
+    /// Stops the runner once its batch is done; items handed in later fail.
+    pub fn close(&self) {
+        let mut waiting = self.waiting();
+        waiting.closed = true;
+        for ticket in waiting.tickets.drain(..) {
+            let _ = ticket.job.replies.send(Reply::Failed("the device's batch was closed".into()));
+        }
+        self.arrived.notify_all();
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs a job's `lanes` in the shared batch with the network `model` and `settings`, as
+    /// [`Stylizer::optimise_refilled`] does alone: each lane's next item is asked for as soon as its
+    /// last is finished. Returns when no lane has more or the feed is cancelled; an error when the
+    /// batch failed (out of device memory, say) or was closed.
+    pub fn optimise(
+        &self,
+        model: &str,
+        settings: &StyleSettings,
+        lanes: usize,
+        feed: &mut dyn BatchFeed,
+    ) -> Result<()> {
+        let (replies, received) = crossbeam_channel::unbounded();
+        let job = Arc::new(JobLink { replies, withdrawn: AtomicBool::new(false) });
+        let _withdraw = Withdraw(&job);
+        let mut in_flight = 0usize;
+        for lane in 0..lanes {
+            in_flight += self.hand_in(model, settings, lane, feed, &job)?;
+        }
+        while in_flight > 0 && !feed.cancelled() {
+            match received.recv_timeout(POLL) {
+                Ok(Reply::Iteration { lane, done, losses, point }) => feed.iteration(lane, done, losses, &point),
+                Ok(Reply::Finished { lane, outcome }) => {
+                    in_flight -= 1;
+                    feed.finished(lane, outcome);
+                    in_flight += self.hand_in(model, settings, lane, feed, &job)?;
+                }
+                Ok(Reply::Failed(text)) => return Err(Error::from_panic_text("paint", &text)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => unreachable!("the job holds a sender"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks `feed` for `lane`'s next item and puts it in the queue; how many went in (0 or 1).
+    fn hand_in(
+        &self,
+        model: &str,
+        settings: &StyleSettings,
+        lane: usize,
+        feed: &mut dyn BatchFeed,
+        job: &Arc<JobLink>,
+    ) -> Result<usize> {
+        if feed.cancelled() {
+            return Ok(0);
+        }
+        let Some(item) = feed.next(lane) else { return Ok(0) };
+        let key = BatchKey { model: model.to_string(), settings: settings.clone(), size: item.start.size() };
+        let mut waiting = self.waiting();
+        if waiting.closed {
+            return Err(Error::Internal("the device's batch is closed (shutting down)".into()));
+        }
+        waiting.tickets.push_back(Ticket { key, lane, item, job: job.clone() });
+        self.arrived.notify_all();
+        Ok(1)
+    }
+
+    /// Paints what is handed in, batch after batch, with `models` (by identity) until closed. Runs
+    /// on the thread that owns the device's work.
+    pub fn serve(&self, models: &HashMap<String, Vgg>) {
+        while let Some(key) = self.next_key() {
+            self.run_batch(models, key);
+        }
+    }
+
+    /// The key of the oldest waiting item, once there is one; `None` when closed.
+    fn next_key(&self) -> Option<BatchKey> {
+        let mut waiting = self.waiting();
+        loop {
+            if waiting.closed {
+                return None;
+            }
+            waiting.tickets.retain(|t| !t.job.withdrawn.load(Ordering::SeqCst));
+            if let Some(ticket) = waiting.tickets.front() {
+                return Some(ticket.key.clone());
+            }
+            waiting = self.arrived.wait_timeout(waiting, POLL).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+    }
+
+    /// One batch of `key`'s items, until it holds none and no more of them wait, or an item of
+    /// another key is the oldest waiting.
+    fn run_batch(&self, models: &HashMap<String, Vgg>, key: BatchKey) {
+        let stylizer = match models.get(&key.model) {
+            Some(vgg) => Stylizer::new(vgg, key.settings.clone()),
+            None => Err(Error::Internal(format!("no network '{}' on this device", key.model))),
+        };
+        let stylizer = match stylizer {
+            Ok(stylizer) => stylizer,
+            Err(error) => return self.fail_waiting(&key, &error.to_string()),
+        };
+        let slots = if stylizer.tiles(key.size[2], key.size[3]) { 1 } else { self.slots };
+        self.waiting().stats.batches += 1;
+        let mut feed = RunnerFeed { batch: self, key, held: (0..slots).map(|_| None).collect(), busy: 0 };
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stylizer.optimise_refilled(slots, &mut feed)));
+        if let Err(payload) = run {
+            let text = crate::error::panic_text(payload.as_ref());
+            tracing::error!(error = %crate::error::first_line(&text), "a shared batch failed; its items' jobs fail");
+            for held in feed.held.iter().flatten() {
+                let _ = held.job.replies.send(Reply::Failed(text.clone()));
+            }
+        }
+    }
+
+    /// Fails every waiting item of `key` with `reason`.
+    fn fail_waiting(&self, key: &BatchKey, reason: &str) {
+        let mut waiting = self.waiting();
+        let (failed, kept): (VecDeque<Ticket>, VecDeque<Ticket>) =
+            waiting.tickets.drain(..).partition(|ticket| ticket.key == *key);
+        waiting.tickets = kept;
+        for ticket in failed {
+            let _ = ticket.job.replies.send(Reply::Failed(reason.to_string()));
+        }
+    }
+
+    /// The oldest waiting item when it is `key`'s; `None` when another key's item is older, when
+    /// none waits, or when closed.
+    fn take(&self, key: &BatchKey) -> Option<Ticket> {
+        let mut waiting = self.waiting();
+        if waiting.closed {
+            return None;
+        }
+        waiting.tickets.retain(|t| !t.job.withdrawn.load(Ordering::SeqCst));
+        if waiting.tickets.front().is_some_and(|ticket| ticket.key == *key) {
+            waiting.tickets.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Whether a batch of `key` should take no more items: another key's item waits first, or the
+    /// runner is closing.
+    fn draining(&self, key: &BatchKey) -> bool {
+        let waiting = self.waiting();
+        waiting.closed
+            || waiting.tickets.iter().find(|t| !t.job.withdrawn.load(Ordering::SeqCst)).is_some_and(|t| t.key != *key)
+    }
+}
+
+/// Withdraws a job's items when its [`SharedBatch::optimise`] returns, however it returns.
+struct Withdraw<'j>(&'j JobLink);
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.0.withdrawn.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The runner's side: the shared queue as one batch's feed.
+struct RunnerFeed<'b> {
+    batch: &'b SharedBatch,
+    key: BatchKey,
+    /// Each slot's item's job and lane.
+    held: Vec<Option<Held>>,
+    /// Slots holding an item.
+    busy: usize,
+}
+
+/// Whose item a slot holds.
+struct Held {
+    lane: usize,
+    job: Arc<JobLink>,
+}
+
+impl BatchFeed for RunnerFeed<'_> {
+    fn next(&mut self, slot: usize) -> Option<BatchItem> {
+        let ticket = self.batch.take(&self.key)?;
+        self.held[slot] = Some(Held { lane: ticket.lane, job: ticket.job });
+        self.busy += 1;
+        let mut waiting = self.batch.waiting();
+        waiting.stats.items += 1;
+        waiting.stats.most_together = waiting.stats.most_together.max(self.busy as u64);
+        Some(ticket.item)
+    }
+
+    fn finished(&mut self, slot: usize, outcome: Optimised) {
+        let Some(held) = self.held[slot].take() else { return };
+        self.busy -= 1;
+        let _ = held.job.replies.send(Reply::Finished { lane: held.lane, outcome });
+    }
+
+    fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor) {
+        let Some(held) = &self.held[slot] else { return };
+        self.batch.waiting().stats.item_iterations += 1;
+        let point = point.shallow_clone();
+        let _ = held.job.replies.send(Reply::Iteration { lane: held.lane, done, losses, point });
+    }
+
+    fn open(&self, _: usize) -> bool {
+        // an idle batch ends (the runner starts the next with whatever comes first)
+        self.busy > 0 && !self.batch.draining(&self.key)
+    }
+
+    fn abandoned(&self, slot: usize) -> bool {
+        self.held[slot].as_ref().is_some_and(|held| held.job.withdrawn.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::imageio;
+    use crate::style::stylizer::tests::{QueuedItems, assert_as_if_alone, network, picture, targets};
+    use crate::style::{Stopping, Targets};
+
+    /// Numbered items for one lane: item `id` starts from a picture of phase `phase` and runs
+    /// `iterations`, towards `targets`.
+    fn lane(items: &[(usize, &Targets, f32, usize)], size: (u32, u32)) -> VecDeque<(usize, BatchItem)> {
+        items
+            .iter()
+            .map(|&(id, targets, phase, iterations)| {
+                let start = imageio::rgb_to_tensor(&picture(size.0, size.1, phase));
+                let stopping = Stopping { tolerance: 0.0, patience: 1 };
+                (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping })
+            })
+            .collect()
+    }
+
+    /// Runs each job's feed (one lane each) in `batch` from its own thread; the runner starts only
+    /// once every job's first item waits, so the first batch sees them all. Returns the feeds.
+    fn run_jobs(batch: &SharedBatch, vgg: &Vgg, jobs: Vec<QueuedItems>) -> Vec<QueuedItems> {
+        let settings = StyleSettings::default();
+        let count = jobs.len();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|mut feed| {
+                    let settings = &settings;
+                    scope.spawn(move || {
+                        batch.optimise("m", settings, 1, &mut feed).unwrap();
+                        feed
+                    })
+                })
+                .collect();
+            while batch.waiting().tickets.len() < count {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let models = HashMap::from([("m".to_string(), vgg.share())]);
+            let runner = scope.spawn(move || batch.serve(&models));
+            let feeds = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            batch.close();
+            runner.join().unwrap();
+            feeds
+        })
+    }
+
+    #[test]
+    fn two_jobs_share_one_batch_and_each_frame_is_painted_as_if_alone() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 64, 48);
+        let mut second = targets(&stylizer, 64, 48);
+        second.content = stylizer.content_targets(&imageio::rgb_to_tensor(&picture(64, 48, 1.9)));
+        let plan = [(0, &first, 0.2, 4), (1, &first, 1.1, 3), (2, &second, 2.3, 6), (3, &second, 0.7, 2)];
+        let jobs = vec![
+            QueuedItems::new(vec![lane(&plan[..2], (64, 48))]),
+            QueuedItems::new(vec![lane(&plan[2..], (64, 48))]),
+        ];
+        let batch = SharedBatch::new(2);
+        let feeds = run_jobs(&batch, &vgg, jobs);
+        assert_eq!((feeds[0].order.clone(), feeds[1].order.clone()), (vec![0, 1], vec![2, 3]));
+        for (id, targets, phase, iterations) in plan {
+            let feed = &feeds[id / 2];
+            let start = imageio::rgb_to_tensor(&picture(64, 48, phase));
+            assert_as_if_alone(&vgg, id, (&feed.seen[&id], &feed.outcomes[&id]), (targets, &start, iterations));
+        }
+        let stats = batch.stats();
+        assert_eq!((stats.items, stats.item_iterations, stats.most_together), (4, 15, 2));
+    }
+
+    #[test]
+    fn frames_of_another_size_wait_for_their_own_batch() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let wide = targets(&stylizer, 64, 48);
+        let square = targets(&stylizer, 40, 40);
+        let jobs = vec![
+            QueuedItems::new(vec![lane(&[(0, &wide, 0.2, 3)], (64, 48))]),
+            QueuedItems::new(vec![lane(&[(1, &square, 0.4, 3)], (40, 40))]),
+        ];
+        let batch = SharedBatch::new(4);
+        let feeds = run_jobs(&batch, &vgg, jobs);
+        assert_eq!(feeds[0].outcomes[&0].image.size(), [1, 3, 48, 64]);
+        assert_eq!(feeds[1].outcomes[&1].image.size(), [1, 3, 40, 40]);
+        let stats = batch.stats();
+        assert_eq!((stats.batches, stats.items, stats.most_together), (2, 2, 1));
+    }
+
+    /// A feed that gives up (as a cancelled job does) once it has seen `after` iterations.
+    struct GivesUp {
+        feed: QueuedItems,
+        after: usize,
+    }
+
+    impl BatchFeed for GivesUp {
+        fn next(&mut self, slot: usize) -> Option<BatchItem> {
+            self.feed.next(slot)
+        }
+        fn finished(&mut self, slot: usize, outcome: Optimised) {
+            self.feed.finished(slot, outcome);
+        }
+        fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor) {
+            self.feed.iteration(slot, done, losses, point);
+        }
+        fn cancelled(&self) -> bool {
+            self.feed.seen.values().map(Vec::len).sum::<usize>() >= self.after
+        }
+    }
+
+    #[test]
+    fn a_job_that_gives_up_leaves_the_batch_and_the_other_goes_on() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 64, 48);
+        let settings = StyleSettings::default();
+        let batch = SharedBatch::new(2);
+        let models = HashMap::from([("m".to_string(), vgg.share())]);
+        let mut quitter = GivesUp { feed: QueuedItems::new(vec![lane(&[(0, &first, 0.2, 400)], (64, 48))]), after: 2 };
+        let mut stayer = QueuedItems::new(vec![lane(&[(1, &first, 1.3, 5)], (64, 48))]);
+        let shared = &batch;
+        std::thread::scope(|scope| {
+            let runner = scope.spawn(move || shared.serve(&models));
+            let quitting = scope.spawn(|| batch.optimise("m", &settings, 1, &mut quitter).unwrap());
+            batch.optimise("m", &settings, 1, &mut stayer).unwrap();
+            quitting.join().unwrap();
+            batch.close();
+            runner.join().unwrap();
+        });
+        assert!(quitter.feed.outcomes.is_empty());
+        let start = imageio::rgb_to_tensor(&picture(64, 48, 1.3));
+        assert_as_if_alone(&vgg, 1, (&stayer.seen[&1], &stayer.outcomes[&1]), (&first, &start, 5));
+        // the quitter's run ended at a read soon after it gave up, not after its 400 iterations
+        assert!(batch.stats().item_iterations < 100, "{:?}", batch.stats());
+    }
+
+    #[test]
+    fn a_closed_batch_refuses_new_items() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 64, 48);
+        let batch = SharedBatch::new(2);
+        batch.close();
+        let mut feed = QueuedItems::new(vec![lane(&[(0, &first, 0.2, 3)], (64, 48))]);
+        let error = batch.optimise("m", &StyleSettings::default(), 1, &mut feed).unwrap_err();
+        assert!(error.to_string().contains("closed"), "{error}");
+    }
+}
