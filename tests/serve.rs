@@ -403,6 +403,10 @@ fn check_metrics(daemon: &Daemon, named: &BTreeMap<String, Value>) {
     assert!(metrics["impasto_device_busy_seconds_total{device=\"cpu\"}"] > 0.0);
     assert!(metrics["impasto_device_memory_bytes{device=\"cpu\"}"] > 0.0);
     assert_eq!(metrics["impasto_device_slots{device=\"cpu\"}"], 2.0);
+    // the two slots' jobs paint in the device's one batch: every frame went through it, and with 21
+    // jobs on two slots it held frames of two jobs at once
+    assert_eq!(metrics["impasto_shared_batch_items_total{device=\"cpu\"}"], frames as f64);
+    assert!(metrics["impasto_shared_batch_most_items{device=\"cpu\"}"] >= 2.0);
 }
 
 /// The token is required; submitted paths must be inside a watch folder, however disguised.
