@@ -15,7 +15,7 @@ use crate::device::{device_name, memory};
 use crate::error::Result;
 use crate::model::{LayerId, Vgg};
 use crate::pipeline::{FrameSeconds, Report};
-use crate::style::{BatchItem, StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, SharedBatchStats, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// One measured size.
 #[derive(Clone, Debug, Serialize)]
@@ -252,6 +252,11 @@ pub struct VideoBenchRow {
     pub frames: u64,
     /// Runs of frames painted side by side (`video.segments`, fewer for a short clip).
     pub segments: u64,
+    /// Copies of the clip painted at once (`--jobs`).
+    pub jobs: u64,
+    /// With several jobs in a shared batch: the most frames it held at once (`None`: each job
+    /// optimised in its own batch).
+    pub shared_batch_most_items: Option<u64>,
     /// Working size (`width`, `height`).
     pub working_size: (u32, u32),
     /// Device the network ran on.
@@ -284,21 +289,41 @@ pub struct VideoBenchRow {
 impl VideoBenchRow {
     /// Sums up the report of a video job that ran with `vgg`.
     pub fn of(report: &Report, vgg: &Vgg) -> Self {
-        let stages = report.seconds_per_frame;
+        Self::of_jobs(std::slice::from_ref(report), report.wall_seconds, vgg, None)
+    }
+
+    /// Sums up the reports of video jobs that ran at once with `vgg` for `wall_seconds` in all, in a
+    /// shared batch when `shared` gives what it did. Seconds per frame are the wall time over all
+    /// their frames; each stage's seconds are the jobs' (frame-weighted) mean, as each job saw them.
+    pub fn of_jobs(reports: &[Report], wall_seconds: f64, vgg: &Vgg, shared: Option<SharedBatchStats>) -> Self {
+        let first = reports.first().expect("at least one report");
+        let frames: u64 = reports.iter().map(|r| r.frame_count).sum();
+        let per_frame = |pick: fn(&FrameSeconds) -> f64| {
+            let weighted: f64 = reports.iter().map(|r| pick(&r.seconds_per_frame) * r.frame_count as f64).sum();
+            weighted / frames.max(1) as f64
+        };
+        let stages = FrameSeconds {
+            decode: per_frame(|s| s.decode),
+            flow: per_frame(|s| s.flow),
+            optimise: per_frame(|s| s.optimise),
+            encode: per_frame(|s| s.encode),
+        };
         VideoBenchRow {
-            video: report.input.clone(),
-            frames: report.frame_count,
-            segments: report.segments,
-            working_size: report.working_size,
+            video: first.input.clone(),
+            frames,
+            segments: first.segments,
+            jobs: reports.len() as u64,
+            shared_batch_most_items: shared.map(|stats| stats.most_together),
+            working_size: first.working_size,
             device: device_name(vgg.device()),
             precision: vgg.precision().label_on(vgg.device()),
             arch: vgg.arch().to_string(),
             layout: format!("{:?}", vgg.layout()),
-            seconds_per_frame: report.wall_seconds / report.frame_count.max(1) as f64,
-            iterations_per_frame: mean_iterations(report),
+            seconds_per_frame: wall_seconds / frames.max(1) as f64,
+            iterations_per_frame: mean_iterations(reports),
             stage_seconds_per_frame: stages,
             share: shares(&stages),
-            wall_seconds: report.wall_seconds,
+            wall_seconds,
             peak_rss_mib: peak_rss_mib(),
             cuda_peak_mib: memory::in_use_mib(vgg.device()),
             cuda_max_allocated_mib: memory::allocator_peaks_mib(vgg.device()).map(|(allocated, _)| allocated),
@@ -306,12 +331,13 @@ impl VideoBenchRow {
     }
 }
 
-/// Iterations per frame a job painted in this run (not those taken from a checkpoint), its
+/// Iterations per frame the jobs painted in this run (not those taken from a checkpoint), their
 /// lead-in pictures' iterations included.
-fn mean_iterations(report: &Report) -> f64 {
-    let painted: Vec<usize> = report.frames.iter().filter(|f| !f.resumed).map(|f| f.iterations).collect();
-    let iterations = painted.iter().sum::<usize>() as u64 + report.lead_in_iterations;
-    iterations as f64 / painted.len().max(1) as f64
+fn mean_iterations(reports: &[Report]) -> f64 {
+    let painted = reports.iter().flat_map(|r| &r.frames).filter(|f| !f.resumed);
+    let (count, iterations) = painted.fold((0u64, 0u64), |(n, sum), f| (n + 1, sum + f.iterations as u64));
+    let lead_in: u64 = reports.iter().map(|r| r.lead_in_iterations).sum();
+    (iterations + lead_in) as f64 / count.max(1) as f64
 }
 
 /// Each stage's fraction of the stages' sum (all zero when nothing was timed).

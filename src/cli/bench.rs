@@ -1,7 +1,8 @@
 //! `impasto bench`: seconds per iteration at several sizes for the chosen device and precision, as
 //! JSON lines (one per size). Uses the resolved weights, or random VGG weights with `--random`. In
 //! builds with FFmpeg, `--video CLIP` paints a real clip with the video job instead and prints one
-//! JSON line: seconds per frame and the share of decode, flow, optimisation and encode.
+//! JSON line: seconds per frame and the share of decode, flow, optimisation and encode; with
+//! `--jobs N`, N copies of it at once, their frames in one shared batch as the daemon paints them.
 
 use anyhow::Result;
 use clap::Args;
@@ -97,10 +98,14 @@ mod video {
     use std::path::{Path, PathBuf};
 
     use anyhow::{Context, Result};
+    use std::collections::HashMap;
+    use std::time::Instant;
+
     use clap::Args;
     use impasto::bench::VideoBenchRow;
-    use impasto::pipeline::{VideoJob, VideoSettings};
-    use impasto::style::StyleImage;
+    use impasto::model::Vgg;
+    use impasto::pipeline::{PreparedJob, Report, VideoJob, VideoSettings, panic_error};
+    use impasto::style::{SharedBatch, StyleImage};
 
     use super::BenchArgs;
 
@@ -127,6 +132,13 @@ mod video {
         /// Runs of consecutive frames painted side by side in the video run (default: the profile's).
         #[arg(long, requires = "video")]
         pub segments: Option<u32>,
+        /// Paints the clip as this many jobs at once, each on its own thread as the daemon's slots
+        /// do, their frames in one shared batch.
+        #[arg(long, requires = "video", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        pub jobs: u32,
+        /// With `--jobs`: each job optimises its frames in its own batch (as `shared_batch = false`).
+        #[arg(long, requires = "video")]
+        pub own_batches: bool,
     }
 
     /// Paints the clip into a scratch directory (removed afterwards) and prints one JSON line.
@@ -144,27 +156,70 @@ mod video {
             None => impasto::model::identity(&model_settings)?,
         };
         let scratch = scratch_dir()?;
-        let job = VideoJob {
+        let job = |k: u32| VideoJob {
             input: clip.to_path_buf(),
-            output: scratch.join("painted.mp4"),
-            styles,
-            style,
-            video,
-            model_identity,
+            output: scratch.join(format!("painted-{k}.mp4")),
+            styles: styles.clone(),
+            style: style.clone(),
+            video: video.clone(),
+            model_identity: model_identity.clone(),
             measure_warping: false,
         };
         let device = model_settings.device.to_string();
-        let result = job.prepare().and_then(|prepared| {
+        let flags = &args.video_flags;
+        let lanes = flags.jobs as usize * video.segments as usize;
+        let batch = (flags.jobs > 1 && !flags.own_batches).then(|| SharedBatch::new(lanes));
+        let result = (0..flags.jobs).map(|k| job(k).prepare()).collect::<impasto::Result<Vec<_>>>().and_then(|jobs| {
             super::super::catch_torch(&device, || {
                 let vgg = super::network(args.random, &model_settings)?;
-                let report = prepared.run(&vgg, &mut |_event| {})?;
-                Ok(VideoBenchRow::of(&report, &vgg))
+                let started = Instant::now();
+                let reports = run_jobs(jobs, &vgg, batch.as_ref(), &model_identity.to_string())?;
+                let stats = batch.as_ref().map(SharedBatch::stats);
+                Ok(VideoBenchRow::of_jobs(&reports, started.elapsed().as_secs_f64(), &vgg, stats))
             })
         });
         let _ = std::fs::remove_dir_all(&scratch);
         let row = result.with_context(|| format!("painting '{}'", clip.display()))?;
         println!("{}", serde_json::to_string(&row).expect("serialisable"));
         Ok(())
+    }
+
+    /// Runs the prepared jobs at once, each on its own thread, in `batch` (which knows `vgg` as
+    /// `model`) or each in its own; their reports in order.
+    fn run_jobs(
+        jobs: Vec<PreparedJob>,
+        vgg: &Vgg,
+        batch: Option<&SharedBatch>,
+        model: &str,
+    ) -> impasto::Result<Vec<Report>> {
+        if jobs.len() == 1 && batch.is_none() {
+            return jobs.into_iter().map(|job| job.run(vgg, &mut |_event| {})).collect();
+        }
+        std::thread::scope(|scope| {
+            let runner = batch.map(|batch| {
+                let models = HashMap::from([(model.to_string(), vgg.share())]);
+                scope.spawn(move || batch.serve(&models))
+            });
+            let painters: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
+                    let vgg = vgg.share();
+                    scope.spawn(move || match batch {
+                        Some(batch) => job.run_shared(&vgg, batch, &mut |_event| {}),
+                        None => job.run(&vgg, &mut |_event| {}),
+                    })
+                })
+                .collect();
+            let reports = painters
+                .into_iter()
+                .map(|painter| painter.join().unwrap_or_else(|p| Err(panic_error("paint", p.as_ref()))))
+                .collect();
+            if let (Some(batch), Some(runner)) = (batch, runner) {
+                batch.close();
+                let _ = runner.join();
+            }
+            reports
+        })
     }
 
     /// The profile's video settings with the bench's flags on top.

@@ -146,6 +146,16 @@ impl BatchTargets {
         BatchTargets { content, style, temporal: stack_temporal(items, image, device, temporal_room) }
     }
 
+    /// The targets of the slots `slots` (`[b]`, int64 on the targets' device), in that order.
+    pub fn select(&self, slots: &Tensor) -> Self {
+        let content = self.content.iter().map(|c| Layout::ChannelsLast.apply(&c.index_select(0, slots))).collect();
+        let style = self.style.iter().map(|g| g.index_select(0, slots)).collect();
+        let temporal = self.temporal.as_ref().map(|(warped, masks, weights)| {
+            (warped.index_select(0, slots), masks.index_select(0, slots), weights.index_select(0, slots))
+        });
+        BatchTargets { content, style, temporal }
+    }
+
     /// Puts `targets` in slot `slot`.
     ///
     /// # Panics

@@ -472,12 +472,21 @@ impl<'m> Stylizer<'m> {
             if remaining == 0 {
                 continue; // items loaded with nothing to do: handed back at once
             }
-            let active = batch.runs.iter().map(|r| !r.finished()).collect::<Vec<_>>();
-            let active = Tensor::from_slice(&active).to_device(device);
+            let running = batch.runs.iter().map(|r| !r.finished()).collect::<Vec<_>>();
+            let active = Tensor::from_slice(&running).to_device(device);
+            // slots with nothing to do (empty, or done before the others) are left out of the passes
+            let subset = (grid.is_none() && running.contains(&false)).then(|| batch.subset(&running));
             let mut queued = Vec::with_capacity(remaining.min(interval));
             for _ in 0..remaining.min(interval) {
-                let point = batch.image.detach().set_requires_grad(true);
-                let (values, gradient) = self.loss_and_gradient(&point, &batch.targets, &batch.balance, grid.as_ref());
+                let (point, values, gradient) = match &subset {
+                    None => {
+                        let point = batch.image.detach().set_requires_grad(true);
+                        let (values, gradient) =
+                            self.loss_and_gradient(&point, &batch.targets, &batch.balance, grid.as_ref());
+                        (point, values, gradient)
+                    }
+                    Some(subset) => self.subset_loss_and_gradient(&batch.image, subset),
+                };
                 let proposal = batch.optimizer.propose(&gradient);
                 batch.image = point.detach() + where_items(&proposal.step, &active);
                 let values = Tensor::cat(&[values, proposal.stalled.to_kind(Kind::Double).unsqueeze(0)], 0);
@@ -507,6 +516,18 @@ impl<'m> Stylizer<'m> {
         let values: Vec<Tensor> =
             std::iter::once(&total).chain(&parts).map(|v| v.detach().to_kind(Kind::Double)).collect();
         (Tensor::stack(&values, 0), gradient)
+    }
+
+    /// [`Stylizer::loss_and_gradient`] of the running slots only: the point (the whole batch), the
+    /// values `[5, B]` and the gradient `[B, 3, H, W]`, zero in the slots left out.
+    fn subset_loss_and_gradient(&self, image: &Tensor, subset: &Subset) -> (Tensor, Tensor, Tensor) {
+        let point = image.detach();
+        let part = Layout::ChannelsLast.apply(&point.index_select(0, &subset.slots)).set_requires_grad(true);
+        let (part_values, part_gradient) = self.loss_and_gradient(&part, &subset.targets, &subset.balance, None);
+        let gradient = point.zeros_like().index_copy(0, &subset.slots, &part_gradient);
+        let batch = point.size()[0];
+        let values = Tensor::zeros([part_values.size()[0], batch], (Kind::Double, point.device()));
+        (point, values.index_copy(1, &subset.slots, &part_values), gradient)
     }
 
     fn optimizer(&self) -> Box<dyn Optimizer> {
@@ -675,6 +696,14 @@ impl SlotBatch {
         }
     }
 
+    /// The targets and balance of the slots that `running` marks, for passes of those alone.
+    fn subset(&self, running: &[bool]) -> Subset {
+        let kept: Vec<usize> = running.iter().enumerate().filter(|(_, run)| **run).map(|(slot, _)| slot).collect();
+        let indices: Vec<i64> = kept.iter().map(|&slot| slot as i64).collect();
+        let slots = Tensor::from_slice(&indices).to_device(self.image.device());
+        Subset { targets: self.targets.select(&slots), balance: self.balance.select(&kept), slots }
+    }
+
     /// Whether any slot holds an item.
     fn holds_items(&self) -> bool {
         self.items.iter().any(Option::is_some)
@@ -711,6 +740,14 @@ impl SlotBatch {
             }
         }
     }
+}
+
+/// Some of a batch's slots, with their targets and balance, for passes that leave the others out.
+struct Subset {
+    /// The slots, `[b]` (int64, on the device).
+    slots: Tensor,
+    targets: BatchTargets,
+    balance: Balance,
 }
 
 /// A starting image as the optimisation takes it: detached, f32, on `device`.
@@ -795,6 +832,15 @@ fn layer_stride(layer: LayerId) -> i64 {
 }
 
 impl Balance {
+    /// The balance of the slots `kept`, in that order.
+    fn select(&self, kept: &[usize]) -> Balance {
+        let select = |terms: &[Term]| {
+            let pick = |term: &Term| kept.iter().map(|&slot| term.scales[slot]).collect();
+            terms.iter().map(|term| Term::new(pick(term), term.weight, term.device_scales.device())).collect()
+        };
+        Balance { content: select(&self.content), style: select(&self.style), root: self.root }
+    }
+
     /// Puts an item's scales in slot `slot`.
     fn replace(&mut self, slot: usize, scales: &ItemScales) {
         for (term, scale) in self.content.iter_mut().zip(&scales.content) {
@@ -1059,7 +1105,8 @@ pub(crate) mod tests {
         third.temporal = Some((warped, Tensor::ones([1, 1, 48, 64], (Kind::Float, Device::Cpu)), 0.5));
         let starts: Vec<Tensor> =
             [0.2, 2.3, 1.1].iter().map(|p| imageio::rgb_to_tensor(&picture(64, 48, *p))).collect();
-        let plan = [(&first, 3usize), (&second, 8), (&third, 5)];
+        // item 2 ends at iteration 6 of 8: item 1's last two run alone, the empty slot left out
+        let plan = [(&first, 3usize), (&second, 8), (&third, 3)];
         let item = |id: usize| {
             let (targets, iterations) = plan[id];
             let start = starts[id].shallow_clone();
