@@ -169,7 +169,7 @@ fn setup(extra_top: &str, video: &str) -> Setup {
     let text = format!(
         r#"{extra_top}
 state_dir = "{state}"
-devices = [{{ device = "cpu", slots = 2 }}]
+devices = [{{ device = "cpu", slots = 2, shared_batch = true }}]
 [api]
 bind = "127.0.0.1:0"
 {token}
@@ -585,8 +585,12 @@ fn two_nodes_sharing_a_postgres_store_paint_each_video_once() {
     let database = common::postgres::FreshDatabase::create("serve_nodes");
     let s = setup("", TINY);
     let node_a = Daemon::start(&s.config, &[("IMPASTO_STORE", &database.url), ("IMPASTO_NODE", "node-a")]);
+    // node b paints each job in its own batch, node a its two slots' frames in one
+    let own_batches = s.root.join("own-batches.toml");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&own_batches, text.replace("shared_batch = true", "shared_batch = false")).unwrap();
     let env_b = [("IMPASTO_STORE", database.url.as_str()), ("IMPASTO_NODE", "node-b"), ("IMPASTO_LOG_FORMAT", "json")];
-    let mut node_b = Daemon::start(&s.config, &env_b);
+    let mut node_b = Daemon::start(&own_batches, &env_b);
     let staging = s.root.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     for i in 0..8 {
@@ -607,6 +611,15 @@ fn two_nodes_sharing_a_postgres_store_paint_each_video_once() {
     }
     assert_eq!(files_in(&s.out).len(), 8);
     assert_eq!(node_b.jobs()["counts"]["done"], 8, "both nodes see the one store");
+    let shared_items = |daemon: &Daemon| {
+        let (_, body) = daemon.call("GET", "/metrics", None);
+        parse_metrics(body.as_str().unwrap()).get("impasto_shared_batch_items_total{device=\"cpu\"}").copied()
+    };
+    let painted_by = |node: &str| named.values().filter(|j| j["node"] == node).count();
+    assert_eq!(shared_items(&node_b), None, "node b has no shared batch");
+    if painted_by("node-a") > 0 {
+        assert!(shared_items(&node_a).unwrap() > 0.0, "node a painted in its shared batch");
+    }
 
     node_b.signal("TERM");
     assert_eq!(node_b.wait_exit(), Some(0));

@@ -60,8 +60,9 @@ pub enum DeviceSlots {
         device: DeviceChoice,
         /// Jobs it runs at once.
         slots: usize,
-        /// Whether the slots' frames go through the network in one shared batch (default true);
-        /// false runs each job's batch on its own.
+        /// Whether the slots' frames go through the network in one shared batch; false runs each
+        /// job's batch on its own. Default: shared on a GPU, each its own on the CPU (where a
+        /// batch of small frames gains little and the jobs' own threads do better; BENCHMARKS.md).
         #[serde(default)]
         shared_batch: Option<bool>,
     },
@@ -83,11 +84,12 @@ impl DeviceSlots {
         }
     }
 
-    /// Whether its slots share one batch: when there are several, unless turned off.
-    pub fn shares_batch(&self) -> bool {
+    /// Whether its slots share one batch when it resolves to a GPU (`on_gpu`) or not: only with
+    /// several slots; as set, else on a GPU only.
+    pub fn shares_batch(&self, on_gpu: bool) -> bool {
         match self {
             DeviceSlots::Name(_) => false,
-            DeviceSlots::Slots { slots, shared_batch, .. } => *slots > 1 && shared_batch.unwrap_or(true),
+            DeviceSlots::Slots { slots, shared_batch, .. } => *slots > 1 && shared_batch.unwrap_or(on_gpu),
         }
     }
 }
@@ -411,10 +413,14 @@ mod tests {
             toml::from_str("devices = [\"cuda:1\", { device = \"cpu\", slots = 3 }]\n").unwrap();
         let slots: Vec<(String, usize)> = config.devices.iter().map(|d| (d.device().to_string(), d.slots())).collect();
         assert_eq!(slots, [("cuda:1".to_string(), 1), ("cpu".to_string(), 3)]);
-        assert_eq!(config.devices.iter().map(DeviceSlots::shares_batch).collect::<Vec<_>>(), [false, true]);
-        let alone: ServiceConfig =
-            toml::from_str("devices = [{ device = \"cpu\", slots = 2, shared_batch = false }]\n").unwrap();
-        assert!(!alone.devices[0].shares_batch());
+        let sharing = |on_gpu: bool| config.devices.iter().map(|d| d.shares_batch(on_gpu)).collect::<Vec<_>>();
+        assert_eq!((sharing(true), sharing(false)), (vec![false, true], vec![false, false]));
+        let set = |value: bool| {
+            let text = format!("devices = [{{ device = \"cpu\", slots = 2, shared_batch = {value} }}]\n");
+            let config: ServiceConfig = toml::from_str(&text).unwrap();
+            (config.devices[0].shares_batch(true), config.devices[0].shares_batch(false))
+        };
+        assert_eq!((set(true), set(false)), ((true, true), (false, false)));
     }
 
     #[test]

@@ -335,7 +335,8 @@ fn load_slots(
             metrics.add_device(&name, entry.slots());
             let share =
                 |models: &HashMap<String, Vgg>| models.iter().map(|(k, vgg)| (k.clone(), vgg.share())).collect();
-            let batch = entry.shares_batch().then(|| Arc::new(SharedBatch::new(entry.slots() * lanes_per_job)));
+            let on_gpu = name != "cpu";
+            let batch = entry.shares_batch(on_gpu).then(|| Arc::new(SharedBatch::new(entry.slots() * lanes_per_job)));
             if let Some(batch) = &batch {
                 metrics.add_shared_batch(&name, batch.clone());
                 runners.push(BatchRunner { device: name.clone(), batch: batch.clone(), models: share(&models) });
