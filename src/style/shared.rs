@@ -46,7 +46,10 @@ pub struct SharedBatchStats {
 #[derive(Default)]
 struct Waiting {
     tickets: VecDeque<Ticket>,
+    /// No more items are taken.
     closed: bool,
+    /// The runner has stopped: nothing in flight will be finished.
+    runner_gone: bool,
     stats: SharedBatchStats,
 }
 
@@ -152,6 +155,9 @@ impl SharedBatch {
                     in_flight += self.hand_in(model, settings, lane, feed, &job)?;
                 }
                 Ok(Reply::Failed(text)) => return Err(Error::from_panic_text("paint", &text)),
+                Err(RecvTimeoutError::Timeout) if self.waiting().runner_gone && received.is_empty() => {
+                    return Err(Error::Internal("the device's batch stopped before the job's frames were done".into()));
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => unreachable!("the job holds a sender"),
             }
@@ -185,6 +191,7 @@ impl SharedBatch {
     /// Paints what is handed in, batch after batch, with `models` (by identity) until closed. Runs
     /// on the thread that owns the device's work.
     pub fn serve(&self, models: &HashMap<String, Vgg>) {
+        let _closing = CloseOnExit(self);
         while let Some(key) = self.next_key() {
             self.run_batch(models, key);
         }
@@ -262,6 +269,16 @@ impl SharedBatch {
         let waiting = self.waiting();
         waiting.closed
             || waiting.tickets.iter().find(|t| !t.job.withdrawn.load(Ordering::SeqCst)).is_some_and(|t| t.key != *key)
+    }
+}
+
+/// Closes the batch when its runner stops, however it stops, so that no job waits for it.
+struct CloseOnExit<'b>(&'b SharedBatch);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.waiting().runner_gone = true;
+        self.0.close();
     }
 }
 
