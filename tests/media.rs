@@ -393,6 +393,60 @@ fn rotation_and_colour_tags_are_carried() {
     assert_same_colours(&input, &output, 96);
 }
 
+/// The first frame of `path`, upright as FFmpeg's command line shows it, scaled to `width`×`height`
+/// RGB24.
+fn ffmpeg_upright_rgb(path: &Path, (width, height): (u32, u32)) -> Vec<u8> {
+    let output = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-frames:v", "1", "-vf", &format!("scale={width}:{height}"), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(output.status.success());
+    output.stdout
+}
+
+fn mean_difference(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn a_container_that_cannot_store_the_rotation_gets_upright_frames() {
+    let dir = TempDir::new().unwrap();
+    let input = dir.path().join("rotated.mp4");
+    let bikes = clip("bikes.mp4");
+    let (bikes, rotated) = (bikes.to_str().unwrap(), input.to_str().unwrap());
+    ffmpeg(&["-i", bikes, "-t", "0.5", "-c", "copy", "-metadata:s:v", "rotate=90", rotated]);
+    let source = probe(&input).unwrap();
+    assert_eq!(source.rotation.abs(), 90);
+    let output = dir.path().join("out.mkv");
+    transcode(&input, &output, 96, &quick_settings()).unwrap();
+    let written = probe(&output).unwrap();
+    assert_eq!(written.rotation, 0, "Matroska stores no rotation here");
+    assert_eq!((written.width, written.height), (written.coded_width, written.coded_height));
+    assert!(
+        written.height > written.width,
+        "upright, as the source is displayed: {}×{}",
+        written.width,
+        written.height
+    );
+    let size = (written.width, written.height);
+    let expected = ffmpeg_upright_rgb(&input, size);
+    let ours = ffmpeg_upright_rgb(&output, size);
+    let difference = mean_difference(&expected, &ours);
+    // upside down would be as far from the source as any other picture
+    let upside_down: Vec<u8> = ours.chunks_exact(3).rev().flatten().copied().collect();
+    let wrong_way = mean_difference(&expected, &upside_down);
+    assert!(difference < 8.0 && wrong_way > 3.0 * difference, "{difference} against {wrong_way} turned over");
+    // a container that stores the rotation keeps the pixels as they are
+    let mp4 = dir.path().join("out.mp4");
+    transcode(&input, &mp4, 96, &quick_settings()).unwrap();
+    let kept = probe(&mp4).unwrap();
+    assert_eq!((kept.rotation, kept.coded_width > kept.coded_height), (source.rotation, true));
+    assert!(mean_difference(&expected, &ffmpeg_upright_rgb(&mp4, size)) < 8.0);
+}
+
 #[test]
 fn subtitles_are_copied() {
     let dir = TempDir::new().unwrap();

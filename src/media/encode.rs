@@ -1,7 +1,9 @@
 //! Writing painted frames back into a video: encoding (libx264 by default) with each frame's
 //! timestamp kept exactly, so variable frame rates stay variable and frame counts match, while the
 //! source's audio and subtitles are copied alongside and its rotation and colour tags carried over.
-//! The file appears under its name only when `finish` succeeds.
+//! A container that cannot store a rotation (Matroska, WebM, MPEG-TS in FFmpeg 5.1) gets the frames
+//! turned upright instead, so no player shows them on their side. The file appears under its name
+//! only when `finish` succeeds.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -16,7 +18,7 @@ use super::convert::{Scaler, YuvColorimetry, rgb_frame_from_buffer};
 use super::copy::{SourceStreamRole, StreamCopier};
 use super::decode::Frame;
 use super::error::MediaError;
-use super::geometry::{even_size, fit_long_side};
+use super::geometry::{even_size, fit_long_side, rotation_of};
 use super::partial::{PartialOutput, check_output_directory, directory_error};
 use super::probe::VideoInfo;
 use super::settings::{EncodeSettings, OutputSize};
@@ -93,6 +95,9 @@ pub struct VideoWriter {
     frame_size: (u32, u32),
     output_size: (u32, u32),
     nominal_frame_duration: i64,
+    /// Quarter turns clockwise that make each frame upright (the container cannot store the
+    /// rotation), 0 when the rotation is stored or there is none.
+    upright_turns: u32,
     durations_in_flight: HashMap<i64, i64>,
     last_pts: Option<i64>,
     frames_written: u64,
@@ -109,6 +114,8 @@ impl VideoWriter {
     ) -> Result<Self, MediaError> {
         let output = output.as_ref();
         super::init();
+        let incoming_size = spec.frame_size;
+        let (spec, upright_turns) = turned_upright(spec, &guess_container(output)?, output);
         let plan = plan_output(output, settings, &spec)?;
         check_output_directory(output)?;
         let temporary = crate::fsutil::temp_path_for(output);
@@ -135,9 +142,10 @@ impl VideoWriter {
             video_stream,
             encoder_time_base: rational(spec.time_base),
             stream_time_base,
-            frame_size: spec.frame_size,
+            frame_size: incoming_size,
             output_size,
             nominal_frame_duration: nominal_frame_duration(&spec),
+            upright_turns,
             durations_in_flight: HashMap::new(),
             last_pts: None,
             frames_written: 0,
@@ -150,7 +158,11 @@ impl VideoWriter {
         self.check_frame(frame)?;
         let pts = frame.pts.rescale(rational(frame.time_base), self.encoder_time_base);
         self.check_pts_increase(pts)?;
-        let rgb = rgb_frame_from_buffer(&frame.rgb, frame.width, frame.height);
+        let turned = turn_clockwise(frame, self.upright_turns);
+        let rgb = match &turned {
+            Some(picture) => rgb_frame_from_buffer(picture.as_raw(), picture.width(), picture.height()),
+            None => rgb_frame_from_buffer(&frame.rgb, frame.width, frame.height),
+        };
         let mut yuv = self.scaler.convert(&rgb).map_err(|e| self.failed("converting a frame to YUV", e))?;
         yuv.set_pts(Some(pts));
         self.durations_in_flight.insert(pts, self.duration_of(frame));
@@ -270,6 +282,51 @@ struct OutputPlan {
     codec: Codec,
     pixel_format: Pixel,
     size: (u32, u32),
+}
+
+/// Containers whose FFmpeg 5.1 muxer stores a display matrix (the QuickTime family).
+const ROTATING_CONTAINERS: [&str; 8] = ["mov", "mp4", "3gp", "3g2", "psp", "ipod", "ismv", "f4v"];
+
+/// `spec` as the writer must take it for `container`: unchanged where the container stores the
+/// rotation; else turned upright (sizes swapped for a quarter turn, no display matrix) with the
+/// quarter turns clockwise each frame needs. A rotation that is not a quarter turn is dropped with
+/// a warning.
+fn turned_upright(spec: VideoWriterSpec, container: &str, output: &Path) -> (VideoWriterSpec, u32) {
+    let Some(matrix) = spec.display_matrix else { return (spec, 0) };
+    let rotation = rotation_of(&matrix);
+    if ROTATING_CONTAINERS.contains(&container) || rotation == 0 {
+        return (spec, 0);
+    }
+    let unrotated = VideoWriterSpec { display_matrix: None, ..spec };
+    if rotation % 90 != 0 {
+        tracing::warn!(path = %output.display(), rotation, container, "the container cannot store this rotation; it is lost");
+        return (unrotated, 0);
+    }
+    // the matrix turns counter-clockwise by `rotation` for display
+    let turns = ((-rotation).rem_euclid(360) / 90) as u32;
+    tracing::info!(path = %output.display(), rotation, container, "the container cannot store the rotation; frames are turned upright");
+    if turns % 2 == 0 {
+        return (unrotated, turns);
+    }
+    let swap = |(width, height): (u32, u32)| (height, width);
+    let spec = VideoWriterSpec {
+        frame_size: swap(unrotated.frame_size),
+        source_size: unrotated.source_size.map(swap),
+        sample_aspect_ratio: (unrotated.sample_aspect_ratio.1, unrotated.sample_aspect_ratio.0),
+        ..unrotated
+    };
+    (spec, turns)
+}
+
+/// `frame`'s picture turned `turns` quarter turns clockwise; `None` for no turn.
+fn turn_clockwise(frame: &Frame, turns: u32) -> Option<image::RgbImage> {
+    let picture = image::ImageBuffer::<image::Rgb<u8>, &[u8]>::from_raw(frame.width, frame.height, &frame.rgb)?;
+    match turns % 4 {
+        1 => Some(image::imageops::rotate90(&picture)),
+        2 => Some(image::imageops::rotate180(&picture)),
+        3 => Some(image::imageops::rotate270(&picture)),
+        _ => None,
+    }
 }
 
 /// Resolves and checks container, codec, pixel format and size.

@@ -3,7 +3,8 @@
 //! directory's name carries a hash of everything that decides the painted pixels (the input file's
 //! identity, the style images, the settings), so re-running the same command after a crash or a
 //! SIGKILL finds it and resumes at the first unfinished frame, while a changed command starts afresh.
-//! A lock keeps two processes out of one directory; the job removes the directory when it succeeds.
+//! A lock keeps two processes out of one directory; the job removes the directory when it succeeds,
+//! and with it those that runs of the same output with other settings left.
 //!
 //! Layout: `.NAME.impasto-KEY/` holding `manifest.jsonl` (a header line, then one
 //! [`FrameRecord`] per finished picture, in the order they were finished: a video painted in
@@ -165,6 +166,35 @@ impl Checkpoint {
     }
 }
 
+/// Removes the work directories that runs with other settings left beside `output` (interrupted,
+/// then run again differently): once `output` is finished they could only overwrite it. One
+/// that another process holds is left alone. Returns the directories removed.
+pub fn remove_stale_siblings(output: &Path, key: &str) -> Vec<PathBuf> {
+    let own = work_dir_for(output, key);
+    let (Some(parent), Some(own_name)) = (own.parent(), own.file_name()) else { return Vec::new() };
+    let Some(prefix) = own_name.to_string_lossy().rsplit_once("-").map(|(stem, _)| format!("{stem}-")) else {
+        return Vec::new();
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || !name.starts_with(&prefix) || dir == own || !dir.join(MANIFEST).is_file() {
+            continue;
+        }
+        // held by a running job: not stale
+        let Ok(_lock) = lock_directory(&dir) else { continue };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed.push(dir),
+            Err(error) => tracing::warn!(dir = %dir.display(), %error, "cannot remove a stale work directory"),
+        }
+    }
+    removed
+}
+
 /// Reads the pictures of a work directory.
 #[derive(Clone)]
 pub struct StoredFrames {
@@ -292,6 +322,28 @@ mod tests {
             resumed: false,
             lead_in: false,
         }
+    }
+
+    #[test]
+    fn a_finished_output_takes_stale_work_directories_of_other_settings_with_it() {
+        let folder = tempfile::tempdir().unwrap();
+        let output = folder.path().join("out.mp4");
+        let picture = RgbImage::from_pixel(4, 2, image::Rgb([10, 20, 30]));
+        let mut stale = Checkpoint::open(&output, "0ld5e771n65").unwrap();
+        stale.store(&record(0), &picture).unwrap();
+        let stale_dir = stale.dir().to_path_buf();
+        drop(stale);
+        let running = Checkpoint::open(&output, "ru22in6").unwrap();
+        let other_output = Checkpoint::open(&folder.path().join("out.mp4.bak"), "0ld5e771n65").unwrap();
+        let unrelated = folder.path().join(".out.mp4.impasto-notes");
+        std::fs::create_dir_all(&unrelated).unwrap();
+        let finished = Checkpoint::open(&output, "f1n15hed").unwrap();
+        finished.remove().unwrap();
+        assert_eq!(remove_stale_siblings(&output, "f1n15hed"), vec![stale_dir.clone()]);
+        assert!(!stale_dir.exists());
+        assert!(running.dir().exists(), "a directory another job holds stays");
+        assert!(other_output.dir().exists(), "another output's directory stays");
+        assert!(unrelated.exists(), "a directory without a manifest is not ours");
     }
 
     #[test]

@@ -173,6 +173,9 @@ impl PreparedJob {
             Ok((frames, damaged)) => {
                 std::fs::rename(&staging, &self.job.output).map_err(|e| Error::io(&self.job.output, e))?;
                 checkpoint.remove()?;
+                for stale in checkpoint::remove_stale_siblings(&self.job.output, &self.key) {
+                    tracing::info!(dir = %stale.display(), "removed the work directory of an earlier run with other settings");
+                }
                 Ok(self.report(frames, damaged, started.elapsed().as_secs_f64()))
             }
             Err(error) => {
