@@ -11,6 +11,27 @@ use crate::error::{Error, Result};
 
 /// Reads an image file (PNG, JPEG, WebP, BMP, TIFF) as 8-bit RGB.
 pub fn read_rgb(path: &Path) -> Result<RgbImage> {
+    let reader = open_image(path)?;
+    let decoded = reader.decode().map_err(|e| Error::image(path, format!("cannot decode: {e}")))?;
+    if decoded.width() == 0 || decoded.height() == 0 {
+        return Err(Error::image(path, "image has no pixels"));
+    }
+    Ok(decoded.to_rgb8())
+}
+
+/// Checks that `path` is an image [`read_rgb`] would take, from its header (and a JPEG's end),
+/// without decoding its pixels; returns its size.
+pub fn check_image(path: &Path) -> Result<(u32, u32)> {
+    let (width, height) =
+        open_image(path)?.into_dimensions().map_err(|e| Error::image(path, format!("cannot decode: {e}")))?;
+    if width == 0 || height == 0 {
+        return Err(Error::image(path, "image has no pixels"));
+    }
+    Ok((width, height))
+}
+
+/// An image file's reader, its format known; a JPEG's end checked.
+fn open_image(path: &Path) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
     if !path.exists() {
         return Err(Error::image(path, "file not found"));
     }
@@ -24,11 +45,7 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     if reader.format() == Some(image::ImageFormat::Jpeg) {
         check_jpeg_complete(path)?;
     }
-    let decoded = reader.decode().map_err(|e| Error::image(path, format!("cannot decode: {e}")))?;
-    if decoded.width() == 0 || decoded.height() == 0 {
-        return Err(Error::image(path, "image has no pixels"));
-    }
-    Ok(decoded.to_rgb8())
+    Ok(reader)
 }
 
 /// JPEG decoders fill a truncated file's missing part with grey; refuse such a file instead.
@@ -117,6 +134,27 @@ mod tests {
         }
         let back = tensor_to_rgb(&rgb_to_tensor(&image));
         assert_eq!(back, image);
+    }
+
+    #[test]
+    fn the_header_check_refuses_what_reading_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = dir.path().join("good.png");
+        RgbImage::from_pixel(7, 3, image::Rgb([1, 2, 3])).save(&png).unwrap();
+        let jpeg = dir.path().join("good.jpg");
+        RgbImage::from_pixel(16, 16, image::Rgb([90, 20, 30])).save(&jpeg).unwrap();
+        let bytes = std::fs::read(&jpeg).unwrap();
+        let truncated = dir.path().join("truncated.jpg");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let text = dir.path().join("notes.png");
+        std::fs::write(&text, "not a picture").unwrap();
+        assert_eq!(check_image(&png).unwrap(), (7, 3));
+        assert_eq!(check_image(&jpeg).unwrap(), (16, 16));
+        for bad in [truncated, text, dir.path().join("missing.png")] {
+            let (checked, read) = (check_image(&bad).unwrap_err(), read_rgb(&bad).unwrap_err());
+            assert_eq!(checked.to_string(), read.to_string());
+            assert!(checked.to_string().contains(&bad.display().to_string()), "{checked}");
+        }
     }
 
     #[test]

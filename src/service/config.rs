@@ -381,7 +381,8 @@ fn check_watch(watch: &WatchConfig) -> std::result::Result<(), String> {
         return Err("styles: at least one style image".into());
     }
     for style in &watch.styles {
-        crate::imageio::read_rgb(style).map_err(|e| format!("styles: {e}"))?;
+        // the header only: the watch folder decodes its styles once, when it is loaded
+        crate::imageio::check_image(style).map_err(|e| format!("styles: {e}"))?;
     }
     let profile = watch.profile().map_err(|e| format!("profile: {e}"))?;
     profile.style.validate().map_err(|e| format!("profile: {e}"))?;
