@@ -14,13 +14,13 @@ pub fn temp_path_for(path: &Path) -> PathBuf {
 
 /// Writes through `write` to a temporary file, then renames it to `path`; removes it on failure.
 pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist"),
-            ));
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "output directory does not exist"),
+        ));
     }
     let temp = temp_path_for(path);
     let result = write(&temp).and_then(|()| std::fs::rename(&temp, path).map_err(|e| Error::io(path, e)));

@@ -188,7 +188,7 @@ fn weights_without_a_stated_convention_are_refused() {
     Tensor::write_safetensors(&named, &bare).unwrap();
     let settings =
         impasto::model::ModelSettings { path: Some(bare.clone()), ..common::vgg16_settings(Pooling::Avg, false) };
-    let error = model::load(&settings).err().expect("no convention").to_string();
+    let error = model::load(&settings).expect_err("no convention").to_string();
     assert!(error.contains("bare.safetensors") && error.contains("--convention"), "{error}");
     let settings = impasto::model::ModelSettings { convention: Some(model::Convention::Caffe), ..settings };
     assert!(model::load(&settings).is_ok());

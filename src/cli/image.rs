@@ -127,10 +127,8 @@ impl StyleFlags {
             s.init_image = Some(path.clone());
             s.init = Init::Image;
         }
-        if self.size.is_some() || self.iterations.is_some() {
-            if self.scales.is_none() {
-                s.scales.clear();
-            }
+        if (self.size.is_some() || self.iterations.is_some()) && self.scales.is_none() {
+            s.scales.clear();
         }
         s
     }

@@ -305,7 +305,7 @@ fn turned_upright(spec: VideoWriterSpec, container: &str, output: &Path) -> (Vid
     // the matrix turns counter-clockwise by `rotation` for display
     let turns = ((-rotation).rem_euclid(360) / 90) as u32;
     tracing::info!(path = %output.display(), rotation, container, "the container cannot store the rotation; frames are turned upright");
-    if turns % 2 == 0 {
+    if turns.is_multiple_of(2) {
         return (unrotated, turns);
     }
     let swap = |(width, height): (u32, u32)| (height, width);

@@ -72,7 +72,7 @@ pub fn normalized(convs: &[ConvWeights], means: &[Tensor]) -> Vec<ConvWeights> {
             let scale = robust_scale(&mean.to_device(conv.weight.device()).to_kind(Kind::Float));
             let mut weight = &conv.weight / scale.view([-1, 1, 1, 1]);
             if let Some(prev) = &previous {
-                weight = weight * prev.view([1, -1, 1, 1]);
+                weight *= prev.view([1, -1, 1, 1]);
             }
             let bias = &conv.bias / &scale;
             previous = Some(scale);

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 
 use super::lock;
-use crate::style::SharedBatch;
+use crate::style::{SharedBatch, SharedBatchStats};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -161,11 +161,14 @@ impl Metrics {
     }
 }
 
+/// A metric family of a shared batch's counts: name, type, help, and its value in the counts.
+type BatchFamily = (&'static str, &'static str, &'static str, fn(&SharedBatchStats) -> u64);
+
 impl Metrics {
     fn render_shared_batches(&self, out: &mut String) {
-        let stats: Vec<(String, crate::style::SharedBatchStats)> =
+        let stats: Vec<(String, SharedBatchStats)> =
             lock(&self.batches).iter().map(|(name, batch)| (name.clone(), batch.stats())).collect();
-        let families: [(&str, &str, &str, fn(&crate::style::SharedBatchStats) -> u64); 4] = [
+        let families: [BatchFamily; 4] = [
             ("impasto_shared_batches_total", "counter", "Batches the device's shared batch started.", |s| s.batches),
             ("impasto_shared_batch_items_total", "counter", "Frames painted in the device's shared batch.", |s| {
                 s.items

@@ -17,6 +17,7 @@ pub mod watch;
 pub mod worker;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -325,11 +326,11 @@ fn load_slots(
             let mut models: HashMap<String, Vgg> = HashMap::new();
             for watch in watches {
                 let key = watch.model_identity.to_string();
-                if !models.contains_key(&key) {
+                if let Entry::Vacant(slot) = models.entry(key) {
                     let settings =
                         crate::model::ModelSettings { device: device.clone(), ..watch.profile.model.clone() };
                     tracing::info!(device = %name, watch = %watch.config.name, "loading the network");
-                    models.insert(key, crate::model::load(&settings)?);
+                    slot.insert(crate::model::load(&settings)?);
                 }
             }
             metrics.add_device(&name, entry.slots());

@@ -30,10 +30,10 @@ fn abstract_address(name: &str) -> std::io::Result<std::os::unix::net::SocketAdd
 /// How often to ping the watchdog: half of `$WATCHDOG_USEC`, when it is set for this process.
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
-        if pid != std::process::id() {
-            return None;
-        }
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
     }
     Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
 }

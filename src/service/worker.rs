@@ -241,10 +241,10 @@ async fn beat(store: &Store, id: &str, node: &str, live: &Live, written_version:
         Err(error) => tracing::warn!(%error, "heartbeat failed"),
     }
     let thumbnail = lock(&live.thumbnail).clone();
-    if let Some((version, jpeg)) = thumbnail.filter(|(version, _)| Some(*version) != *written_version) {
-        if store.set_thumbnail(id, &jpeg, version).await.is_ok() {
-            *written_version = Some(version);
-        }
+    if let Some((version, jpeg)) = thumbnail.filter(|(version, _)| Some(*version) != *written_version)
+        && store.set_thumbnail(id, &jpeg, version).await.is_ok()
+    {
+        *written_version = Some(version);
     }
 }
 
@@ -302,15 +302,15 @@ fn user_facing(error: &Error, job: &Job) -> String {
 /// Fails a job for good: the input goes to the failed folder with a sidecar giving the reason.
 async fn fail(shared: &Shared, job: &Job, reason: &str) -> Result<(), ServiceError> {
     let mut input = job.input_path.clone();
-    if let Some(watch) = shared.watches.get(&job.watch) {
-        if let Some(moved) = set_aside(&job.input_path, &watch.config.failed_dir())? {
-            let sidecar = serde_json::json!({
-                "job": job.id, "name": job.name, "watch": job.watch, "error": reason,
-                "attempts": job.attempts, "failed_ms": now_ms(), "node": shared.node,
-            });
-            write_sidecar(&moved, &sidecar)?;
-            input = moved;
-        }
+    if let Some(watch) = shared.watches.get(&job.watch)
+        && let Some(moved) = set_aside(&job.input_path, &watch.config.failed_dir())?
+    {
+        let sidecar = serde_json::json!({
+            "job": job.id, "name": job.name, "watch": job.watch, "error": reason,
+            "attempts": job.attempts, "failed_ms": now_ms(), "node": shared.node,
+        });
+        write_sidecar(&moved, &sidecar)?;
+        input = moved;
     }
     shared.store.fail(&job.id, reason, &input).await?;
     shared.metrics.job_finished("failed");

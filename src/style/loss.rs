@@ -106,9 +106,9 @@ mod tests {
         let f = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 0.0, 1.0, 4.0]).view([1, 2, 1, 3]);
         let g = gram(&f);
         let expected = [[14.0, 14.0], [14.0, 17.0]];
-        for i in 0..2 {
-            for j in 0..2 {
-                assert_eq!(g.double_value(&[i as i64, j as i64]), expected[i][j]);
+        for (i, row) in expected.iter().enumerate() {
+            for (j, value) in row.iter().enumerate() {
+                assert_eq!(g.double_value(&[i as i64, j as i64]), *value);
             }
         }
     }

@@ -219,7 +219,7 @@ impl StyleSettings {
                 self.tile_size, self.tile_overlap
             ));
         }
-        if self.style_blend.iter().any(|w| !(*w >= 0.0)) {
+        if self.style_blend.iter().any(|w| w.is_nan() || *w < 0.0) {
             return bad("style blend weights must be non-negative".into());
         }
         Ok(())
