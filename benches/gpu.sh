@@ -17,7 +17,8 @@
 # card, date, command and commit; memory: peak RSS, the CUDA caching allocator's max allocated, and
 # the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one process
 # each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
-# against every 5th (the default) and every 10th) and gpu-bench.log (stderr of every command).
+# against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
+# in one shared batch and each in its own) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
@@ -159,6 +160,28 @@ for entry in "${batched[@]}"; do
 done
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py batch "$batch_jsonl" >"$batch_md"
 
+# Several jobs on one device, as the daemon's slots: their frames in one shared batch against each
+# job's own batch on its own thread: bf16, channels-last.
+jobs_jsonl="$out/gpu-jobs.jsonl"
+jobs_md="$out/gpu-jobs.md"
+: >"$jobs_jsonl"
+if [[ "$quick" == 1 ]]; then
+    job_sizes=("32 1,2") job_frames=2 job_iterations=1
+else
+    job_sizes=("256 1,4" "512 1,4" "1280x720 2") job_frames=3 job_iterations=10
+fi
+for entry in "${job_sizes[@]}"; do
+    read -r size jobs <<<"$entry"
+    for mode in shared own; do
+        own=()
+        [[ "$mode" == own ]] && own=(--own-batches)
+        budgeted "jobs $size × $jobs, $mode batches" "$jobs_jsonl" "$bin" bench --sizes "$size" --jobs "$jobs" \
+            "${own[@]}" --frames "$job_frames" --iterations "$job_iterations" --device "$device" --precision bf16 \
+            --layout channels-last "${model_args[@]}" || count_failure $?
+    done
+done
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py jobs "$jobs_jsonl" >"$jobs_md"
+
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
-cat "$md" "$memory_md" "$batch_md"
+cat "$md" "$memory_md" "$batch_md" "$jobs_md"
 exit $((failures > 0 ? 1 : 0))

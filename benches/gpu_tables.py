@@ -1,6 +1,6 @@
 """Markdown tables of the JSON rows `impasto bench` prints, for benches/gpu.sh.
 
-Usage: gpu_tables.py iterations|memory|batch ROWS.jsonl; the card, commit and (for the main table)
+Usage: gpu_tables.py iterations|memory|batch|jobs ROWS.jsonl; the card, commit and (for the main table)
 command come from the CARD, COMMIT and COMMAND environment variables. Lines that are not JSON rows
 (a failed command's output) are skipped.
 """
@@ -57,10 +57,20 @@ def batches(rows):
                    f"| {memory(r)}" for r in rows))
 
 
+def jobs(rows):
+    header = ["size", "jobs", "batches", "s per frame-iteration", "TFLOP/s", "most frames together", "peak RSS MiB",
+              "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['jobs']} | {'shared' if r['shared_batch'] else 'one per job'} "
+                   f"| {r['seconds_per_image_iteration']:.5f} | {r['tflops']:.2f} "
+                   f"| {r['most_together'] if r['most_together'] is not None else '–'} | {r['peak_rss_mib']:.0f} "
+                   f"| {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
+
+
 KINDS = {
     "iterations": ("", iterations),
     "memory": (" f32, one process per row.", large_frames),
     "batch": (" bf16, channels-last.", batches),
+    "jobs": (" bf16, channels-last; each job paints its frames one after another on its own thread.", jobs),
 }
 
 if __name__ == "__main__":

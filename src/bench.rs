@@ -2,7 +2,8 @@
 //! losses, optimiser step) and per forward pass at given sizes, with achieved TFLOP/s against the
 //! convolutions' FLOP count and the peak memory (resident; on CUDA the caching allocator's peaks and
 //! the device memory in use).
-//! Engine-only, so it runs where only libtorch is. [`VideoBenchRow`] sums up a real video job's
+//! Engine-only, so it runs where only libtorch is. [`bench_jobs`] times several jobs' frames on one
+//! device, in one shared batch or each in its own. [`VideoBenchRow`] sums up a real video job's
 //! report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
 
 use std::time::Instant;
@@ -202,6 +203,168 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
         tile_size: settings.tile_size,
         threads: tch::get_num_threads(),
     }
+}
+
+/// Several jobs painting frames at once on one device: `jobs` threads, each with `frames` frames of
+/// `width` × `height` optimised `iterations` times one after the other, in one shared batch or
+/// (`shared` false) each in its own.
+#[derive(Clone, Copy, Debug)]
+pub struct JobsCase {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Jobs at once.
+    pub jobs: usize,
+    /// Frames per job.
+    pub frames: usize,
+    /// Iterations per frame (no early stop).
+    pub iterations: usize,
+    /// One shared batch for all jobs, or one batch per job.
+    pub shared: bool,
+}
+
+/// One measured [`JobsCase`].
+#[derive(Clone, Debug, Serialize)]
+pub struct JobsBenchRow {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Device the network ran on.
+    pub device: String,
+    /// Network precision as it ran.
+    pub precision: String,
+    /// Activation memory layout.
+    pub layout: String,
+    /// Jobs at once.
+    pub jobs: usize,
+    /// Whether their frames shared one batch.
+    pub shared_batch: bool,
+    /// Frames per job.
+    pub frames_per_job: usize,
+    /// Iterations per frame.
+    pub iterations_per_frame: usize,
+    /// Wall seconds over all frames' iterations: the cost of one frame's iteration.
+    pub seconds_per_image_iteration: f64,
+    /// Achieved TFLOP/s over the run.
+    pub tflops: f64,
+    /// In a shared batch: the most frames it held at once.
+    pub most_together: Option<u64>,
+    /// Wall seconds of the timed run.
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process so far, MiB.
+    pub peak_rss_mib: f64,
+    /// On CUDA: the most the caching allocator held in tensors during the run, MiB.
+    pub cuda_max_allocated_mib: Option<f64>,
+    /// libtorch's CPU threads during the run.
+    pub threads: i32,
+}
+
+/// One job's frames, one after another, as a feed for one lane.
+struct FrameQueue {
+    frames: std::collections::VecDeque<BatchItem>,
+}
+
+impl crate::style::BatchFeed for FrameQueue {
+    fn next(&mut self, _: usize) -> Option<BatchItem> {
+        self.frames.pop_front()
+    }
+    fn finished(&mut self, _: usize, _: crate::style::Optimised) {}
+    fn iteration(&mut self, _: usize, _: usize, _: crate::style::Losses, _: &Tensor) {}
+}
+
+/// Times one [`JobsCase`] with `settings`' layers (after an untimed run of one frame per job).
+pub fn bench_jobs(vgg: &Vgg, settings: &StyleSettings, case: JobsCase) -> Result<JobsBenchRow> {
+    let mut settings = settings.clone();
+    settings.tolerance = 0.0;
+    let stylizer = Stylizer::new(vgg, settings.clone())?;
+    let style = StyleImage { image: synthetic_image(case.width, case.height, 2), weight: 1.0 };
+    let style_targets = stylizer.style_targets(&[style], case.width.max(case.height));
+    let frame = |seed: u32| {
+        let content =
+            crate::imageio::rgb_to_tensor(&synthetic_image(case.width, case.height, seed)).to_device(vgg.device());
+        let style = style_targets.iter().map(Tensor::shallow_clone).collect();
+        let targets = Targets { content: stylizer.content_targets(&content), style, temporal: None };
+        BatchItem { targets, start: content, iterations: case.iterations, stopping: stylizer.stopping() }
+    };
+    let queues = |frames: usize| -> Vec<FrameQueue> {
+        (0..case.jobs)
+            .map(|job| FrameQueue { frames: (0..frames).map(|f| frame((job * frames + f) as u32 + 1)).collect() })
+            .collect()
+    };
+    let warm = queues(1);
+    run_jobs(vgg, &settings, warm, case.shared)?;
+    synchronize(vgg.device());
+    memory::reset_allocator_peaks(vgg.device());
+    let timed = queues(case.frames);
+    let started = Instant::now();
+    let most_together = run_jobs(vgg, &settings, timed, case.shared)?;
+    synchronize(vgg.device());
+    let wall_seconds = started.elapsed().as_secs_f64();
+    let image_iterations = (case.jobs * case.frames * case.iterations).max(1) as f64;
+    let layers: Vec<LayerId> = settings.content_layers.iter().chain(&settings.style_layers).copied().collect();
+    let deepest = *layers.iter().max().expect("layers");
+    let flops = 2.0 * forward_flops(vgg, deepest, case.width as i64, case.height as i64) * image_iterations;
+    Ok(JobsBenchRow {
+        width: case.width,
+        height: case.height,
+        device: device_name(vgg.device()),
+        precision: vgg.precision().label_on(vgg.device()),
+        layout: format!("{:?}", vgg.layout()),
+        jobs: case.jobs,
+        shared_batch: case.shared,
+        frames_per_job: case.frames,
+        iterations_per_frame: case.iterations,
+        seconds_per_image_iteration: wall_seconds / image_iterations,
+        tflops: flops / wall_seconds / 1e12,
+        most_together,
+        wall_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        cuda_max_allocated_mib: memory::allocator_peaks_mib(vgg.device()).map(|(allocated, _)| allocated),
+        threads: tch::get_num_threads(),
+    })
+}
+
+/// Runs each queue on its own thread, in one shared batch (returning the most frames it held at
+/// once) or each in its own.
+fn run_jobs(vgg: &Vgg, settings: &StyleSettings, queues: Vec<FrameQueue>, shared: bool) -> Result<Option<u64>> {
+    let count = queues.len();
+    let batch = shared.then(|| crate::style::SharedBatch::new(count));
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = queues
+            .into_iter()
+            .map(|mut queue| {
+                let (vgg, batch) = (vgg.share(), batch.as_ref());
+                scope.spawn(move || match batch {
+                    Some(batch) => batch.optimise("bench", settings, 1, &mut queue),
+                    None => Stylizer::new(&vgg, settings.clone()).map(|s| s.optimise_refilled(1, &mut queue)),
+                })
+            })
+            .collect();
+        // the jobs start together: the runner begins once every job's first frame waits
+        let runner = batch.as_ref().map(|batch| {
+            while batch.waiting_items() < count && !jobs.iter().any(|job| job.is_finished()) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let models = std::collections::HashMap::from([("bench".to_string(), vgg.share())]);
+            scope.spawn(move || batch.serve(&models))
+        });
+        let results: Vec<Result<()>> = jobs
+            .into_iter()
+            .map(|job| {
+                job.join().unwrap_or_else(|p| {
+                    Err(crate::Error::from_panic_text("paint", &crate::error::panic_text(p.as_ref())))
+                })
+            })
+            .collect();
+        if let (Some(batch), Some(runner)) = (batch.as_ref(), runner) {
+            batch.close();
+            let _ = runner.join();
+        }
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(batch.as_ref().map(|batch| batch.stats().most_together))
+    })
 }
 
 /// What one forward pass runs on: the whole image, or its tiles when the settings ask for them.

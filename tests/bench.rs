@@ -65,6 +65,15 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     }
     let batch_table = std::fs::read_to_string(out.path().join("gpu-batch.md")).unwrap();
     assert!(batch_table.contains("| 32² | 2 | 1 |"), "{batch_table}");
+    // two jobs in one shared batch held both their frames at once; one job per batch had no such batch
+    let jobs = json_lines(&std::fs::read_to_string(out.path().join("gpu-jobs.jsonl")).unwrap());
+    let modes: Vec<(u64, bool, Option<u64>)> = jobs
+        .iter()
+        .map(|r| (r["jobs"].as_u64().unwrap(), r["shared_batch"].as_bool().unwrap(), r["most_together"].as_u64()))
+        .collect();
+    assert_eq!(modes, [(1, true, Some(1)), (2, true, Some(2)), (1, false, None), (2, false, None)]);
+    let jobs_table = std::fs::read_to_string(out.path().join("gpu-jobs.md")).unwrap();
+    assert!(jobs_table.contains("| 32² | 2 | shared |") && jobs_table.contains("| 32² | 2 | one per job |"));
 }
 
 #[cfg(feature = "media")]

@@ -3,11 +3,13 @@
 //! builds with FFmpeg, `--video CLIP` paints a real clip with the video job instead and prints one
 //! JSON line: seconds per frame and the share of decode, flow, optimisation and encode; with
 //! `--jobs N`, N copies of it at once, their frames in one shared batch as the daemon paints them.
+//! Without a clip, `--jobs 1,4` times that many jobs painting synthetic frames at once.
 
 use anyhow::Result;
 use clap::Args;
-use impasto::bench::BenchCase;
+use impasto::bench::{BenchCase, JobsCase};
 use impasto::model::{self, Arch, ModelSettings, Vgg};
+use impasto::style::StyleSettings;
 
 use super::image::StyleFlags;
 use super::model::ModelFlags;
@@ -30,6 +32,17 @@ pub struct BenchArgs {
     /// Use random weights of this architecture instead of a weight file.
     #[arg(long)]
     pub random: Option<Arch>,
+    /// Jobs painting at once, each on its own thread as the daemon's slots do, their frames in one
+    /// shared batch, e.g. `1,4`: per size, `--frames` synthetic frames per job (with `--video`, one
+    /// number: copies of the clip).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: Vec<u32>,
+    /// With `--jobs`: each job optimises its frames in its own batch (as `shared_batch = false`).
+    #[arg(long)]
+    pub own_batches: bool,
+    /// With `--jobs` (without `--video`): frames per job, each optimised `--iterations` times.
+    #[arg(long, default_value_t = 4)]
+    pub frames: usize,
     #[cfg(feature = "media")]
     #[command(flatten)]
     pub video_flags: video::VideoBenchFlags,
@@ -66,6 +79,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device_name = settings.device.to_string();
     super::catch_torch(&device_name, || {
         let vgg = network(args.random, &settings)?;
+        if !args.jobs.is_empty() {
+            return bench_jobs(&vgg, &style, &sizes, &args);
+        }
         for (width, height) in &sizes {
             for batch in &args.batch {
                 let case = BenchCase {
@@ -81,6 +97,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Ok(())
     })?;
+    Ok(())
+}
+
+/// `impasto bench --jobs N,…`: per size and number of jobs, one JSON row of several jobs painting
+/// synthetic frames at once.
+fn bench_jobs(vgg: &Vgg, style: &StyleSettings, sizes: &[(u32, u32)], args: &BenchArgs) -> impasto::Result<()> {
+    for &(width, height) in sizes {
+        for &jobs in &args.jobs {
+            let case = JobsCase {
+                width,
+                height,
+                jobs: jobs as usize,
+                frames: args.frames.max(1),
+                iterations: args.iterations.max(1),
+                shared: !args.own_batches,
+            };
+            let row = impasto::bench::bench_jobs(vgg, style, case)?;
+            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        }
+    }
     Ok(())
 }
 
@@ -132,13 +168,6 @@ mod video {
         /// Runs of consecutive frames painted side by side in the video run (default: the profile's).
         #[arg(long, requires = "video")]
         pub segments: Option<u32>,
-        /// Paints the clip as this many jobs at once, each on its own thread as the daemon's slots
-        /// do, their frames in one shared batch.
-        #[arg(long, requires = "video", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-        pub jobs: u32,
-        /// With `--jobs`: each job optimises its frames in its own batch (as `shared_batch = false`).
-        #[arg(long, requires = "video")]
-        pub own_batches: bool,
     }
 
     /// Paints the clip into a scratch directory (removed afterwards) and prints one JSON line.
@@ -166,10 +195,14 @@ mod video {
             measure_warping: false,
         };
         let device = model_settings.device.to_string();
-        let flags = &args.video_flags;
-        let lanes = flags.jobs as usize * video.segments as usize;
-        let batch = (flags.jobs > 1 && !flags.own_batches).then(|| SharedBatch::new(lanes));
-        let result = (0..flags.jobs).map(|k| job(k).prepare()).collect::<impasto::Result<Vec<_>>>().and_then(|jobs| {
+        let jobs = match args.jobs.as_slice() {
+            [] => 1,
+            [jobs] => *jobs,
+            _ => anyhow::bail!("--jobs: one number with --video (copies of the clip painted at once)"),
+        };
+        let lanes = jobs as usize * video.segments as usize;
+        let batch = (jobs > 1 && !args.own_batches).then(|| SharedBatch::new(lanes));
+        let result = (0..jobs).map(|k| job(k).prepare()).collect::<impasto::Result<Vec<_>>>().and_then(|jobs| {
             super::super::catch_torch(&device, || {
                 let vgg = super::network(args.random, &model_settings)?;
                 let started = Instant::now();

@@ -114,6 +114,11 @@ impl SharedBatch {
         self.waiting().stats
     }
 
+    /// Items handed in and not yet taken into a batch.
+    pub fn waiting_items(&self) -> usize {
+        self.waiting().tickets.len()
+    }
+
     /// Stops the runner once its batch is done; items handed in later fail.
     pub fn close(&self) {
         let mut waiting = self.waiting();
@@ -379,7 +384,7 @@ mod tests {
                     })
                 })
                 .collect();
-            while batch.waiting().tickets.len() < count {
+            while batch.waiting_items() < count {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let models = HashMap::from([("m".to_string(), vgg.share())]);
