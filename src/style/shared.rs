@@ -90,8 +90,29 @@ enum Reply {
         lane: usize,
         outcome: Optimised,
     },
-    /// The batch failed (the runner's panic text); the job's items in it are lost.
-    Failed(String),
+    /// The job's items are lost.
+    Failed(Failure),
+}
+
+/// Why a job's items are lost.
+#[derive(Clone)]
+enum Failure {
+    /// The batch panicked (libtorch raises its errors so, out of memory included): the panic text.
+    Panicked(String),
+    /// No batch could be made for them.
+    Refused(String),
+    /// The batch was closed before they were taken.
+    Closed,
+}
+
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Panicked(text) => Error::from_panic_text("paint", &text),
+            Failure::Refused(text) => Error::Internal(format!("the device's shared batch refused a frame: {text}")),
+            Failure::Closed => Error::Internal("the device's shared batch was closed (shutting down)".into()),
+        }
+    }
 }
 
 /// How long a job or the runner waits before looking again at its stop conditions.
@@ -124,7 +145,7 @@ impl SharedBatch {
         let mut waiting = self.waiting();
         waiting.closed = true;
         for ticket in waiting.tickets.drain(..) {
-            let _ = ticket.job.replies.send(Reply::Failed("the device's batch was closed".into()));
+            let _ = ticket.job.replies.send(Reply::Failed(Failure::Closed));
         }
         self.arrived.notify_all();
     }
@@ -159,7 +180,7 @@ impl SharedBatch {
                     feed.finished(lane, outcome);
                     in_flight += self.hand_in(model, settings, lane, feed, &job)?;
                 }
-                Ok(Reply::Failed(text)) => return Err(Error::from_panic_text("paint", &text)),
+                Ok(Reply::Failed(failure)) => return Err(failure.into()),
                 Err(RecvTimeoutError::Timeout) if self.waiting().runner_gone && received.is_empty() => {
                     return Err(Error::Internal("the device's batch stopped before the job's frames were done".into()));
                 }
@@ -186,7 +207,7 @@ impl SharedBatch {
         let key = BatchKey { model: model.to_string(), settings: settings.clone(), size: item.start.size() };
         let mut waiting = self.waiting();
         if waiting.closed {
-            return Err(Error::Internal("the device's batch is closed (shutting down)".into()));
+            return Err(Failure::Closed.into());
         }
         waiting.tickets.push_back(Ticket { key, lane, item, job: job.clone() });
         self.arrived.notify_all();
@@ -226,7 +247,7 @@ impl SharedBatch {
         };
         let stylizer = match stylizer {
             Ok(stylizer) => stylizer,
-            Err(error) => return self.fail_waiting(&key, &error.to_string()),
+            Err(error) => return self.fail_waiting(&key, Failure::Refused(error.to_string())),
         };
         let slots = if stylizer.tiles(key.size[2], key.size[3]) { 1 } else { self.slots };
         self.waiting().stats.batches += 1;
@@ -237,19 +258,19 @@ impl SharedBatch {
             let text = crate::error::panic_text(payload.as_ref());
             tracing::error!(error = %crate::error::first_line(&text), "a shared batch failed; its items' jobs fail");
             for held in feed.held.iter().flatten() {
-                let _ = held.job.replies.send(Reply::Failed(text.clone()));
+                let _ = held.job.replies.send(Reply::Failed(Failure::Panicked(text.clone())));
             }
         }
     }
 
-    /// Fails every waiting item of `key` with `reason`.
-    fn fail_waiting(&self, key: &BatchKey, reason: &str) {
+    /// Fails every waiting item of `key` with `failure`.
+    fn fail_waiting(&self, key: &BatchKey, failure: Failure) {
         let mut waiting = self.waiting();
         let (failed, kept): (VecDeque<Ticket>, VecDeque<Ticket>) =
             waiting.tickets.drain(..).partition(|ticket| ticket.key == *key);
         waiting.tickets = kept;
         for ticket in failed {
-            let _ = ticket.job.replies.send(Reply::Failed(reason.to_string()));
+            let _ = ticket.job.replies.send(Reply::Failed(failure.clone()));
         }
     }
 
