@@ -333,6 +333,7 @@ fn twenty_clips_a_slow_copy_and_bad_files_each_handled_once() {
     assert_eq!(daemon.jobs()["jobs"].as_array().unwrap().len(), 24);
 
     check_metrics(&daemon, &named);
+    check_reports(&daemon, &named);
     check_auth_and_paths(&daemon, &s);
     check_dashboard(&daemon, &named);
     let (status, _) = daemon.call("GET", "/healthz", None);
@@ -385,6 +386,22 @@ fn check_failed_folder(s: &Setup) {
         assert!(error.contains(problem) && error.contains(name), "{name}: {error}");
         assert!(!error.contains(".impasto"), "the error names the dropped file, not the daemon's copy: {error}");
         assert_eq!(sidecar["name"], name);
+    }
+}
+
+/// Every done job's report gives its frames (without the per-frame records); a failed job has none.
+fn check_reports(daemon: &Daemon, named: &BTreeMap<String, Value>) {
+    for (name, job) in named {
+        let (status, report) = daemon.call("GET", &format!("/api/jobs/{}/report", job["id"].as_str().unwrap()), None);
+        if job["state"] == "done" {
+            assert_eq!(status, 200, "{name}: {report}");
+            assert_eq!(report["frame_count"], job["frames_total"], "{name}: {report}");
+            assert!(report["seconds_per_frame"]["optimise"].as_f64().unwrap() > 0.0, "{name}: {report}");
+            assert!(report.get("frames").is_none(), "{name}: the per-frame records are left out");
+            assert_eq!(report["input"], job["input_path"], "{name}: the input where it now lies");
+        } else {
+            assert_eq!(status, 404, "{name} is {}: {report}", job["state"]);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use impasto::service::store::{JobState, NewJob, Progress, Store, now_ms};
+use impasto::service::store::{Finished, JobState, NewJob, Progress, Store, now_ms};
 
 /// A fresh store: a SQLite file in a temporary folder, or a new PostgreSQL database.
 struct Fresh {
@@ -96,12 +96,13 @@ async fn a_job_is_stored_once_and_keeps_its_life_cycle() {
         assert!(store.retry(&job.id, &PathBuf::from("/x")).await.unwrap().is_none(), "a queued job is not retried");
 
         store.claim("node-a", "cpu").await.unwrap().unwrap();
-        store
-            .finish(&job.id, &PathBuf::from("/done/clip.mp4"), 2, Progress { frames_done: 10, ..progress })
-            .await
-            .unwrap();
+        assert_eq!(store.report(&job.id).await.unwrap(), None, "no report before it is done");
+        let report = r#"{"frame_count":10,"resumed_frames":2}"#;
+        let finished = Finished { resumed_frames: 2, progress: Progress { frames_done: 10, ..progress }, report };
+        store.finish(&job.id, &PathBuf::from("/done/clip.mp4"), finished).await.unwrap();
         let done = store.get(&job.id).await.unwrap().unwrap();
         assert_eq!((done.state, done.resumed_frames, done.frames_done), (JobState::Done, 2, 10));
+        assert_eq!(store.report(&job.id).await.unwrap().as_deref(), Some(report));
         assert_eq!(store.counts().await.unwrap()["done"], 1);
         assert_eq!(store.list(10).await.unwrap().len(), 1);
     })
@@ -171,6 +172,29 @@ async fn retries_wait_for_their_time_and_dead_nodes_give_their_jobs_back() {
         store.fail(&job.id, "not a video", &PathBuf::from("/failed/clip.mp4")).await.unwrap();
         let failed = store.get(&job.id).await.unwrap().unwrap();
         assert_eq!((failed.state, failed.last_error.as_deref()), (JobState::Failed, Some("not a video")));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_a_newer_version_migrated_further_is_still_taken() {
+    on_both("newer", |url| async move {
+        let store = Store::connect(&url).await.unwrap();
+        store.enqueue(&new_job(1)).await.unwrap();
+        drop(store);
+        // what a newer version's migration leaves: one more applied migration and a column
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        let blob = if url.starts_with("sqlite:") { "x'00'" } else { "'\\x00'::bytea" };
+        let applied = format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (9999, 'from a newer version', TRUE, {blob}, 0)"
+        );
+        sqlx::query(&applied).execute(&pool).await.unwrap();
+        sqlx::query("ALTER TABLE jobs ADD COLUMN newer_note TEXT").execute(&pool).await.unwrap();
+        pool.close().await;
+        let store = Store::connect(&url).await.expect("a store migrated further is taken");
+        assert_eq!(store.list(10).await.unwrap().len(), 1);
     })
     .await;
 }

@@ -88,6 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/api/jobs/{id}/retry", post(retry_job))
         .route("/api/jobs/{id}/thumbnail", get(thumbnail))
+        .route("/api/jobs/{id}/report", get(report))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -176,6 +177,16 @@ async fn thumbnail(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<Stri
     headers.insert(header::CONTENT_TYPE, "image/jpeg".parse().expect("a valid header value"));
     headers.insert(header::CACHE_CONTROL, "no-cache".parse().expect("a valid header value"));
     Ok((headers, jpeg).into_response())
+}
+
+async fn report(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> ApiResult<Response> {
+    let json =
+        state.store.report(&id).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, format!("job '{id}' has no report (it is not done)"))
+        })?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/json".parse().expect("a valid header value"));
+    Ok((headers, json).into_response())
 }
 
 /// A conflict unless `job` is in one of `states`; `only` completes "only … " in the message.

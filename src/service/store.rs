@@ -114,6 +114,17 @@ pub struct Job {
     pub thumbnail_version: Option<i64>,
 }
 
+/// How a job finished: frames taken from checkpoints, its last progress, its report (JSON).
+#[derive(Clone, Copy, Debug)]
+pub struct Finished<'a> {
+    /// Frames taken from checkpoints in the finishing attempt.
+    pub resumed_frames: i64,
+    /// Frames done and in all, seconds per frame.
+    pub progress: Progress,
+    /// The video job's report as JSON.
+    pub report: &'a str,
+}
+
 /// A job to create.
 #[derive(Clone, Debug)]
 pub struct NewJob {
@@ -161,17 +172,20 @@ pub fn now_ms() -> i64 {
 
 impl Store {
     /// Connects to `url` (`sqlite:///path` — created with its folder when missing — or
-    /// `postgres://…`) and brings the schema up to date.
+    /// `postgres://…`) and brings the schema up to date. A store that a newer version already
+    /// migrated further is taken as it is (its migrations only add columns and tables), so the
+    /// nodes sharing it can be upgraded one at a time.
     pub async fn connect(url: &str) -> StoreResult<Store> {
         sqlx::any::install_default_drivers();
         let url = prepare_url(url)?;
         let pool = AnyPoolOptions::new().max_connections(8).connect(&url).await?;
-        if url.starts_with("sqlite:") {
+        let mut migrator = if url.starts_with("sqlite:") {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
-            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            sqlx::migrate!("migrations/sqlite")
         } else {
-            sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        }
+            sqlx::migrate!("migrations/postgres")
+        };
+        migrator.set_ignore_missing(true).run(&pool).await?;
         Ok(Store { pool })
     }
 
@@ -249,17 +263,19 @@ impl Store {
         Ok(row.and_then(|row| row.try_get::<Option<Vec<u8>>, _>(0).ok().flatten()))
     }
 
+    /// A done job's report (JSON), if any.
+    pub async fn report(&self, id: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT report FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.and_then(|row| row.try_get::<Option<String>, _>(0).ok().flatten()))
+    }
+
     /// Marks a job done.
-    pub async fn finish(
-        &self,
-        id: &str,
-        input_path: &Path,
-        resumed_frames: i64,
-        progress: Progress,
-    ) -> StoreResult<()> {
+    pub async fn finish(&self, id: &str, input_path: &Path, outcome: Finished<'_>) -> StoreResult<()> {
+        let Finished { resumed_frames, progress, report } = outcome;
         sqlx::query(
             "UPDATE jobs SET state = 'done', finished_ms = $1, input_path = $2, resumed_frames = $3, frames_done = $4, \
-             frames_total = $5, seconds_per_frame = $6, last_error = NULL, cancel_requested = 0 WHERE id = $7",
+             frames_total = $5, seconds_per_frame = $6, last_error = NULL, cancel_requested = 0, report = $7 \
+             WHERE id = $8",
         )
         .bind(now_ms())
         .bind(path_text(input_path))
@@ -267,6 +283,7 @@ impl Store {
         .bind(progress.frames_done)
         .bind(progress.frames_total)
         .bind(progress.seconds_per_frame)
+        .bind(report)
         .bind(id)
         .execute(&self.pool)
         .await?;

@@ -18,7 +18,7 @@ use image::RgbImage;
 use super::config::JobPolicy;
 use super::ingest::{set_aside, write_sidecar};
 use super::metrics::Metrics;
-use super::store::{Job, Progress, Store, now_ms};
+use super::store::{Finished, Job, Progress, Store, now_ms};
 use super::watch::Watch;
 use super::{Bell, ServiceError, lock};
 use crate::error::Error;
@@ -261,7 +261,9 @@ async fn settle(shared: &Shared, job: &Job, live: &Live, result: crate::Result<R
             };
             let mut progress = live.progress();
             progress.frames_done = report.frame_count as i64;
-            store.finish(&job.id, &input, report.resumed_frames as i64, progress).await?;
+            let summary = report_summary(&report, &input);
+            let finished = Finished { resumed_frames: report.resumed_frames as i64, progress, report: &summary };
+            store.finish(&job.id, &input, finished).await?;
             shared.metrics.job_finished("done");
             tracing::info!(frames = report.frame_count, resumed = report.resumed_frames, output = %job.output.display(), "done");
         }
@@ -291,6 +293,17 @@ async fn settle(shared: &Shared, job: &Job, live: &Live, result: crate::Result<R
         }
     }
     Ok(())
+}
+
+/// A job's report as stored: the video job's report as JSON, without the per-frame records (a
+/// long video's would be megabytes), naming the input where it now lies.
+fn report_summary(report: &Report, input: &std::path::Path) -> String {
+    let mut value = serde_json::to_value(report).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("frames");
+        fields.insert("input".into(), serde_json::Value::String(input.display().to_string()));
+    }
+    value.to_string()
 }
 
 /// The error as the user should read it: naming the file they dropped, not its place in the
