@@ -424,6 +424,8 @@ fn check_metrics(daemon: &Daemon, named: &BTreeMap<String, Value>) {
     // jobs on two slots it held frames of two jobs at once
     assert_eq!(metrics["impasto_shared_batch_items_total{device=\"cpu\"}"], frames as f64);
     assert!(metrics["impasto_shared_batch_most_items{device=\"cpu\"}"] >= 2.0);
+    let device = &daemon.jobs()["devices"][0];
+    assert_eq!(device["shared_batch"]["items"], frames, "the job list's devices tell the same: {device}");
 }
 
 /// The token is required; submitted paths must be inside a watch folder, however disguised.
@@ -464,6 +466,7 @@ fn check_dashboard(daemon: &Daemon, named: &BTreeMap<String, Value>) {
     assert_eq!(dom.matches(r#"class="thumb""#).count(), 21, "a thumbnail per painted video");
     assert!(dom.contains(r#"id="count-done">21<"#), "done count shown");
     assert_eq!(dom.matches(r#"data-action="retry""#).count(), 3, "a retry button per failed job");
+    assert!(dom.contains("/2 busy · one batch"), "the device's chip tells of its shared batch");
 }
 
 #[test]

@@ -50,6 +50,8 @@ pub struct DeviceStatus {
     pub slots: usize,
     /// Slots running a job now.
     pub busy: usize,
+    /// What the device's shared batch has done, when its slots share one.
+    pub shared_batch: Option<SharedBatchStats>,
 }
 
 impl Metrics {
@@ -92,11 +94,17 @@ impl Metrics {
         }
     }
 
-    /// The devices with their slots and busy slots.
+    /// The devices with their slots, busy slots and shared batches.
     pub fn devices(&self) -> Vec<DeviceStatus> {
+        let batches = lock(&self.batches);
         lock(&self.devices)
             .iter()
-            .map(|(name, use_)| DeviceStatus { name: name.clone(), slots: use_.slots, busy: use_.busy_since.len() })
+            .map(|(name, use_)| DeviceStatus {
+                name: name.clone(),
+                slots: use_.slots,
+                busy: use_.busy_since.len(),
+                shared_batch: batches.get(name).map(|batch| batch.stats()),
+            })
             .collect()
     }
 

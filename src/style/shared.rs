@@ -30,7 +30,7 @@ pub struct SharedBatch {
 }
 
 /// What the runner has done so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SharedBatchStats {
     /// Batches started (a new one whenever the network, settings or size change, or all went idle).
     pub batches: u64,
