@@ -53,6 +53,14 @@ struct Waiting {
     stats: SharedBatchStats,
 }
 
+impl Waiting {
+    /// The oldest item still wanted, once the items of withdrawn jobs are dropped.
+    fn oldest(&mut self) -> Option<&Ticket> {
+        self.tickets.retain(|ticket| !ticket.job.withdrawn.load(Ordering::SeqCst));
+        self.tickets.front()
+    }
+}
+
 /// What a batch is for: items share one only when all of this is equal.
 #[derive(Clone, PartialEq)]
 struct BatchKey {
@@ -230,8 +238,7 @@ impl SharedBatch {
             if waiting.closed {
                 return None;
             }
-            waiting.tickets.retain(|t| !t.job.withdrawn.load(Ordering::SeqCst));
-            if let Some(ticket) = waiting.tickets.front() {
+            if let Some(ticket) = waiting.oldest() {
                 return Some(ticket.key.clone());
             }
             waiting = self.arrived.wait_timeout(waiting, POLL).unwrap_or_else(std::sync::PoisonError::into_inner).0;
@@ -281,20 +288,14 @@ impl SharedBatch {
         if waiting.closed {
             return None;
         }
-        waiting.tickets.retain(|t| !t.job.withdrawn.load(Ordering::SeqCst));
-        if waiting.tickets.front().is_some_and(|ticket| ticket.key == *key) {
-            waiting.tickets.pop_front()
-        } else {
-            None
-        }
+        if waiting.oldest().is_some_and(|ticket| ticket.key == *key) { waiting.tickets.pop_front() } else { None }
     }
 
     /// Whether a batch of `key` should take no more items: another key's item waits first, or the
     /// runner is closing.
     fn draining(&self, key: &BatchKey) -> bool {
-        let waiting = self.waiting();
-        waiting.closed
-            || waiting.tickets.iter().find(|t| !t.job.withdrawn.load(Ordering::SeqCst)).is_some_and(|t| t.key != *key)
+        let mut waiting = self.waiting();
+        waiting.closed || waiting.oldest().is_some_and(|ticket| ticket.key != *key)
     }
 }
 

@@ -131,12 +131,12 @@ impl<'m> Stylizer<'m> {
         }
     }
 
-    /// The tiles of `image` `[1, 3, H, W]` when the settings ask for tiles and one is not enough.
     /// Whether images of `height` × `width` are optimised in tiles (one at a time, never batched).
     pub fn tiles(&self, height: i64, width: i64) -> bool {
         TileGrid::needed(height, width, self.settings.tile_size)
     }
 
+    /// The tiles of `image` `[1, 3, H, W]` when the settings ask for tiles and one is not enough.
     fn grid_for(&self, image: &Tensor) -> Option<TileGrid> {
         let size = image.size();
         TileGrid::plan(size[2], size[3], self.settings.tile_size, self.settings.tile_overlap, image.device())
