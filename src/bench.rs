@@ -13,10 +13,10 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::device::{device_name, memory};
-use crate::error::Result;
+use crate::error::{Result, panic_error};
 use crate::model::{LayerId, Vgg};
 use crate::pipeline::{FrameSeconds, Report};
-use crate::style::{BatchItem, SharedBatchStats, StyleImage, StyleSettings, Stylizer, Targets};
+use crate::style::{BatchItem, SharedBatch, SharedBatchStats, StyleImage, StyleSettings, Stylizer, Targets};
 
 /// One measured size.
 #[derive(Clone, Debug, Serialize)]
@@ -79,6 +79,18 @@ pub fn forward_flops(vgg: &Vgg, deepest: LayerId, width: i64, height: i64) -> f6
         }
     }
     flops
+}
+
+/// The layers `settings`' losses read.
+fn loss_layers(settings: &StyleSettings) -> Vec<LayerId> {
+    settings.content_layers.iter().chain(&settings.style_layers).copied().collect()
+}
+
+/// Convolution FLOPs of one image's iteration at `width` × `height`: forward up to the deepest layer
+/// `settings`' losses read, and the input-gradient backward (≈ 2 × forward).
+fn iteration_flops(vgg: &Vgg, settings: &StyleSettings, width: i64, height: i64) -> f64 {
+    let deepest = *loss_layers(settings).iter().max().expect("the settings name loss layers");
+    2.0 * forward_flops(vgg, deepest, width, height)
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -163,8 +175,7 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
     let seconds_per_iteration = started.elapsed().as_secs_f64() / iterations as f64;
     let content = Tensor::cat(&contents, 0);
 
-    let layers: Vec<LayerId> = settings.content_layers.iter().chain(&settings.style_layers).copied().collect();
-    let deepest = *layers.iter().max().expect("layers");
+    let layers = loss_layers(&settings);
     let seconds_per_forward = {
         let _guard = tch::no_grad_guard();
         let windows = forward_windows(&content, &settings);
@@ -180,7 +191,7 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
     };
     let (h, w) = (content.size()[2], content.size()[3]);
     let allocator_peaks = memory::allocator_peaks_mib(vgg.device());
-    let flops = 2.0 * forward_flops(vgg, deepest, w, h) * batch as f64;
+    let flops = iteration_flops(vgg, &settings, w, h) * batch as f64;
     BenchRow {
         batch,
         seconds_per_image_iteration: seconds_per_iteration / batch as f64,
@@ -303,9 +314,7 @@ pub fn bench_jobs(vgg: &Vgg, settings: &StyleSettings, case: JobsCase) -> Result
     synchronize(vgg.device());
     let wall_seconds = started.elapsed().as_secs_f64();
     let image_iterations = (case.jobs * case.frames * case.iterations).max(1) as f64;
-    let layers: Vec<LayerId> = settings.content_layers.iter().chain(&settings.style_layers).copied().collect();
-    let deepest = *layers.iter().max().expect("layers");
-    let flops = 2.0 * forward_flops(vgg, deepest, case.width as i64, case.height as i64) * image_iterations;
+    let flops = iteration_flops(vgg, &settings, case.width as i64, case.height as i64) * image_iterations;
     Ok(JobsBenchRow {
         width: case.width,
         height: case.height,
@@ -326,44 +335,56 @@ pub fn bench_jobs(vgg: &Vgg, settings: &StyleSettings, case: JobsCase) -> Result
     })
 }
 
+/// The name the benchmark's shared batch knows its network by.
+const BENCH_MODEL: &str = "bench";
+
 /// Runs each queue on its own thread, in one shared batch (returning the most frames it held at
 /// once) or each in its own.
 fn run_jobs(vgg: &Vgg, settings: &StyleSettings, queues: Vec<FrameQueue>, shared: bool) -> Result<Option<u64>> {
-    let count = queues.len();
-    let batch = shared.then(|| crate::style::SharedBatch::new(count));
+    let batch = shared.then(|| SharedBatch::new(queues.len()));
+    run_at_once(queues, vgg, batch.as_ref().map(|batch| (batch, BENCH_MODEL)), |mut queue, vgg, batch| match batch {
+        Some(batch) => batch.optimise(BENCH_MODEL, settings, 1, &mut queue),
+        None => Stylizer::new(vgg, settings.clone()).map(|stylizer| stylizer.optimise_refilled(1, &mut queue)),
+    })?;
+    Ok(batch.map(|batch| batch.stats().most_together))
+}
+
+/// Runs `jobs` at once, each on its own thread with its own handle on `vgg`: in `batch` (whose
+/// runner knows `vgg` by the name given with it, and starts once every job has handed in a frame, so
+/// that they all start together) or, without one, each in its own batch. The results in the jobs'
+/// order; a job that panics gives its error.
+pub fn run_at_once<J: Send, T: Send>(
+    jobs: Vec<J>,
+    vgg: &Vgg,
+    batch: Option<(&SharedBatch, &str)>,
+    run: impl Fn(J, &Vgg, Option<&SharedBatch>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let count = jobs.len();
+    let run = &run;
     std::thread::scope(|scope| {
-        let jobs: Vec<_> = queues
-            .into_iter()
-            .map(|mut queue| {
-                let (vgg, batch) = (vgg.share(), batch.as_ref());
-                scope.spawn(move || match batch {
-                    Some(batch) => batch.optimise("bench", settings, 1, &mut queue),
-                    None => Stylizer::new(&vgg, settings.clone()).map(|s| s.optimise_refilled(1, &mut queue)),
-                })
-            })
-            .collect();
-        // the jobs start together: the runner begins once every job's first frame waits
-        let runner = batch.as_ref().map(|batch| {
-            while batch.waiting_items() < count && !jobs.iter().any(|job| job.is_finished()) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            let models = std::collections::HashMap::from([("bench".to_string(), vgg.share())]);
-            scope.spawn(move || batch.serve(&models))
-        });
-        let results: Vec<Result<()>> = jobs
+        let threads: Vec<_> = jobs
             .into_iter()
             .map(|job| {
-                job.join().unwrap_or_else(|p| {
-                    Err(crate::Error::from_panic_text("paint", &crate::error::panic_text(p.as_ref())))
-                })
+                let (vgg, shared) = (vgg.share(), batch.map(|(batch, _)| batch));
+                scope.spawn(move || run(job, &vgg, shared))
             })
             .collect();
-        if let (Some(batch), Some(runner)) = (batch.as_ref(), runner) {
+        let runner = batch.map(|(batch, model)| {
+            while batch.waiting_items() < count && !threads.iter().any(|thread| thread.is_finished()) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let models = std::collections::HashMap::from([(model.to_string(), vgg.share())]);
+            scope.spawn(move || batch.serve(&models))
+        });
+        let results: Vec<Result<T>> = threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap_or_else(|payload| Err(panic_error("paint", payload.as_ref()))))
+            .collect();
+        if let (Some((batch, _)), Some(runner)) = (batch, runner) {
             batch.close();
             let _ = runner.join();
         }
-        results.into_iter().collect::<Result<Vec<()>>>()?;
-        Ok(batch.as_ref().map(|batch| batch.stats().most_together))
+        results.into_iter().collect()
     })
 }
 

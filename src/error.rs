@@ -138,6 +138,12 @@ pub fn first_line(text: &str) -> String {
     line.split("\\n").next().unwrap_or_default().to_string()
 }
 
+/// The error for a stage that panicked: libtorch failures (which tch raises as panics) keep their
+/// meaning, out of memory included.
+pub fn panic_error(stage: &str, payload: &(dyn std::any::Any + Send)) -> Error {
+    Error::from_panic_text(stage, &panic_text(payload))
+}
+
 /// The text of a panic's payload.
 pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload

@@ -134,13 +134,12 @@ mod video {
     use std::path::{Path, PathBuf};
 
     use anyhow::{Context, Result};
-    use std::collections::HashMap;
     use std::time::Instant;
 
     use clap::Args;
-    use impasto::bench::VideoBenchRow;
+    use impasto::bench::{VideoBenchRow, run_at_once};
     use impasto::model::Vgg;
-    use impasto::pipeline::{PreparedJob, Report, VideoJob, VideoSettings, panic_error};
+    use impasto::pipeline::{PreparedJob, Report, VideoJob, VideoSettings};
     use impasto::style::{SharedBatch, StyleImage};
 
     use super::BenchArgs;
@@ -225,33 +224,9 @@ mod video {
         batch: Option<&SharedBatch>,
         model: &str,
     ) -> impasto::Result<Vec<Report>> {
-        if jobs.len() == 1 && batch.is_none() {
-            return jobs.into_iter().map(|job| job.run(vgg, &mut |_event| {})).collect();
-        }
-        std::thread::scope(|scope| {
-            let runner = batch.map(|batch| {
-                let models = HashMap::from([(model.to_string(), vgg.share())]);
-                scope.spawn(move || batch.serve(&models))
-            });
-            let painters: Vec<_> = jobs
-                .into_iter()
-                .map(|job| {
-                    let vgg = vgg.share();
-                    scope.spawn(move || match batch {
-                        Some(batch) => job.run_shared(&vgg, batch, &mut |_event| {}),
-                        None => job.run(&vgg, &mut |_event| {}),
-                    })
-                })
-                .collect();
-            let reports = painters
-                .into_iter()
-                .map(|painter| painter.join().unwrap_or_else(|p| Err(panic_error("paint", p.as_ref()))))
-                .collect();
-            if let (Some(batch), Some(runner)) = (batch, runner) {
-                batch.close();
-                let _ = runner.join();
-            }
-            reports
+        run_at_once(jobs, vgg, batch.map(|batch| (batch, model)), |job, vgg, batch| match batch {
+            Some(batch) => job.run_shared(vgg, batch, &mut |_event| {}),
+            None => job.run(vgg, &mut |_event| {}),
         })
     }
 

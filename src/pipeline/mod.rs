@@ -42,5 +42,3 @@ pub use job::{JobEvent, PreparedJob, VideoJob};
 pub use painter::{FramePainter, FramePlan, PaintedFrame};
 pub use report::{FrameLosses, FrameRecord, FrameSeconds, Report, Start, WarpingSummary};
 pub use settings::{EncodeSettings, TemporalMode, VideoSettings};
-#[cfg(feature = "media")]
-pub use stages::panic_error;

@@ -56,12 +56,6 @@ impl FirstError {
     }
 }
 
-/// The error for a stage that panicked: libtorch failures (which tch raises as panics) keep their
-/// meaning, out of memory included.
-pub fn panic_error(stage: &str, payload: &(dyn std::any::Any + Send)) -> Error {
-    Error::from_panic_text(stage, &crate::error::panic_text(payload))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

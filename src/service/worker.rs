@@ -157,7 +157,7 @@ fn paint(shared: &Shared, slot: &mut Slot, watch: &Watch, job: &Job, live: &Arc<
         Some(batch) => prepared.run_shared(vgg, batch, &mut see),
         None => prepared.run(vgg, &mut see),
     }))
-    .unwrap_or_else(|payload| Err(crate::pipeline::panic_error("paint", payload.as_ref())))
+    .unwrap_or_else(|payload| Err(crate::error::panic_error("paint", payload.as_ref())))
 }
 
 /// Turns pipeline events into progress, metrics and thumbnails.
