@@ -115,8 +115,9 @@ impl VideoWriter {
         let output = output.as_ref();
         super::init();
         let incoming_size = spec.frame_size;
-        let (spec, upright_turns) = turned_upright(spec, &guess_container(output)?, output);
-        let plan = plan_output(output, settings, &spec)?;
+        let container = guess_container(output)?;
+        let (spec, upright_turns) = turned_upright(spec, &container, output);
+        let plan = plan_output(output, container, settings, &spec)?;
         check_output_directory(output)?;
         let temporary = crate::fsutil::temp_path_for(output);
         let mut muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
@@ -329,9 +330,13 @@ fn turn_clockwise(frame: &Frame, turns: u32) -> Option<image::RgbImage> {
     }
 }
 
-/// Resolves and checks container, codec, pixel format and size.
-fn plan_output(output: &Path, settings: &EncodeSettings, spec: &VideoWriterSpec) -> Result<OutputPlan, MediaError> {
-    let container = guess_container(output)?;
+/// Resolves and checks codec, pixel format and size for `output` in `container`.
+fn plan_output(
+    output: &Path,
+    container: String,
+    settings: &EncodeSettings,
+    spec: &VideoWriterSpec,
+) -> Result<OutputPlan, MediaError> {
     let codec = find_video_encoder(&settings.codec)?;
     check_container_takes_codec(output, &container, codec)?;
     let pixel_format = choose_pixel_format(output, settings, codec)?;

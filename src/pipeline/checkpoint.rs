@@ -71,8 +71,13 @@ pub fn image_digest(image: &RgbImage) -> String {
 
 /// The work directory of the job `key` that writes `output`: hidden, beside it.
 pub fn work_dir_for(output: &Path, key: &str) -> PathBuf {
+    output.with_file_name(format!("{}{}", work_dir_prefix(output), &key[..KEY_DIGITS.min(key.len())]))
+}
+
+/// The name of every work directory of `output`, up to the key.
+fn work_dir_prefix(output: &Path) -> String {
     let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    output.with_file_name(format!(".{name}.impasto-{}", &key[..KEY_DIGITS.min(key.len())]))
+    format!(".{name}.impasto-")
 }
 
 /// What a stored picture is: a frame's index and whether it is a lead-in picture.
@@ -171,10 +176,8 @@ impl Checkpoint {
 /// that another process holds is left alone. Returns the directories removed.
 pub fn remove_stale_siblings(output: &Path, key: &str) -> Vec<PathBuf> {
     let own = work_dir_for(output, key);
-    let (Some(parent), Some(own_name)) = (own.parent(), own.file_name()) else { return Vec::new() };
-    let Some(prefix) = own_name.to_string_lossy().rsplit_once("-").map(|(stem, _)| format!("{stem}-")) else {
-        return Vec::new();
-    };
+    let Some(parent) = own.parent() else { return Vec::new() };
+    let prefix = work_dir_prefix(output);
     let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
     let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
     let mut removed = Vec::new();
