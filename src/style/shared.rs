@@ -394,28 +394,11 @@ mod tests {
     /// once every job's first item waits, so the first batch sees them all. Returns the feeds.
     fn run_jobs(batch: &SharedBatch, vgg: &Vgg, jobs: Vec<QueuedItems>) -> Vec<QueuedItems> {
         let settings = StyleSettings::default();
-        let count = jobs.len();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = jobs
-                .into_iter()
-                .map(|mut feed| {
-                    let settings = &settings;
-                    scope.spawn(move || {
-                        batch.optimise("m", settings, 1, &mut feed).unwrap();
-                        feed
-                    })
-                })
-                .collect();
-            while batch.waiting_items() < count {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let models = HashMap::from([("m".to_string(), vgg.share())]);
-            let runner = scope.spawn(move || batch.serve(&models));
-            let feeds = handles.into_iter().map(|h| h.join().unwrap()).collect();
-            batch.close();
-            runner.join().unwrap();
-            feeds
+        crate::bench::run_at_once(jobs, vgg, Some((batch, "m")), |mut feed, _, shared| {
+            shared.expect("a shared batch").optimise("m", &settings, 1, &mut feed)?;
+            Ok(feed)
         })
+        .unwrap()
     }
 
     #[test]
