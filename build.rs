@@ -1,14 +1,15 @@
 //! Build script: gives the binaries an rpath to libtorch so they run without LD_LIBRARY_PATH,
 //! records that directory so the program can load the CUDA backend (`libtorch_cuda.so`) at start,
 //! and compiles the small C++ layer (`src/device/tf32.cpp`: the TF32 switches of libtorch's global
-//! context; `src/device/allocator.cpp`: the CUDA caching allocator's peak statistics) against the same
-//! libtorch headers tch itself is built with.
+//! context; `src/device/allocator.cpp`: the CUDA caching allocator's peak statistics;
+//! `src/device/bf16.cpp`: whether the GPU runs bf16 convolutions natively) against the same libtorch
+//! headers tch itself is built with.
 //! torch-sys (a direct dependency for this reason) exports the directory as `DEP_TCH_LIBTORCH_LIB`.
 
 use std::path::Path;
 
 /// The C++ layer: what libtorch offers that tch does not expose.
-const CPP_SOURCES: [&str; 2] = ["src/device/tf32.cpp", "src/device/allocator.cpp"];
+const CPP_SOURCES: [&str; 3] = ["src/device/tf32.cpp", "src/device/allocator.cpp", "src/device/bf16.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

@@ -18,7 +18,8 @@
 # the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one process
 # each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
 # against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
-# in one shared batch and each in its own) and gpu-bench.log (stderr of every command).
+# in one shared batch and each in its own), gpu-auto.jsonl (one row: what `--precision auto` becomes on
+# this device) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
@@ -118,6 +119,14 @@ for precision in "${precisions[@]}"; do
 done
 
 CARD="$card" COMMIT="$commit" COMMAND="$command_line" python3 benches/gpu_tables.py iterations "$jsonl" >"$md"
+
+# What the default precision (auto: bf16 where the card computes it natively) becomes on this card.
+auto_jsonl="$out/gpu-auto.jsonl"
+: >"$auto_jsonl"
+budgeted "precision auto" "$auto_jsonl" "$bin" bench --sizes "${sizes%%,*}" --iterations 1 --warmup 0 \
+    --device "$device" --precision auto "${model_args[@]}" || count_failure $?
+auto_resolved="$(python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["precision"])' <"$auto_jsonl" 2>/dev/null)"
+echo "precision auto on $device: ${auto_resolved:-unknown}" | tee -a "$log"
 
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).
 # A 4K frame without tiles may not fit a smaller card: that failure is reported, not counted.

@@ -401,7 +401,7 @@ fn forward_windows(image: &Tensor, settings: &StyleSettings) -> Vec<Tensor> {
 /// A VGG with random weights of the given architecture (for benchmarking without weight files), with
 /// the precision's TF32 switch set as [`crate::model::load`] sets it.
 pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettings, device: Device) -> Result<Vgg> {
-    crate::device::apply_precision(device, settings.precision)?;
+    let precision = crate::model::resolve_precision(settings, device)?;
     tch::manual_seed(0);
     let convs = arch
         .convs()
@@ -422,7 +422,7 @@ pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettin
         crate::model::Convention::Torchvision,
         settings.pooling,
         device,
-        settings.precision,
+        precision,
         settings.layout,
     ))
 }

@@ -74,6 +74,12 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert_eq!(modes, [(1, true, Some(1)), (2, true, Some(2)), (1, false, None), (2, false, None)]);
     let jobs_table = std::fs::read_to_string(out.path().join("gpu-jobs.md")).unwrap();
     assert!(jobs_table.contains("| 32² | 2 | shared |") && jobs_table.contains("| 32² | 2 | one per job |"));
+    // the default precision settled for this CPU, and the log says what it became
+    let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
+    let expected = impasto::device::PrecisionChoice::Auto.resolve(tch::Device::Cpu).to_string();
+    assert_eq!(auto.len(), 1, "{auto:?}");
+    assert_eq!(auto[0]["precision"], expected.as_str(), "{auto:?}");
+    assert!(log.contains(&format!("precision auto on cpu: {expected}")), "{log}");
 }
 
 #[cfg(feature = "media")]

@@ -147,7 +147,7 @@ fn multi_scale_schedule_ends_at_the_last_size_and_adam_descends() {
 fn bf16_network_gives_nearly_the_same_losses() {
     let f32_net = common::vgg16(Pooling::Avg, true);
     let bf16_net = model::load(&impasto::model::ModelSettings {
-        precision: impasto::device::Precision::Bf16,
+        precision: impasto::device::Precision::Bf16.into(),
         ..common::vgg16_settings(Pooling::Avg, true)
     })
     .unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use impasto::device::{DeviceChoice, Precision};
+use impasto::device::{DeviceChoice, PrecisionChoice};
 use impasto::model::{self, Convention, ModelSettings, Pooling, fetch};
 
 /// Model flags; each overrides the profile when given.
@@ -29,9 +29,10 @@ pub struct ModelFlags {
     /// Device: auto, cpu or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceChoice>,
-    /// Network precision: f32, tf32 (TF32 tensor cores on CUDA; f32 elsewhere) or bf16 (the image stays f32).
+    /// Network precision: auto (bf16 where the device computes it natively, else f32), f32, tf32 (TF32
+    /// tensor cores on CUDA; f32 elsewhere) or bf16 (the image stays f32).
     #[arg(long)]
-    pub precision: Option<Precision>,
+    pub precision: Option<PrecisionChoice>,
     /// Activation memory layout: channels-first or channels-last.
     #[arg(long)]
     pub layout: Option<model::Layout>,

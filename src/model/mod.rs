@@ -21,7 +21,7 @@ pub use convention::Convention;
 pub use layers::{Arch, LayerId, Pooling};
 pub use vgg::{Layout, Vgg};
 
-use crate::device::{DeviceChoice, Precision};
+use crate::device::{DeviceChoice, Precision, PrecisionChoice};
 use crate::error::{Error, Result};
 
 /// Environment variable naming a weight file (second in the resolution order).
@@ -41,9 +41,9 @@ pub struct ModelSettings {
     pub normalize: bool,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: DeviceChoice,
-    /// Network precision: `f32`, `tf32` (TF32 tensor cores on CUDA, f32 elsewhere) or `bf16` (the image
-    /// stays f32).
-    pub precision: Precision,
+    /// Network precision: `auto` (bf16 where the device computes it natively, else f32), `f32`, `tf32`
+    /// (TF32 tensor cores on CUDA, f32 elsewhere) or `bf16` (the image stays f32).
+    pub precision: PrecisionChoice,
     /// Activation memory layout: `channels-first` or `channels-last`.
     pub layout: Layout,
 }
@@ -56,7 +56,7 @@ impl Default for ModelSettings {
             pooling: Pooling::Max,
             normalize: false,
             device: DeviceChoice::Auto,
-            precision: Precision::F32,
+            precision: PrecisionChoice::Auto,
             layout: Layout::ChannelsFirst,
         }
     }
@@ -99,7 +99,7 @@ pub fn load(settings: &ModelSettings) -> Result<Vgg> {
 
 /// Like [`load`] with the weight file and device already settled.
 pub fn load_from(path: &Path, settings: &ModelSettings, device: Device) -> Result<Vgg> {
-    crate::device::apply_precision(device, settings.precision)?;
+    let precision = resolve_precision(settings, device)?;
     let loaded = weights::load(path)?;
     let convention = settings.convention.or(loaded.convention).ok_or_else(|| {
         Error::weights(
@@ -110,7 +110,7 @@ pub fn load_from(path: &Path, settings: &ModelSettings, device: Device) -> Resul
     })?;
     let raw = Vgg::new(loaded.arch, loaded.convs, convention, settings.pooling, device, Precision::F32);
     if !settings.normalize {
-        return Ok(rebuild(raw, settings, None));
+        return Ok(rebuild(raw, settings, precision, None));
     }
     let layers: Vec<LayerId> = raw.convs().iter().map(|c| c.layer).collect();
     let cache = normalize::cache_path(path, settings.pooling)?;
@@ -123,10 +123,21 @@ pub fn load_from(path: &Path, settings: &ModelSettings, device: Device) -> Resul
             means
         }
     };
-    Ok(rebuild(raw, settings, Some(&means)))
+    Ok(rebuild(raw, settings, precision, Some(&means)))
 }
 
-fn rebuild(raw: Vgg, settings: &ModelSettings, means: Option<&[tch::Tensor]>) -> Vgg {
+/// The precision the network runs in on `device` (the setting, `auto` settled for the device), with
+/// libtorch's TF32 switch set for it.
+pub fn resolve_precision(settings: &ModelSettings, device: Device) -> Result<Precision> {
+    let precision = settings.precision.resolve(device);
+    if settings.precision == PrecisionChoice::Auto {
+        tracing::info!(device = %crate::device::device_name(device), %precision, "precision auto");
+    }
+    crate::device::apply_precision(device, precision)?;
+    Ok(precision)
+}
+
+fn rebuild(raw: Vgg, settings: &ModelSettings, precision: Precision, means: Option<&[tch::Tensor]>) -> Vgg {
     let convs = match means {
         Some(means) => normalize::normalized(raw.convs(), means),
         None => raw
@@ -139,15 +150,7 @@ fn rebuild(raw: Vgg, settings: &ModelSettings, means: Option<&[tch::Tensor]>) ->
             })
             .collect(),
     };
-    Vgg::with_layout(
-        raw.arch(),
-        convs,
-        raw.convention(),
-        raw.pooling(),
-        raw.device(),
-        settings.precision,
-        settings.layout,
-    )
+    Vgg::with_layout(raw.arch(), convs, raw.convention(), raw.pooling(), raw.device(), precision, settings.layout)
 }
 
 /// What identifies the network for checkpoints and job keys: the weight file and how it is prepared

@@ -37,7 +37,7 @@ pub fn vgg16_settings(pooling: Pooling, normalize: bool) -> ModelSettings {
         pooling,
         normalize,
         device: DeviceChoice::Cpu,
-        precision: Precision::F32,
+        precision: Precision::F32.into(),
         layout: model::Layout::ChannelsFirst,
     }
 }
