@@ -153,6 +153,8 @@ fn bigbuckbunny_keeps_frames_duration_audio_and_timestamps_and_eval_agrees() {
     let report = read_json(&report);
     assert_eq!(report["frame_count"], 132);
     assert_eq!(report["working_size"], serde_json::json!([32, 18]));
+    let auto = impasto::device::PrecisionChoice::Auto.resolve(tch::Device::Cpu).to_string();
+    assert_eq!((&report["device"], &report["precision"]), (&Value::from("cpu"), &Value::from(auto)), "{report}");
     let frames = report["frames"].as_array().unwrap();
     assert_eq!(frames[0]["start"], "first");
     assert!(frames[1..].iter().all(|f| f["start"] == "warped"), "no scene cut in this clip");

@@ -129,6 +129,12 @@ pub struct Report {
     pub output: PathBuf,
     /// Working size (`width`, `height`) the frames were painted at.
     pub working_size: (u32, u32),
+    /// The device the frames were painted on (`cpu`, `cuda:0`).
+    #[serde(default)]
+    pub device: String,
+    /// The network's precision there (`precision = "auto"` settled for the device).
+    #[serde(default)]
+    pub precision: String,
     /// The temporal mode.
     pub temporal: super::TemporalMode,
     /// Runs of consecutive frames painted side by side (1: frame after frame).

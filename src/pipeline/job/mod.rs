@@ -176,7 +176,7 @@ impl PreparedJob {
                 for stale in checkpoint::remove_stale_siblings(&self.job.output, &self.key) {
                     tracing::info!(dir = %stale.display(), "removed the work directory of an earlier run with other settings");
                 }
-                Ok(self.report(frames, damaged, started.elapsed().as_secs_f64()))
+                Ok(self.report(vgg, frames, damaged, started.elapsed().as_secs_f64()))
             }
             Err(error) => {
                 if !checkpoint.holds_frames() {
@@ -192,14 +192,16 @@ impl PreparedJob {
         SegmentPlan::new(self.frame_count, self.job.video.segments, self.job.video.segment_overlap)
     }
 
-    /// The report of a finished job.
-    fn report(&self, records: Vec<FrameRecord>, damaged: Vec<String>, wall_seconds: f64) -> Report {
+    /// The report of a finished job painted with `vgg`.
+    fn report(&self, vgg: &Vgg, records: Vec<FrameRecord>, damaged: Vec<String>, wall_seconds: f64) -> Report {
         let (lead_ins, frames): (Vec<FrameRecord>, Vec<FrameRecord>) = records.into_iter().partition(|r| r.lead_in);
         let painted_lead_ins = lead_ins.iter().filter(|r| !r.resumed);
         Report {
             input: self.job.input.clone(),
             output: self.job.output.clone(),
             working_size: self.frame_size,
+            device: crate::device::device_name(vgg.device()),
+            precision: vgg.precision().label_on(vgg.device()),
             temporal: self.job.video.temporal,
             segments: self.plan().segments().len() as u64,
             lead_in_iterations: painted_lead_ins.map(|r| r.iterations as u64).sum(),
