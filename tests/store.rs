@@ -104,7 +104,8 @@ async fn a_job_is_stored_once_and_keeps_its_life_cycle() {
         assert_eq!((done.state, done.resumed_frames, done.frames_done), (JobState::Done, 2, 10));
         assert_eq!(store.report(&job.id).await.unwrap().as_deref(), Some(report));
         assert_eq!(store.counts().await.unwrap()["done"], 1);
-        assert_eq!(store.list(10).await.unwrap().len(), 1);
+        let overview = store.overview(10).await.unwrap();
+        assert_eq!((overview.jobs.len(), overview.counts["done"]), (1, 1));
     })
     .await;
 }
@@ -142,6 +143,46 @@ async fn two_nodes_never_take_the_same_job() {
         assert_eq!(all.len(), 40, "every job taken exactly once");
         assert_eq!(distinct.len(), 40);
         assert_eq!(node_b.counts().await.unwrap()["running"], 40);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_lists_and_counts_the_same_moment() {
+    on_both("overview", |url| async move {
+        let reader = Store::connect(&url).await.unwrap();
+        let worker = Store::connect(&url).await.unwrap();
+        for n in 0..30 {
+            worker.enqueue(&new_job(n)).await.unwrap();
+        }
+        // Another node takes and finishes every job while the reader keeps reading.
+        let painting = tokio::spawn(async move {
+            while let Some(job) = worker.claim("node-w", "cpu").await.unwrap() {
+                let progress = Progress { frames_done: 4, frames_total: 4, seconds_per_frame: Some(0.1) };
+                let finished = Finished { resumed_frames: 0, progress, report: "{}" };
+                worker.finish(&job.id, &PathBuf::from("/done/clip.mp4"), finished).await.unwrap();
+            }
+        });
+        let mut reads = 0;
+        loop {
+            let settled = painting.is_finished();
+            let overview = reader.overview(100).await.unwrap();
+            for state in JobState::ALL {
+                let listed = overview.jobs.iter().filter(|job| job.state == state).count() as i64;
+                assert_eq!(
+                    listed,
+                    overview.counts[state.as_str()],
+                    "{state:?} after {reads} reads: {:?}",
+                    overview.counts
+                );
+            }
+            reads += 1;
+            if settled {
+                assert_eq!(overview.counts["done"], 30);
+                break;
+            }
+        }
+        painting.await.unwrap();
     })
     .await;
 }
@@ -194,7 +235,7 @@ async fn a_store_a_newer_version_migrated_further_is_still_taken() {
         sqlx::query("ALTER TABLE jobs ADD COLUMN newer_note TEXT").execute(&pool).await.unwrap();
         pool.close().await;
         let store = Store::connect(&url).await.expect("a store migrated further is taken");
-        assert_eq!(store.list(10).await.unwrap().len(), 1);
+        assert_eq!(store.overview(10).await.unwrap().jobs.len(), 1);
     })
     .await;
 }

@@ -154,9 +154,9 @@ struct JobList {
 }
 
 async fn list_jobs(State(state): State<Arc<AppState>>) -> ApiResult<Json<JobList>> {
-    let jobs = state.store.list(500).await?.into_iter().map(JobView::from).collect();
-    let counts = state.store.counts().await?;
-    Ok(Json(JobList { jobs, counts, node: state.node.clone(), devices: state.metrics.devices() }))
+    let overview = state.store.overview(500).await?;
+    let jobs = overview.jobs.into_iter().map(JobView::from).collect();
+    Ok(Json(JobList { jobs, counts: overview.counts, node: state.node.clone(), devices: state.metrics.devices() }))
 }
 
 async fn get_job(State(state): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> ApiResult<Json<JobView>> {

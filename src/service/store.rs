@@ -163,6 +163,18 @@ const COLUMNS: &str = "id, content_hash, profile_key, watch, name, input_path, o
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    /// PostgreSQL rather than SQLite: a consistent read needs `REPEATABLE READ` there.
+    postgres: bool,
+}
+
+/// The newest jobs and the count in each state, read from one snapshot of the store, so the
+/// counts describe the same moment as the list.
+#[derive(Clone, Debug)]
+pub struct Overview {
+    /// The newest jobs, newest first.
+    pub jobs: Vec<Job>,
+    /// How many jobs are in each state (every state present).
+    pub counts: BTreeMap<&'static str, i64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -179,14 +191,15 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = prepare_url(url)?;
         let pool = AnyPoolOptions::new().max_connections(8).connect(&url).await?;
-        let mut migrator = if url.starts_with("sqlite:") {
+        let postgres = !url.starts_with("sqlite:");
+        let mut migrator = if !postgres {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
             sqlx::migrate!("migrations/sqlite")
         } else {
             sqlx::migrate!("migrations/postgres")
         };
         migrator.set_ignore_missing(true).run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, postgres })
     }
 
     /// Whether the store answers.
@@ -397,23 +410,43 @@ impl Store {
         row.map(|row| job_from_row(&row)).transpose()
     }
 
-    /// The newest `limit` jobs, newest first.
-    pub async fn list(&self, limit: i64) -> StoreResult<Vec<Job>> {
-        let sql = format!("SELECT {COLUMNS} FROM jobs ORDER BY created_ms DESC, id LIMIT $1");
-        let rows = sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
     /// How many jobs are in each state (every state present, zero when none).
     pub async fn counts(&self) -> StoreResult<BTreeMap<&'static str, i64>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await?;
-        let mut counts: BTreeMap<&'static str, i64> = JobState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        for row in rows {
-            let state = JobState::parse(&row.try_get::<String, _>(0)?);
-            *counts.entry(state.as_str()).or_default() += row.try_get::<i64, _>(1)?;
-        }
-        Ok(counts)
+        let rows = sqlx::query(COUNTS_SQL).fetch_all(&self.pool).await?;
+        counts_from_rows(&rows)
     }
+
+    /// The newest `limit` jobs and the counts, both from one snapshot: a read transaction
+    /// (SQLite keeps its first read's snapshot until the end of the transaction; PostgreSQL does so
+    /// at `REPEATABLE READ`). Two separate reads could list a job as running and count it as done.
+    pub async fn overview(&self, limit: i64) -> StoreResult<Overview> {
+        let mut transaction = self.pool.begin().await?;
+        if self.postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *transaction).await?;
+        }
+        let job_rows = sqlx::query(&list_sql()).bind(limit).fetch_all(&mut *transaction).await?;
+        let count_rows = sqlx::query(COUNTS_SQL).fetch_all(&mut *transaction).await?;
+        transaction.commit().await?;
+        let jobs = job_rows.iter().map(job_from_row).collect::<StoreResult<_>>()?;
+        Ok(Overview { jobs, counts: counts_from_rows(&count_rows)? })
+    }
+}
+
+/// The newest jobs first, at most `$1`.
+fn list_sql() -> String {
+    format!("SELECT {COLUMNS} FROM jobs ORDER BY created_ms DESC, id LIMIT $1")
+}
+
+const COUNTS_SQL: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
+
+/// Counts per state from `SELECT state, COUNT(*)` rows, with every state present.
+fn counts_from_rows(rows: &[AnyRow]) -> StoreResult<BTreeMap<&'static str, i64>> {
+    let mut counts: BTreeMap<&'static str, i64> = JobState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    for row in rows {
+        let state = JobState::parse(&row.try_get::<String, _>(0)?);
+        *counts.entry(state.as_str()).or_default() += row.try_get::<i64, _>(1)?;
+    }
+    Ok(counts)
 }
 
 /// Adds what SQLite needs to create a missing file (and creates its folder).
