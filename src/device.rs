@@ -321,6 +321,14 @@ mod tests {
     }
 
     #[test]
+    fn auto_on_a_cuda_device_that_is_not_there_stays_f32() {
+        // each CUDA index answers for itself; one that does not exist (or a build without CUDA) is f32
+        let absent = tch::Cuda::device_count() as usize + 3;
+        assert!(!bf16::native_on(Device::Cuda(absent)));
+        assert_eq!(PrecisionChoice::Auto.resolve(Device::Cuda(absent)), Precision::F32);
+    }
+
+    #[test]
     fn missing_cuda_device_is_an_error_naming_it() {
         let count = tch::Cuda::device_count() as usize;
         let err = DeviceChoice::Cuda(count + 7).resolve().unwrap_err().to_string();

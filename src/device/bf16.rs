@@ -8,14 +8,14 @@ use tch::Device;
 
 #[cfg(impasto_cpp_layer)]
 unsafe extern "C" {
-    fn impasto_cuda_bf16_native() -> std::ffi::c_int;
+    fn impasto_cuda_bf16_native(index: std::ffi::c_int) -> std::ffi::c_int;
 }
 
 /// Whether `device` computes bf16 convolutions in hardware.
 pub fn native_on(device: Device) -> bool {
     match device {
         Device::Cpu => cpu_has_bf16(),
-        Device::Cuda(_) => cuda_has_bf16(),
+        Device::Cuda(index) => cuda_has_bf16(index),
         _ => false,
     }
 }
@@ -37,16 +37,19 @@ pub fn cpu_has_bf16() -> bool {
     }
 }
 
-/// cuDNN's bf16 convolutions on the current CUDA device (libtorch's own test: cuDNN and compute
-/// capability ≥ 8.0). False where the C++ layer was not built or libtorch would not say.
-fn cuda_has_bf16() -> bool {
+/// cuDNN's bf16 convolutions on CUDA device `index` (libtorch's own test: cuDNN and compute
+/// capability ≥ 8.0), so each card of a mixed node answers for itself. False where the C++ layer
+/// was not built, the device does not exist or libtorch would not say.
+fn cuda_has_bf16(index: usize) -> bool {
     #[cfg(impasto_cpp_layer)]
     {
-        // SAFETY: a plain C function without arguments; the C++ side catches every exception.
-        unsafe { impasto_cuda_bf16_native() == 1 }
+        let Ok(index) = std::ffi::c_int::try_from(index) else { return false };
+        // SAFETY: a plain C function taking an integer; the C++ side catches every exception.
+        unsafe { impasto_cuda_bf16_native(index) == 1 }
     }
     #[cfg(not(impasto_cpp_layer))]
     {
+        let _ = index;
         false
     }
 }
