@@ -192,11 +192,11 @@ impl Store {
         let url = prepare_url(url)?;
         let pool = AnyPoolOptions::new().max_connections(8).connect(&url).await?;
         let postgres = !url.starts_with("sqlite:");
-        let mut migrator = if !postgres {
+        let mut migrator = if postgres {
+            sqlx::migrate!("migrations/postgres")
+        } else {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
             sqlx::migrate!("migrations/sqlite")
-        } else {
-            sqlx::migrate!("migrations/postgres")
         };
         migrator.set_ignore_missing(true).run(&pool).await?;
         Ok(Store { pool, postgres })
