@@ -2,11 +2,13 @@
 //! start so that a GPU is seen at all (the linker drops `libtorch_cuda.so` otherwise), cuDNN
 //! autotuning on CUDA devices, and the network precision (f32, TF32 on CUDA, or bf16; the optimised
 //! image always stays f32; `auto` picks bf16 where the device computes it natively). `tf32` holds the
-//! TF32 switch, `memory` the device-memory reading, `bf16` the hardware check behind `auto`.
+//! TF32 switch, `memory` the device-memory reading, `bf16` the hardware check behind `auto`,
+//! `threads` the per-thread CPU thread count.
 
 pub mod bf16;
 pub mod memory;
 pub mod tf32;
+pub mod threads;
 
 use std::str::FromStr;
 use std::sync::Once;

@@ -262,3 +262,38 @@ fn default_settings_meet_the_quality_target_at_256_px() {
     let measured = score::score(&scorer, &content, &starry().image, &output);
     assert!(measured.style < 0.30 && measured.content < 0.25, "style {} content {}", measured.style, measured.content);
 }
+
+#[test]
+fn a_frame_painter_takes_the_motion_measured_ahead_only_from_the_frame_it_painted_last() {
+    use impasto::flow::FlowPair;
+    use impasto::pipeline::motion::Motion;
+    use impasto::pipeline::{FramePainter, VideoSettings};
+    use impasto::style::{Losses, Optimised};
+
+    let vgg = common::default_vgg16();
+    let video = VideoSettings { size: 64, ..VideoSettings::default() };
+    let mut painter = FramePainter::new(&vgg, &small_settings(64, 5), &video, &[starry()], 64, false).unwrap();
+    let frame = imageio::load_tensor(&common::media("photos/chelsea.png"), Some(64), tch::Device::Cpu).unwrap();
+    let (item, plan) = painter.plan(0, 0, &frame, None).unwrap();
+    let losses = Losses { content: 1.0, style: 1.0, tv: 0.0, temporal: 0.0, total: 2.0 };
+    painter.finish(plan, Optimised { image: item.start, losses, iterations: 0 }, 0.0);
+
+    // a motion no solver would give: no flow, every pixel half reliable
+    let still = frame.zeros_like().narrow(1, 0, 2);
+    let half_reliable = |from| Motion {
+        from,
+        pair: FlowPair { forward: still.copy(), backward: still.copy() },
+        reliable: frame.narrow(1, 0, 1).full_like(0.5),
+        is_cut: false,
+        seconds: 0.0,
+    };
+    let next = frame.roll([2], [3]);
+    let mask = |ahead| painter.plan(1, 1, &next, Some(ahead)).unwrap().0.targets.temporal.expect("a temporal term").1;
+    let taken = mask(half_reliable(0));
+    assert!(taken.eq(0.5).all().int64_value(&[]) == 1, "the motion from frame 0 was not taken as it came");
+    // from a frame this painter did not paint last: measured again, a mask of 0s and 1s
+    let measured = mask(half_reliable(5));
+    let binary = measured.eq(0.0).logical_or(&measured.eq(1.0));
+    assert!(binary.all().int64_value(&[]) == 1, "the motion from frame 5 was used for frame 0's painting");
+    assert!(measured.mean(Kind::Float).double_value(&[]) > 0.5);
+}

@@ -27,6 +27,7 @@ pub mod checkpoint;
 mod eval;
 #[cfg(feature = "media")]
 mod job;
+pub mod motion;
 mod painter;
 pub mod report;
 mod resample;

@@ -4,18 +4,21 @@
 //! scene cut (first-frame settings), from the previous output (`previous` mode), or, as Ruder et al.
 //! (2016) do, from the previous output warped along the input's backward flow with the unreliable
 //! pixels filled from the content, plus the temporal loss over the reliable ones (`flow` mode). The
-//! warp is bicubic, so a painting carried over many frames keeps its brush strokes.
+//! warp is bicubic, so a painting carried over many frames keeps its brush strokes. The motion into a
+//! frame (see [`super::motion`]) usually comes with it, measured ahead on another thread; the painter
+//! measures it itself only for a frame that arrives without it.
 
 use std::time::Instant;
 
 use image::RgbImage;
 use tch::{Device, Tensor};
 
+use super::motion::{self, Motion};
 use super::report::{FrameLosses, FrameRecord, FrameSeconds, Start};
 use super::resample::warp_bicubic;
 use super::settings::{TemporalMode, VideoSettings};
 use crate::error::Result;
-use crate::flow::{self, FlowPair};
+use crate::flow;
 use crate::imageio;
 use crate::model::Vgg;
 use crate::style::color::{self, ColorMode};
@@ -23,19 +26,14 @@ use crate::style::{BatchItem, Losses, Optimised, Stopping, StyleImage, StyleSett
 
 /// What the next frame builds on.
 struct Previous {
+    /// The previous frame's index.
+    index: u64,
     /// The previous input frame (RGB 0..1, on the network's device).
     input: Tensor,
     /// The previous output as it was stored (8-bit, back in 0..1).
     output: Tensor,
     /// The shot's loss scale (see [`VideoSettings::temporal_weight`]).
     loss_scale: f64,
-}
-
-/// The flow between the previous input frame and this one, and what it says.
-struct Motion {
-    pair: FlowPair,
-    reliable: Tensor,
-    is_cut: bool,
 }
 
 /// A painted frame: the picture to store and encode, and its record (encode time still zero).
@@ -135,7 +133,13 @@ impl<'m> FramePainter<'m> {
     /// input frame, `stored` its output, `record` what the earlier run recorded.
     pub fn resume(&mut self, content: &Tensor, stored: &RgbImage, record: &FrameRecord) {
         let output = imageio::rgb_to_tensor(stored).to_device(self.device);
-        self.previous = Some(Previous { input: content.to_device(self.device), output, loss_scale: record.loss_scale });
+        let input = content.to_device(self.device);
+        self.previous = Some(Previous { index: record.index, input, output, loss_scale: record.loss_scale });
+    }
+
+    /// Whether `motion`, measured ahead, leads from the frame this painter painted last.
+    fn follows(&self, motion: &Motion) -> bool {
+        self.previous.as_ref().is_some_and(|previous| previous.index == motion.from)
     }
 
     /// A stylizer that can optimise the frames of this painter and its siblings together (the
@@ -145,15 +149,28 @@ impl<'m> FramePainter<'m> {
     }
 
     /// Everything this frame's optimisation needs, decided from the frames before it: the motion, how
-    /// it starts, the starting image, the targets, the iteration budget and stop settings.
-    pub fn plan(&self, index: u64, pts: i64, content: &Tensor) -> Result<(BatchItem, FramePlan)> {
+    /// it starts, the starting image, the targets, the iteration budget and stop settings. `ahead` is
+    /// the motion into the frame if it was measured already (it is measured here otherwise).
+    pub fn plan(
+        &self,
+        index: u64,
+        pts: i64,
+        content: &Tensor,
+        ahead: Option<Motion>,
+    ) -> Result<(BatchItem, FramePlan)> {
         let content = content.to_device(self.device);
         let flow_started = Instant::now();
-        let motion = self.motion_to(&content)?;
+        let (motion, measured_ahead) = match ahead.filter(|motion| self.follows(motion)) {
+            Some(motion) => {
+                let seconds = motion.seconds;
+                (Some(motion), seconds)
+            }
+            None => (self.motion_to(&content)?, 0.0),
+        };
         let start = self.start_kind(motion.as_ref());
         let working_content = self.to_working(&content);
         let (start_image, temporal) = self.starting_point(start, &working_content, motion.as_ref());
-        let flow_seconds = flow_started.elapsed().as_secs_f64();
+        let flow_seconds = measured_ahead + flow_started.elapsed().as_secs_f64();
         let (planned, stopping) = if start.is_fresh() {
             (self.video.first_iterations as usize, self.stylizer.stopping())
         } else {
@@ -173,7 +190,7 @@ impl<'m> FramePainter<'m> {
         let output = imageio::rgb_to_tensor(&picture).to_device(self.device);
         let warping_error = self.warping_error(&output, plan.motion.as_ref());
         let loss_scale = self.loss_scale(plan.start, &outcome.losses);
-        self.previous = Some(Previous { input: plan.content, output, loss_scale });
+        self.previous = Some(Previous { index: plan.index, input: plan.content, output, loss_scale });
         let record = FrameRecord {
             index: plan.index,
             pts: plan.pts,
@@ -203,27 +220,15 @@ impl<'m> FramePainter<'m> {
         self.style_targets.iter().map(Tensor::shallow_clone).collect()
     }
 
-    /// The flow from the previous input to `content`, when there is a previous frame and the flow is
-    /// wanted.
+    /// The motion from the previous input to `content`, when there is a previous frame and the motion
+    /// is wanted.
     fn motion_to(&self, content: &Tensor) -> Result<Option<Motion>> {
         let Some(previous) = &self.previous else { return Ok(None) };
         if !(self.video.needs_flow() || self.measure_warping) {
             return Ok(None);
         }
-        let threads = if self.device == Device::Cpu { self.video.flow_threads } else { 0 };
-        with_intra_op_threads(threads, || {
-            let pair = flow::flow_pair(&previous.input, content, &self.video.flow)?;
-            let reliable = pair.reliability();
-            let change = flow::scene_change(&previous.input, content, &reliable, &self.video.flow.scene_cut);
-            if change.is_cut {
-                tracing::info!(
-                    histogram = change.histogram_distance,
-                    unreliable = change.unreliable_fraction,
-                    "scene cut"
-                );
-            }
-            Ok(Some(Motion { pair, reliable, is_cut: change.is_cut }))
-        })
+        let (flow, threads) = (&self.video.flow, self.video.flow_threads);
+        motion::measure(previous.index, &previous.input, content, flow, threads).map(Some)
     }
 
     /// How this frame starts, given the motion from the previous one.
@@ -294,17 +299,4 @@ impl<'m> FramePainter<'m> {
 /// multiplies.
 fn content_and_style_loss(losses: &Losses) -> f64 {
     (losses.total - losses.tv - losses.temporal).max(0.0)
-}
-
-/// Runs `work` with `threads` libtorch intra-op threads on this thread (0: as they are), then restores
-/// the previous count.
-fn with_intra_op_threads<T>(threads: usize, work: impl FnOnce() -> T) -> T {
-    if threads == 0 {
-        return work();
-    }
-    let before = tch::get_num_threads();
-    tch::set_num_threads(threads as i32);
-    let result = work();
-    tch::set_num_threads(before);
-    result
 }

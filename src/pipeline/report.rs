@@ -57,7 +57,8 @@ impl From<Losses> for FrameLosses {
 pub struct FrameSeconds {
     /// Decoding, scaling and conversion to a tensor.
     pub decode: f64,
-    /// Optical flow, reliability, scene-cut test and warping.
+    /// Optical flow, reliability, scene-cut test and warping. In a video job the flow is measured
+    /// on its own thread while the frame before is painted, so this time overlaps the others'.
     pub flow: f64,
     /// The style optimisation (and the colour handling after it).
     pub optimise: f64,

@@ -1,5 +1,7 @@
-//! A whole video job: decode → paint → encode on three threads joined by bounded channels, so memory
-//! stays a few frames deep however long the video is. The decoder runs ahead while the stylizer works;
+//! A whole video job: decode → motion → paint → encode on threads joined by bounded channels, so
+//! memory stays a few frames deep however long the video is. The decoder runs ahead while the
+//! stylizer works, and the optical flow into each frame is measured on its own thread while the frame
+//! before is being painted;
 //! the encoder stores each painted frame as a checkpoint, then encodes it into a staging file in the
 //! work directory, which is moved onto the output only when every stage has succeeded. The first
 //! error of any stage stops the others and is what the job returns; a re-run resumes from the
@@ -7,8 +9,9 @@
 //! thread and paints the segments' frames as one batch that gives a segment its next frame as soon as
 //! its last is done; the encoder takes the frames back into order, reading the ones painted ahead of
 //! their turn back from the checkpoint, and cross-fades the segments' overlaps. Each stage has its
-//! file: `decode`, `paint`, `encode`.
+//! file: `decode`, `motion`, `paint`, `encode`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -19,13 +22,16 @@ use image::RgbImage;
 
 mod decode;
 mod encode;
+mod motion;
 mod paint;
 
 use decode::{SegmentReader, decode_stage};
 use encode::{EncodeStage, Reorder};
+use motion::MotionStage;
 use paint::PaintStage;
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, Checkpoint, PictureKey};
+use super::motion::MotionTracker;
 use super::painter::FramePainter;
 use super::report::{FrameRecord, Report};
 use super::segments::SegmentPlan;
@@ -256,14 +262,33 @@ impl PreparedJob {
             painting = painting.sharing(batch, &model);
         }
         let encoding = EncodeStage::new(writer, checkpoint, Reorder::new(&plan, stored.clone()));
-        run_threads(readers, painting, encoding, video.queue, observer)
+        let motions = self.motion_stages(&plan, &resumable, vgg.device());
+        let lanes = readers.into_iter().zip(motions).collect();
+        run_threads(lanes, painting, encoding, video.queue, observer)
+    }
+
+    /// Each segment's motion stage, told which of its frames an earlier run stored.
+    fn motion_stages(
+        &self,
+        plan: &SegmentPlan,
+        resumable: &BTreeMap<PictureKey, FrameRecord>,
+        device: tch::Device,
+    ) -> Vec<MotionStage> {
+        let video = &self.job.video;
+        let stages = plan.segments().iter().map(|segment| {
+            let is_stored = |index: &u64| resumable.contains_key(&(*index, segment.is_lead_in(*index)));
+            let stored = segment.frames.clone().filter(is_stored).collect();
+            let tracker = MotionTracker::new(video, self.job.measure_warping);
+            MotionStage::new(tracker, device, video.flow_threads, stored)
+        });
+        stages.collect()
     }
 }
 
-/// Decodes on one thread per segment, paints on this one, encodes on another; the first error of any
-/// stage is the result.
+/// Decodes on one thread per segment, measures each segment's motion on another, paints on this one,
+/// encodes on another; the first error of any stage is the result.
 fn run_threads(
-    readers: Vec<SegmentReader>,
+    lanes: Vec<(SegmentReader, MotionStage)>,
     mut painting: PaintStage<'_, '_>,
     encoding: EncodeStage<'_>,
     queue: usize,
@@ -274,12 +299,19 @@ fn run_threads(
     let errors = &first_error;
     let (damaged, records) = std::thread::scope(|scope| {
         // Each stage owns its ends of the channels, so a stage that ends closes them for the others.
-        let mut receivers = Vec::with_capacity(readers.len());
-        let mut decoders = Vec::with_capacity(readers.len());
-        for reader in readers {
+        let mut receivers = Vec::with_capacity(lanes.len());
+        let mut decoders = Vec::with_capacity(lanes.len());
+        let mut trackers = Vec::with_capacity(lanes.len());
+        let job_span = tracing::Span::current();
+        for (reader, motion) in lanes {
             let (decoded_sender, decoded_receiver) = bounded(queue);
-            receivers.push(decoded_receiver);
+            let (arrived_sender, arrived_receiver) = bounded(queue);
+            receivers.push(arrived_receiver);
             decoders.push(scope.spawn(move || errors.settle(decode_stage(reader, decoded_sender, errors))));
+            let span = job_span.clone();
+            let measured =
+                move || span.in_scope(|| errors.settle(motion.run(decoded_receiver, arrived_sender, errors)));
+            trackers.push(scope.spawn(measured));
         }
         let encoder = scope.spawn(move || errors.settle(encoding.run(painted_receiver, errors)));
         let painted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -290,7 +322,9 @@ fn run_threads(
         }
         // each segment reports the damage in the frames it owns, so in the video's order they add up
         let damaged: Option<Vec<Vec<String>>> = decoders.into_iter().map(|d| join(d, "decode", errors)).collect();
-        (damaged.map(|lists| lists.concat()), join(encoder, "encode", errors))
+        let measured: Option<Vec<()>> = trackers.into_iter().map(|t| join(t, "motion", errors)).collect();
+        let damaged = measured.and(damaged).map(|lists| lists.concat());
+        (damaged, join(encoder, "encode", errors))
     });
     match (first_error.into_error(), damaged, records) {
         (Some(error), _, _) => Err(error),

@@ -13,10 +13,9 @@ use image::RgbImage;
 use tch::Tensor;
 
 use super::JobEvent;
-use super::decode::Decoded;
 use super::encode::Painted;
+use super::motion::Arrived;
 use crate::error::{Error, Result};
-use crate::imageio;
 use crate::media::Frame;
 use crate::pipeline::checkpoint::{PictureKey, StoredFrames};
 use crate::pipeline::painter::{FramePainter, FramePlan, PaintedFrame};
@@ -75,13 +74,6 @@ struct InFlight {
     span: tracing::Span,
 }
 
-/// A decoded frame ready to paint: its timing, its pixels on the device, its decode time.
-struct Ready {
-    timing: Frame,
-    content: Tensor,
-    decode_seconds: f64,
-}
-
 impl<'m> Lane<'m> {
     fn new(painter: FramePainter<'m>) -> Self {
         Lane { painter, resuming: true, painting: None, ended: false }
@@ -119,7 +111,7 @@ impl PaintStage<'_, '_> {
     /// or a stop was asked for.
     pub(super) fn run(
         &mut self,
-        receivers: Vec<Receiver<Item<Decoded>>>,
+        receivers: Vec<Receiver<Item<Arrived>>>,
         sender: Sender<Item<Painted>>,
         errors: &FirstError,
         observer: &mut dyn FnMut(JobEvent<'_>),
@@ -153,21 +145,13 @@ impl PaintStage<'_, '_> {
         Ok(sender.send(Item::End).ok())
     }
 
-    /// A decoded frame's pixels on the device.
-    fn ready(&self, lane: usize, decoded: Decoded) -> Result<Ready> {
-        let converted = Instant::now();
-        let Decoded { mut frame, seconds } = decoded;
-        let content = frame_tensor(&mut frame)?.to_device(self.lanes[lane].painter.device());
-        Ok(Ready { timing: frame, content, decode_seconds: seconds + converted.elapsed().as_secs_f64() })
-    }
-
     /// Whether frame `index` of lane `lane` is a lead-in picture.
     fn is_lead_in(&self, lane: usize, index: u64) -> bool {
         self.plan.segments()[lane].is_lead_in(index)
     }
 
     /// The frame as an earlier run stored it, while the lane's stored pictures last.
-    fn resume(&mut self, lane: usize, ready: &Ready) -> Option<Painted> {
+    fn resume(&mut self, lane: usize, ready: &Arrived) -> Option<Painted> {
         if !self.lanes[lane].resuming {
             return None;
         }
@@ -191,7 +175,7 @@ impl PaintStage<'_, '_> {
 /// earlier run stored are passed on without painting), a finished frame goes to the encoder.
 struct LaneFeed<'s, 'a, 'm, 'o> {
     stage: &'s mut PaintStage<'a, 'm>,
-    receivers: Vec<Receiver<Item<Decoded>>>,
+    receivers: Vec<Receiver<Item<Arrived>>>,
     sender: Sender<Item<Painted>>,
     errors: &'s FirstError,
     observer: &'o mut dyn FnMut(JobEvent<'_>),
@@ -202,16 +186,16 @@ struct LaneFeed<'s, 'a, 'm, 'o> {
 }
 
 impl LaneFeed<'_, '_, '_, '_> {
-    /// Plans lane `lane`'s next decoded frame, or passes it on from the checkpoint (`None`).
-    fn start(&mut self, lane: usize, decoded: Decoded) -> Result<Option<BatchItem>> {
-        let ready = self.stage.ready(lane, decoded)?;
-        if let Some(resumed) = self.stage.resume(lane, &ready) {
+    /// Plans lane `lane`'s next frame, or passes it on from the checkpoint (`None`).
+    fn start(&mut self, lane: usize, arrived: Arrived) -> Result<Option<BatchItem>> {
+        if let Some(resumed) = self.stage.resume(lane, &arrived) {
             self.pass_on(resumed);
             return Ok(None);
         }
-        let Ready { timing, content, decode_seconds } = ready;
+        let Arrived { timing, content, motion, decode_seconds } = arrived;
         let span = tracing::info_span!("frame", index = timing.index, segment = lane);
-        let (item, plan) = span.in_scope(|| self.stage.lanes[lane].painter.plan(timing.index, timing.pts, &content))?;
+        let painter = &self.stage.lanes[lane].painter;
+        let (item, plan) = span.in_scope(|| painter.plan(timing.index, timing.pts, &content, motion))?;
         let started = Instant::now();
         self.stage.lanes[lane].painting = Some(InFlight { timing, plan, decode_seconds, started, span });
         Ok(Some(item))
@@ -239,16 +223,16 @@ impl BatchFeed for LaneFeed<'_, '_, '_, '_> {
             if self.stage.stop.load(Ordering::SeqCst) {
                 return None;
             }
-            let decoded = match self.receivers[lane].recv() {
-                Ok(Item::Next(decoded)) => decoded,
+            let arrived = match self.receivers[lane].recv() {
+                Ok(Item::Next(arrived)) => arrived,
                 Ok(Item::End) => {
                     self.stage.lanes[lane].ended = true;
                     return None;
                 }
-                // the decoder failed (its error is recorded) or stopped for another stage
+                // an earlier stage failed (its error is recorded) or stopped for another stage
                 Err(_) => return None,
             };
-            match self.start(lane, decoded) {
+            match self.start(lane, arrived) {
                 Ok(Some(item)) => return Some(item),
                 Ok(None) => {}
                 Err(error) => {
@@ -283,11 +267,4 @@ impl BatchFeed for LaneFeed<'_, '_, '_, '_> {
     fn cancelled(&self) -> bool {
         self.failure.is_some() || self.halted || self.errors.stopped()
     }
-}
-
-/// A decoded frame's pixels, taken out of it, as an RGB 0..1 tensor `[1, 3, H, W]` on the CPU.
-fn frame_tensor(frame: &mut Frame) -> Result<Tensor> {
-    let picture = RgbImage::from_raw(frame.width, frame.height, std::mem::take(&mut frame.rgb))
-        .ok_or_else(|| Error::Internal(format!("frame {} has a short pixel buffer", frame.index)))?;
-    Ok(imageio::rgb_to_tensor(&picture))
 }
