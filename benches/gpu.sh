@@ -18,8 +18,9 @@
 # the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one process
 # each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
 # against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
-# in one shared batch and each in its own), gpu-auto.jsonl (one row: what `--precision auto` becomes on
-# this device) and gpu-bench.log (stderr of every command).
+# in one shared batch and each in its own), gpu-flow.jsonl/.md (seconds for the optical flow into one
+# frame at each size, which a video job measures beside the painting), gpu-auto.jsonl (one row: what
+# `--precision auto` becomes on this device) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested
@@ -128,6 +129,16 @@ budgeted "precision auto" "$auto_jsonl" "$bin" bench --sizes "${sizes%%,*}" --it
 auto_resolved="$(python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["precision"])' <"$auto_jsonl" 2>/dev/null)"
 echo "precision auto on $device: ${auto_resolved:-unknown}" | tee -a "$log"
 
+# The optical flow into one frame (flow both ways, reliability, scene-cut test) at each size: a video
+# job measures it on its own thread while the frame before is painted, so it is hidden while it takes
+# less than a frame's optimisation.
+flow_jsonl="$out/gpu-flow.jsonl"
+flow_md="$out/gpu-flow.md"
+: >"$flow_jsonl"
+budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --iterations 3 --warmup 1 \
+    --device "$device" || count_failure $?
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
+
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).
 # A 4K frame without tiles may not fit a smaller card: that failure is reported, not counted.
 memory_jsonl="$out/gpu-memory.jsonl"
@@ -192,5 +203,5 @@ done
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py jobs "$jobs_jsonl" >"$jobs_md"
 
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
-cat "$md" "$memory_md" "$batch_md" "$jobs_md"
+cat "$md" "$memory_md" "$batch_md" "$jobs_md" "$flow_md"
 exit $((failures > 0 ? 1 : 0))

@@ -1,6 +1,6 @@
 """Markdown tables of the JSON rows `impasto bench` prints, for benches/gpu.sh.
 
-Usage: gpu_tables.py iterations|memory|batch|jobs ROWS.jsonl; the card, commit and (for the main table)
+Usage: gpu_tables.py iterations|memory|batch|jobs|flow ROWS.jsonl; the card, commit and (for the main table)
 command come from the CARD, COMMIT and COMMAND environment variables. Lines that are not JSON rows
 (a failed command's output) are skipped.
 """
@@ -66,11 +66,19 @@ def jobs(rows):
                    f"| {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
 
 
+def flows(rows):
+    header = ["size", "s per frame", "levels × warps × iterations", "threads", "peak RSS MiB", "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['seconds_per_motion']:.4f} | {r['levels']} × {r['warps']} × {r['solver_iterations']} "
+                   f"| {r['threads'] or '–'} | {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}"
+                   for r in rows))
+
+
 KINDS = {
     "iterations": ("", iterations),
     "memory": (" f32, one process per row.", large_frames),
     "batch": (" bf16, channels-last.", batches),
     "jobs": (" bf16, channels-last; each job paints its frames one after another on its own thread.", jobs),
+    "flow": (" The optical flow into one frame: both ways, reliability and scene-cut test.", flows),
 }
 
 if __name__ == "__main__":

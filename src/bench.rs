@@ -3,8 +3,9 @@
 //! convolutions' FLOP count and the peak memory (resident; on CUDA the caching allocator's peaks and
 //! the device memory in use).
 //! Engine-only, so it runs where only libtorch is. [`bench_jobs`] times several jobs' frames on one
-//! device, in one shared batch or each in its own. [`VideoBenchRow`] sums up a real video job's
-//! report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
+//! device, in one shared batch or each in its own. [`bench_flow`] times the optical flow into one
+//! frame (the motion a video job measures beside the painting). [`VideoBenchRow`] sums up a real
+//! video job's report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
 
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::{device_name, memory};
 use crate::error::{Result, panic_error};
+use crate::flow::FlowSettings;
 use crate::model::{LayerId, Vgg};
 use crate::pipeline::{FrameSeconds, Report};
 use crate::style::{BatchItem, SharedBatch, SharedBatchStats, StyleImage, StyleSettings, Stylizer, Targets};
@@ -114,6 +116,78 @@ fn synchronize(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
     }
+}
+
+/// Where and how much to time the optical flow: frames of `width` × `height`, `iterations` timed
+/// after `warmup`, with `threads` libtorch threads on the CPU (0: the process's).
+#[derive(Clone, Copy, Debug)]
+pub struct FlowCase {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Untimed measurements first.
+    pub warmup: usize,
+    /// Timed measurements.
+    pub iterations: usize,
+    /// libtorch threads on the CPU (0: the process's).
+    pub threads: usize,
+}
+
+/// The optical flow at one size.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowBenchRow {
+    /// Width in pixels.
+    pub width: i64,
+    /// Height in pixels.
+    pub height: i64,
+    /// Device the flow ran on.
+    pub device: String,
+    /// libtorch threads on the CPU (0: the process's, or not on the CPU).
+    pub threads: usize,
+    /// Most pyramid levels.
+    pub levels: usize,
+    /// Warps per level.
+    pub warps: usize,
+    /// Primal–dual iterations per warp.
+    pub solver_iterations: usize,
+    /// Mean seconds for the motion into one frame: the flow both ways, the reliability mask and the
+    /// scene-cut test, as a video job measures it.
+    pub seconds_per_motion: f64,
+    /// Peak resident memory of the process so far, MiB.
+    pub peak_rss_mib: f64,
+    /// On CUDA: the most the caching allocator held in tensors since the process started, MiB.
+    pub cuda_max_allocated_mib: Option<f64>,
+}
+
+/// Times the motion between two synthetic frames (the second the first moved 3 pixels right and 1
+/// down) with `settings` on `device`.
+pub fn bench_flow(settings: &FlowSettings, device: Device, case: FlowCase) -> Result<FlowBenchRow> {
+    let first = crate::imageio::rgb_to_tensor(&synthetic_image(case.width, case.height, 1)).to_device(device);
+    let second = first.roll([3, 1], [3, 2]);
+    let measure = || crate::pipeline::motion::measure(0, &first, &second, settings, case.threads);
+    for _ in 0..case.warmup {
+        measure()?;
+    }
+    synchronize(device);
+    let started = Instant::now();
+    for _ in 0..case.iterations.max(1) {
+        measure()?;
+    }
+    synchronize(device);
+    let seconds_per_motion = started.elapsed().as_secs_f64() / case.iterations.max(1) as f64;
+    Ok(FlowBenchRow {
+        width: case.width as i64,
+        height: case.height as i64,
+        device: device_name(device),
+        threads: if device == Device::Cpu { case.threads } else { 0 },
+        levels: settings.levels,
+        warps: settings.warps,
+        solver_iterations: settings.iterations,
+        seconds_per_motion,
+        peak_rss_mib: peak_rss_mib(),
+        cuda_max_allocated_mib: memory::allocator_peaks_mib(device).map(|(allocated, _)| allocated),
+    })
 }
 
 /// Where and how much to time: `batch` images of `width` × `height` optimised together,

@@ -3,12 +3,14 @@
 //! builds with FFmpeg, `--video CLIP` paints a real clip with the video job instead and prints one
 //! JSON line: seconds per frame and the share of decode, flow, optimisation and encode; with
 //! `--jobs N`, N copies of it at once, their frames in one shared batch as the daemon paints them.
-//! Without a clip, `--jobs 1,4` times that many jobs painting synthetic frames at once.
+//! Without a clip, `--jobs 1,4` times that many jobs painting synthetic frames at once, and `--flow`
+//! times the optical flow instead of the network.
 
 use anyhow::Result;
 use clap::Args;
-use impasto::bench::{BenchCase, JobsCase};
+use impasto::bench::{BenchCase, FlowCase, JobsCase};
 use impasto::model::{self, Arch, ModelSettings, Vgg};
+use impasto::pipeline::VideoSettings;
 use impasto::style::StyleSettings;
 
 use super::image::StyleFlags;
@@ -43,6 +45,10 @@ pub struct BenchArgs {
     /// With `--jobs` (without `--video`): frames per job, each optimised `--iterations` times.
     #[arg(long, default_value_t = 4)]
     pub frames: usize,
+    /// Time the optical flow into one frame (the profile's flow settings and `flow_threads`) instead
+    /// of the network: per size, one JSON row with seconds per frame. Needs no weights.
+    #[arg(long, conflicts_with_all = ["jobs", "random"])]
+    pub flow: bool,
     #[cfg(feature = "media")]
     #[command(flatten)]
     pub video_flags: video::VideoBenchFlags,
@@ -77,6 +83,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--batch: a batch holds at least one image");
     }
     let device_name = settings.device.to_string();
+    if args.flow {
+        super::catch_torch(&device_name, || bench_flow(&profile.video, &settings, &sizes, &args))?;
+        return Ok(());
+    }
     super::catch_torch(&device_name, || {
         let vgg = network(args.random, &settings)?;
         if !args.jobs.is_empty() {
@@ -116,6 +126,23 @@ fn bench_jobs(vgg: &Vgg, style: &StyleSettings, sizes: &[(u32, u32)], args: &Ben
             let row = impasto::bench::bench_jobs(vgg, style, case)?;
             println!("{}", serde_json::to_string(&row).expect("serialisable"));
         }
+    }
+    Ok(())
+}
+
+/// `impasto bench --flow`: per size, one JSON row timing the motion into a frame.
+fn bench_flow(
+    video: &VideoSettings,
+    settings: &ModelSettings,
+    sizes: &[(u32, u32)],
+    args: &BenchArgs,
+) -> impasto::Result<()> {
+    let device = settings.device.resolve()?;
+    for &(width, height) in sizes {
+        let case =
+            FlowCase { width, height, warmup: args.warmup, iterations: args.iterations, threads: video.flow_threads };
+        let row = impasto::bench::bench_flow(&video.flow, device, case)?;
+        println!("{}", serde_json::to_string(&row).expect("serialisable"));
     }
     Ok(())
 }
