@@ -131,12 +131,15 @@ echo "precision auto on $device: ${auto_resolved:-unknown}" | tee -a "$log"
 
 # The optical flow into one frame (flow both ways, reliability, scene-cut test) at each size: a video
 # job measures it on its own thread while the frame before is painted, so it is hidden while it takes
-# less than a frame's optimisation.
+# less than a frame's optimisation. Several at once (as several segments' motion stages) show whether
+# the flow's many small launches leave the card room for more.
+flows_at_once="1,2,4"
+[[ "$quick" == 1 ]] && flows_at_once="1,2"
 flow_jsonl="$out/gpu-flow.jsonl"
 flow_md="$out/gpu-flow.md"
 : >"$flow_jsonl"
-budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --iterations 3 --warmup 1 \
-    --device "$device" || count_failure $?
+budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --at-once "$flows_at_once" \
+    --iterations 3 --warmup 1 --device "$device" || count_failure $?
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
 
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).

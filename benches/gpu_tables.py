@@ -67,8 +67,10 @@ def jobs(rows):
 
 
 def flows(rows):
-    header = ["size", "s per frame", "levels × warps × iterations", "threads", "peak RSS MiB", "CUDA max allocated MiB"]
-    table(header, (f"{size(r)} | {r['seconds_per_motion']:.4f} | {r['levels']} × {r['warps']} × {r['solver_iterations']} "
+    header = ["size", "at once", "s per frame", "levels × warps × iterations", "threads", "peak RSS MiB",
+              "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['at_once']} | {r['seconds_per_motion']:.4f} "
+                   f"| {r['levels']} × {r['warps']} × {r['solver_iterations']} "
                    f"| {r['threads'] or '–'} | {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}"
                    for r in rows))
 
@@ -78,7 +80,8 @@ KINDS = {
     "memory": (" f32, one process per row.", large_frames),
     "batch": (" bf16, channels-last.", batches),
     "jobs": (" bf16, channels-last; each job paints its frames one after another on its own thread.", jobs),
-    "flow": (" The optical flow into one frame: both ways, reliability and scene-cut test.", flows),
+    "flow": (" The optical flow into one frame: both ways, reliability and scene-cut test; several at once each on"
+             " its own thread (seconds per frame over all of them).", flows),
 }
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ fn synchronize(device: Device) {
 }
 
 /// Where and how much to time the optical flow: frames of `width` × `height`, `iterations` timed
-/// after `warmup`, with `threads` libtorch threads on the CPU (0: the process's).
+/// after `warmup` on each of `at_once` threads, with `threads` libtorch threads each on the CPU (0:
+/// the process's).
 #[derive(Clone, Copy, Debug)]
 pub struct FlowCase {
     /// Width in pixels.
@@ -132,6 +133,8 @@ pub struct FlowCase {
     pub iterations: usize,
     /// libtorch threads on the CPU (0: the process's).
     pub threads: usize,
+    /// Flows measured at once, each on its own thread.
+    pub at_once: usize,
 }
 
 /// The optical flow at one size.
@@ -145,14 +148,16 @@ pub struct FlowBenchRow {
     pub device: String,
     /// libtorch threads on the CPU (0: the process's, or not on the CPU).
     pub threads: usize,
+    /// Flows measured at once, each on its own thread (as that many segments' motion stages).
+    pub at_once: usize,
     /// Most pyramid levels.
     pub levels: usize,
     /// Warps per level.
     pub warps: usize,
     /// Primal–dual iterations per warp.
     pub solver_iterations: usize,
-    /// Mean seconds for the motion into one frame: the flow both ways, the reliability mask and the
-    /// scene-cut test, as a video job measures it.
+    /// Seconds for the motion into one frame — the flow both ways, the reliability mask and the
+    /// scene-cut test, as a video job measures it —: the wall time over the frames of all threads.
     pub seconds_per_motion: f64,
     /// Peak resident memory of the process so far, MiB.
     pub peak_rss_mib: f64,
@@ -161,30 +166,45 @@ pub struct FlowBenchRow {
 }
 
 /// Times the motion between two synthetic frames (the second the first moved 3 pixels right and 1
-/// down) with `settings` on `device`.
+/// down) with `settings` on `device`, on `case.at_once` threads at once (as that many segments'
+/// motion stages run); the seconds per frame are the wall time over all their frames.
 pub fn bench_flow(settings: &FlowSettings, device: Device, case: FlowCase) -> Result<FlowBenchRow> {
     let first = crate::imageio::rgb_to_tensor(&synthetic_image(case.width, case.height, 1)).to_device(device);
     let second = first.roll([3, 1], [3, 2]);
-    let measure = || crate::pipeline::motion::measure(0, &first, &second, settings, case.threads);
-    for _ in 0..case.warmup {
-        measure()?;
-    }
-    synchronize(device);
-    let started = Instant::now();
-    for _ in 0..case.iterations.max(1) {
-        measure()?;
-    }
-    synchronize(device);
-    let seconds_per_motion = started.elapsed().as_secs_f64() / case.iterations.max(1) as f64;
+    let (threads, iterations) = (case.at_once.max(1), case.iterations.max(1));
+    let ready = std::sync::Barrier::new(threads + 1);
+    let wall_seconds = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (first, second, ready) = (first.shallow_clone(), second.shallow_clone(), &ready);
+                scope.spawn(move || -> Result<()> {
+                    let measure = || crate::pipeline::motion::measure(0, &first, &second, settings, case.threads);
+                    let warmed = (0..case.warmup).try_for_each(|_| measure().map(drop));
+                    synchronize(device);
+                    ready.wait();
+                    warmed?;
+                    (0..iterations).try_for_each(|_| measure().map(drop))
+                })
+            })
+            .collect();
+        ready.wait();
+        let started = Instant::now();
+        for worker in workers {
+            worker.join().map_err(|payload| panic_error("flow", payload.as_ref()))??;
+        }
+        synchronize(device);
+        Ok::<f64, crate::error::Error>(started.elapsed().as_secs_f64())
+    })?;
     Ok(FlowBenchRow {
         width: case.width as i64,
         height: case.height as i64,
         device: device_name(device),
         threads: if device == Device::Cpu { case.threads } else { 0 },
+        at_once: threads,
         levels: settings.levels,
         warps: settings.warps,
         solver_iterations: settings.iterations,
-        seconds_per_motion,
+        seconds_per_motion: wall_seconds / (threads * iterations) as f64,
         peak_rss_mib: peak_rss_mib(),
         cuda_max_allocated_mib: memory::allocator_peaks_mib(device).map(|(allocated, _)| allocated),
     })

@@ -76,14 +76,17 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(jobs_table.contains("| 32² | 2 | shared |") && jobs_table.contains("| 32² | 2 | one per job |"));
     // the optical flow, one row per size, timed with the profile's flow settings on one thread
     let flows = json_lines(&std::fs::read_to_string(out.path().join("gpu-flow.jsonl")).unwrap());
-    let flow_sizes: Vec<(i64, i64, u64)> = flows
+    let flow_cases: Vec<(i64, i64, u64, u64)> = flows
         .iter()
-        .map(|r| (r["width"].as_i64().unwrap(), r["height"].as_i64().unwrap(), r["threads"].as_u64().unwrap()))
+        .map(|r| {
+            let (width, height) = (r["width"].as_i64().unwrap(), r["height"].as_i64().unwrap());
+            (width, height, r["at_once"].as_u64().unwrap(), r["threads"].as_u64().unwrap())
+        })
         .collect();
-    assert_eq!(flow_sizes, [(32, 32, 1), (48, 32, 1)], "{flows:?}");
+    assert_eq!(flow_cases, [(32, 32, 1, 1), (32, 32, 2, 1), (48, 32, 1, 1), (48, 32, 2, 1)], "{flows:?}");
     assert!(flows.iter().all(|r| r["seconds_per_motion"].as_f64().is_some_and(|s| s > 0.0)), "{flows:?}");
     let flow_table = std::fs::read_to_string(out.path().join("gpu-flow.md")).unwrap();
-    assert!(flow_table.contains("| 48×32 |") && flow_table.contains("| 10 × 5 × 20 | 1 |"), "{flow_table}");
+    assert!(flow_table.contains("| 48×32 | 2 |") && flow_table.contains("| 10 × 5 × 20 | 1 |"), "{flow_table}");
     // the default precision settled for this CPU, and the log says what it became
     let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
     let expected = impasto::device::PrecisionChoice::Auto.resolve(tch::Device::Cpu).to_string();

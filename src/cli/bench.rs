@@ -49,6 +49,11 @@ pub struct BenchArgs {
     /// of the network: per size, one JSON row with seconds per frame. Needs no weights.
     #[arg(long, conflicts_with_all = ["jobs", "random"])]
     pub flow: bool,
+    /// With `--flow`: flows measured at once, each on its own thread (as that many segments' motion
+    /// stages), e.g. `1,2,4`.
+    #[arg(long, value_delimiter = ',', default_value = "1", requires = "flow",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub at_once: Vec<u32>,
     #[cfg(feature = "media")]
     #[command(flatten)]
     pub video_flags: video::VideoBenchFlags,
@@ -138,11 +143,13 @@ fn bench_flow(
     args: &BenchArgs,
 ) -> impasto::Result<()> {
     let device = settings.device.resolve()?;
+    let (warmup, iterations, threads) = (args.warmup, args.iterations, video.flow_threads);
     for &(width, height) in sizes {
-        let case =
-            FlowCase { width, height, warmup: args.warmup, iterations: args.iterations, threads: video.flow_threads };
-        let row = impasto::bench::bench_flow(&video.flow, device, case)?;
-        println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        for &at_once in &args.at_once {
+            let case = FlowCase { width, height, warmup, iterations, threads, at_once: at_once as usize };
+            let row = impasto::bench::bench_flow(&video.flow, device, case)?;
+            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        }
     }
     Ok(())
 }
