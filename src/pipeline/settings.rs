@@ -84,7 +84,8 @@ pub struct VideoSettings {
     pub segments: u32,
     /// Frames each run but the first paints before its own, to cross-fade from the run before.
     pub segment_overlap: u32,
-    /// Frames in flight in each queue between the decoder, the stylizer and the encoder.
+    /// Frames in flight in each queue between the decoder, the stylizer and the encoder (the optical
+    /// flow is measured one frame ahead of the stylizer, whatever this is).
     pub queue: usize,
     /// libtorch intra-op threads while the flow runs on the CPU (its many small operations run
     /// fastest on one thread); 0 leaves the thread count alone.

@@ -305,7 +305,9 @@ fn run_threads(
         let job_span = tracing::Span::current();
         for (reader, motion) in lanes {
             let (decoded_sender, decoded_receiver) = bounded(queue);
-            let (arrived_sender, arrived_receiver) = bounded(queue);
+            // one frame ahead is all the painting needs; each waiting one holds its pixels and flow
+            // on the device
+            let (arrived_sender, arrived_receiver) = bounded(1);
             receivers.push(arrived_receiver);
             decoders.push(scope.spawn(move || errors.settle(decode_stage(reader, decoded_sender, errors))));
             let span = job_span.clone();

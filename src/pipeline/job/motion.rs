@@ -86,7 +86,7 @@ impl MotionStage {
             self.tracker.pass(frame.index, &content);
             None
         } else {
-            let _span = tracing::debug_span!("motion", index = frame.index).entered();
+            let _span = tracing::info_span!("motion", index = frame.index).entered();
             self.tracker.next(frame.index, &content)?
         };
         Ok(Arrived { timing: frame, content, motion, decode_seconds })
