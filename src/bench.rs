@@ -545,7 +545,7 @@ pub struct VideoBenchRow {
     pub arch: String,
     /// Activation memory layout.
     pub layout: String,
-    /// Wall-clock seconds of the job per frame (stages overlap on three threads).
+    /// Wall-clock seconds of the job per frame (the stages overlap, each on its own thread).
     pub seconds_per_frame: f64,
     /// Optimisation iterations per frame painted, the segments' lead-in pictures included: the work
     /// per frame, whatever the machine's speed.

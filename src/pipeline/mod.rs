@@ -1,9 +1,10 @@
 //! Videos in, painted videos out, steady from frame to frame. This module ties the engine (`style`),
-//! the motion (`flow`) and, behind the `media` feature, FFmpeg (`media`) into a job: three threads
-//! (decode → paint → encode) joined by bounded channels, temporal coherence after Ruder et al. (2016),
+//! the motion (`flow`) and, behind the `media` feature, FFmpeg (`media`) into a job: threads
+//! (decode → motion → paint → encode) joined by bounded channels, the optical flow measured a frame
+//! ahead (`motion`), temporal coherence after Ruder et al. (2016),
 //! scene cuts that restart the sequence, per-frame checkpoints that make a killed job resumable, and a
 //! report with the warping error E_warp of Lai et al. (2018). The parts that need no FFmpeg (settings,
-//! the frame painter, checkpoints, reports) build without it.
+//! the motion, the frame painter, checkpoints, reports) build without it.
 //!
 //! ```no_run
 //! # fn job(vgg: &impasto::model::Vgg, styles: Vec<impasto::style::StyleImage>) -> impasto::Result<()> {
