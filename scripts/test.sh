@@ -7,6 +7,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 eval "$(bash scripts/setup.sh)"
 export IMPASTO_SHARED="${IMPASTO_SHARED:-$here/../shared}"
+# the engine-only build first, in the same target directory (it shares torch-sys and most crates
+# with the full build); the full build then puts the full binary back in place for the tests
+cargo build --release --no-default-features --bins
 cargo build --release --bins
-cargo build --release --no-default-features --bins --target-dir target/engine-only
 cargo test --release -- --test-threads=2 "$@"
