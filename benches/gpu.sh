@@ -19,7 +19,8 @@
 # each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
 # against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
 # in one shared batch and each in its own), gpu-flow.jsonl/.md (seconds for the optical flow into one
-# frame at each size, which a video job measures beside the painting), gpu-auto.jsonl (one row: what
+# frame at each size, which a video job measures beside the painting), gpu-painting.jsonl/.md (synthetic
+# moving frames painted as a video job does, the flow measured inline or a frame ahead), gpu-auto.jsonl (one row: what
 # `--precision auto` becomes on this device) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
@@ -142,6 +143,21 @@ budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --at-o
     --iterations 3 --warmup 1 --device "$device" || count_failure $?
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
 
+# Synthetic moving frames painted as a video job paints them (flow mode, fixed iterations), the flow
+# into each measured on the painting thread before it or a frame ahead on its own: bf16, channels-last.
+painting_jsonl="$out/gpu-painting.jsonl"
+painting_md="$out/gpu-painting.md"
+: >"$painting_jsonl"
+if [[ "$quick" == 1 ]]; then
+    painting_sizes="32" painting_frames=3 painting_iterations=1
+else
+    painting_sizes="512,1280x720" painting_frames=6 painting_iterations=10
+fi
+budgeted "painting $painting_sizes, flow inline and ahead" "$painting_jsonl" "$bin" bench --motion inline,ahead \
+    --sizes "$painting_sizes" --frames "$painting_frames" --iterations "$painting_iterations" --device "$device" \
+    --precision bf16 --layout channels-last "${model_args[@]}" || count_failure $?
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py painting "$painting_jsonl" >"$painting_md"
+
 # Large frames: memory with and without tiles, each in its own process (the peaks are per process).
 # A 4K frame without tiles may not fit a smaller card: that failure is reported, not counted.
 memory_jsonl="$out/gpu-memory.jsonl"
@@ -206,5 +222,5 @@ done
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py jobs "$jobs_jsonl" >"$jobs_md"
 
 echo "rows: $(wc -l <"$jsonl"), failed or skipped commands: $failures, seconds: $((SECONDS - started))" | tee -a "$log"
-cat "$md" "$memory_md" "$batch_md" "$jobs_md" "$flow_md"
+cat "$md" "$memory_md" "$batch_md" "$jobs_md" "$flow_md" "$painting_md"
 exit $((failures > 0 ? 1 : 0))

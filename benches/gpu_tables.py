@@ -1,6 +1,6 @@
 """Markdown tables of the JSON rows `impasto bench` prints, for benches/gpu.sh.
 
-Usage: gpu_tables.py iterations|memory|batch|jobs|flow ROWS.jsonl; the card, commit and (for the main table)
+Usage: gpu_tables.py iterations|memory|batch|jobs|flow|painting ROWS.jsonl; the card, commit and (for the main table)
 command come from the CARD, COMMIT and COMMAND environment variables. Lines that are not JSON rows
 (a failed command's output) are skipped.
 """
@@ -75,6 +75,14 @@ def flows(rows):
                    for r in rows))
 
 
+def paintings(rows):
+    header = ["size", "flow measured", "s per frame", "iterations per frame", "flow s per frame", "optimise s per frame",
+              "peak RSS MiB", "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['motion']} | {r['seconds_per_frame']:.4f} | {r['iterations_per_frame']:.0f} "
+                   f"| {r['flow_seconds_per_frame']:.4f} | {r['optimise_seconds_per_frame']:.4f} "
+                   f"| {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
+
+
 KINDS = {
     "iterations": ("", iterations),
     "memory": (" f32, one process per row.", large_frames),
@@ -82,6 +90,8 @@ KINDS = {
     "jobs": (" bf16, channels-last; each job paints its frames one after another on its own thread.", jobs),
     "flow": (" The optical flow into one frame: both ways, reliability and scene-cut test; several at once each on"
              " its own thread (seconds per frame over all of them).", flows),
+    "painting": (" bf16, channels-last; synthetic frames moving 2 px right and 1 down per frame, flow mode, no early"
+                 " stop; the first frame is not timed.", paintings),
 }
 
 if __name__ == "__main__":

@@ -87,6 +87,18 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(flows.iter().all(|r| r["seconds_per_motion"].as_f64().is_some_and(|s| s > 0.0)), "{flows:?}");
     let flow_table = std::fs::read_to_string(out.path().join("gpu-flow.md")).unwrap();
     assert!(flow_table.contains("| 48×32 | 2 |") && flow_table.contains("| 10 × 5 × 20 | 1 |"), "{flow_table}");
+    // moving frames painted with the flow inline and a frame ahead, the same work either way
+    let painted = json_lines(&std::fs::read_to_string(out.path().join("gpu-painting.jsonl")).unwrap());
+    let places: Vec<(&str, u64, f64)> = painted
+        .iter()
+        .map(|r| {
+            (r["motion"].as_str().unwrap(), r["frames"].as_u64().unwrap(), r["iterations_per_frame"].as_f64().unwrap())
+        })
+        .collect();
+    assert_eq!(places, [("inline", 2, 1.0), ("ahead", 2, 1.0)], "{painted:?}");
+    assert!(painted.iter().all(|r| r["flow_seconds_per_frame"].as_f64().is_some_and(|s| s > 0.0)), "{painted:?}");
+    let painting_table = std::fs::read_to_string(out.path().join("gpu-painting.md")).unwrap();
+    assert!(painting_table.contains("| 32² | ahead |"), "{painting_table}");
     // the default precision settled for this CPU, and the log says what it became
     let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
     let expected = impasto::device::PrecisionChoice::Auto.resolve(tch::Device::Cpu).to_string();

@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use impasto::bench::{BenchCase, FlowCase, JobsCase};
+use impasto::bench::{BenchCase, FlowCase, JobsCase, MotionPlace, PaintingCase};
 use impasto::model::{self, Arch, ModelSettings, Vgg};
 use impasto::pipeline::VideoSettings;
 use impasto::style::StyleSettings;
@@ -42,13 +42,19 @@ pub struct BenchArgs {
     /// With `--jobs`: each job optimises its frames in its own batch (as `shared_batch = false`).
     #[arg(long)]
     pub own_batches: bool,
-    /// With `--jobs` (without `--video`): frames per job, each optimised `--iterations` times.
+    /// With `--jobs` (without `--video`): frames per job, each optimised `--iterations` times; with
+    /// `--motion`: frames painted per size.
     #[arg(long, default_value_t = 4)]
     pub frames: usize,
     /// Time the optical flow into one frame (the profile's flow settings and `flow_threads`) instead
     /// of the network: per size, one JSON row with seconds per frame. Needs no weights.
     #[arg(long, conflicts_with_all = ["jobs", "random"])]
     pub flow: bool,
+    /// Paint `--frames` synthetic moving frames per size as a video job does (flow mode, `--iterations`
+    /// each), the optical flow into each measured `ahead` on its own thread or `inline` before it,
+    /// e.g. `inline,ahead`: one JSON row each, seconds per frame after the first.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["jobs", "flow"])]
+    pub motion: Vec<MotionPlace>,
     /// With `--flow`: flows measured at once, each on its own thread (as that many segments' motion
     /// stages), e.g. `1,2,4`.
     #[arg(long, value_delimiter = ',', default_value = "1", requires = "flow",
@@ -97,6 +103,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if !args.jobs.is_empty() {
             return bench_jobs(&vgg, &style, &sizes, &args);
         }
+        if !args.motion.is_empty() {
+            return bench_painting(&vgg, &style, &profile.video, &sizes, &args);
+        }
         for (width, height) in &sizes {
             for batch in &args.batch {
                 let case = BenchCase {
@@ -129,6 +138,25 @@ fn bench_jobs(vgg: &Vgg, style: &StyleSettings, sizes: &[(u32, u32)], args: &Ben
                 shared: !args.own_batches,
             };
             let row = impasto::bench::bench_jobs(vgg, style, case)?;
+            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        }
+    }
+    Ok(())
+}
+
+/// `impasto bench --motion ahead,inline`: per size and place, one JSON row of synthetic frames painted
+/// as a video job paints them.
+fn bench_painting(
+    vgg: &Vgg,
+    style: &StyleSettings,
+    video: &VideoSettings,
+    sizes: &[(u32, u32)],
+    args: &BenchArgs,
+) -> impasto::Result<()> {
+    for &(width, height) in sizes {
+        for &motion in &args.motion {
+            let case = PaintingCase { width, height, frames: args.frames, iterations: args.iterations, motion };
+            let row = impasto::bench::bench_painting(vgg, style, video, case)?;
             println!("{}", serde_json::to_string(&row).expect("serialisable"));
         }
     }
