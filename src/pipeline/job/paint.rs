@@ -151,27 +151,27 @@ impl PaintStage<'_, '_> {
     }
 
     /// The frame as an earlier run stored it, while the lane's stored pictures last.
-    fn resume(&mut self, lane: usize, ready: &Arrived) -> Option<Painted> {
+    fn resume(&mut self, lane: usize, arrived: &Arrived) -> Option<Painted> {
         if !self.lanes[lane].resuming {
             return None;
         }
-        let index = ready.timing.index;
+        let index = arrived.timing.index;
         let key = (index, self.is_lead_in(lane, index));
-        let size = (ready.timing.width, ready.timing.height);
+        let size = (arrived.timing.width, arrived.timing.height);
         let found = self.resumable.get(&key).and_then(|record| Some((record, load_stored(self.stored, key, size)?)));
         let Some((record, picture)) = found else {
             self.lanes[lane].resuming = false;
             return None;
         };
         let mut record = record.clone();
-        self.lanes[lane].painter.resume(&ready.content, &picture, &record);
+        self.lanes[lane].painter.resume(&arrived.content, &picture, &record);
         record.resumed = true;
-        record.seconds.decode = ready.decode_seconds;
-        Some(Painted { timing: ready.timing.clone(), picture, record })
+        record.seconds.decode = arrived.decode_seconds;
+        Some(Painted { timing: arrived.timing.clone(), picture, record })
     }
 }
 
-/// The painting stage as the batch's feed: a lane's next frame comes from its decoder (frames an
+/// The painting stage as the batch's feed: a lane's next frame comes from its motion stage (frames an
 /// earlier run stored are passed on without painting), a finished frame goes to the encoder.
 struct LaneFeed<'s, 'a, 'm, 'o> {
     stage: &'s mut PaintStage<'a, 'm>,
