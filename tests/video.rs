@@ -335,7 +335,7 @@ fn segments_painted_side_by_side_keep_every_frame_in_order_and_cross_fade_their_
     assert_eq!(stream_list(&ffprobe(&faded)), stream_list(&ffprobe(&input)), "audio kept");
     assert_eq!(entries(dir.path()).iter().filter(|n| n.contains(".impasto-")).count(), 0, "work directory removed");
 
-    // The second segment owns frames 25…49; its chain starts fresh (at frame 17, or at 25 without an
+    // The second segment owns frames 25…49; its chain starts fresh (at frame 9, or at 25 without an
     // overlap), so without a cross-fade the pair (24, 25) jumps from one painting to another.
     let (hard, hard_report) = paint("hard", Some(&hard_seams));
     assert_eq!(hard_report["segments"], 2);
@@ -354,6 +354,7 @@ fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "32", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--segments", "3", "--json"];
+    let extra = [&extra[..], &["--segment-overlap", "8"]].concat();
     // Three segments: frames 0…15, 8…32 and 25…49 (lead-ins of eight frames), painted side by side.
     let killed_dir = kill_once_listed(video_command(&input, &output, &extra), &output, 9);
     let pictures = entries(&killed_dir.join("frames"));
@@ -381,6 +382,7 @@ fn segments_of_a_damaged_video_report_the_damage_once_and_paint_every_frame() {
             (dir.path().join(format!("{segments}.mp4")), dir.path().join(format!("{segments}.json")));
         let extra =
             ["--size", "48", "--first-iterations", "1", "-n", "1", "--segments", segments, "--temporal", "previous"];
+        let extra = [&extra[..], &["--segment-overlap", "8"]].concat();
         let mut command = video_command(&input, &output, &extra);
         command.arg("--report").arg(&report);
         let result = run(command);

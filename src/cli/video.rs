@@ -71,6 +71,9 @@ pub struct VideoFlags {
     /// Runs of consecutive frames painted side by side in one batch (1: frame after frame).
     #[arg(long)]
     pub segments: Option<u32>,
+    /// Frames each run but the first paints before its own, cross-faded from the run before.
+    #[arg(long)]
+    pub segment_overlap: Option<u32>,
     /// Output size: frames (the working size), source, or a long side in pixels.
     #[arg(long, value_parser = parse_output_size)]
     pub output_size: Option<OutputSize>,
@@ -105,7 +108,8 @@ impl VideoFlags {
 
     /// The profile's video settings with these flags applied.
     pub fn apply_video(&self, mut video: VideoSettings) -> VideoSettings {
-        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance, segments);
+        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance, segments,
+            segment_overlap);
         if let Some(size) = self.output_size {
             video.encode.output_size = size;
         }

@@ -107,7 +107,7 @@ impl Default for VideoSettings {
             tolerance: 1e-3,
             patience: 5,
             segments: 1,
-            segment_overlap: 8,
+            segment_overlap: 16,
             queue: 4,
             flow_threads: 1,
             flow: FlowSettings::default(),
