@@ -10,7 +10,7 @@ use serde::Serialize;
 use tch::{Device, Tensor};
 
 use super::{peak_rss_mib, synchronize, synthetic_image};
-use crate::device::{device_name, memory, threads};
+use crate::device::{device_name, memory};
 use crate::error::{Error, Result};
 use crate::model::Vgg;
 use crate::pipeline::motion::{Motion, MotionTracker};
@@ -132,9 +132,6 @@ fn measure_ahead(
     frames: Vec<Tensor>,
     sender: crossbeam_channel::Sender<Result<Option<Motion>>>,
 ) {
-    if frames.first().is_some_and(|frame| frame.device() == Device::Cpu) && video.flow_threads > 0 {
-        threads::limit_this_thread(video.flow_threads);
-    }
     let mut tracker = MotionTracker::new(video, false);
     for (index, frame) in frames.iter().enumerate() {
         if sender.send(tracker.next(index as u64, frame)).is_err() {

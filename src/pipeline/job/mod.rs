@@ -279,7 +279,7 @@ impl PreparedJob {
             let is_stored = |index: &u64| resumable.contains_key(&(*index, segment.is_lead_in(*index)));
             let stored = segment.frames.clone().filter(is_stored).collect();
             let tracker = MotionTracker::new(video, self.job.measure_warping);
-            MotionStage::new(tracker, device, video.flow_threads, stored)
+            MotionStage::new(tracker, device, stored)
         });
         stages.collect()
     }

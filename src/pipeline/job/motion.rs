@@ -12,7 +12,6 @@ use image::RgbImage;
 use tch::{Device, Tensor};
 
 use super::decode::Decoded;
-use crate::device::threads;
 use crate::error::{Error, Result};
 use crate::imageio;
 use crate::media::Frame;
@@ -32,18 +31,16 @@ pub(super) struct Arrived {
 pub(super) struct MotionStage {
     tracker: MotionTracker,
     device: Device,
-    /// libtorch threads on the CPU (0: as they are).
-    threads: usize,
     /// The frames an earlier run stored for this segment; those before the first one missing are
     /// passed on without their motion.
     stored: BTreeSet<u64>,
 }
 
 impl MotionStage {
-    /// A stage that puts the frames on `device` and measures with `tracker`, `threads` libtorch
-    /// threads on the CPU; `stored` lists the segment's frames an earlier run stored.
-    pub(super) fn new(tracker: MotionTracker, device: Device, threads: usize, stored: BTreeSet<u64>) -> Self {
-        MotionStage { tracker, device, threads, stored }
+    /// A stage that puts the frames on `device` and measures with `tracker` (on the CPU with the
+    /// tracker's own thread count); `stored` lists the segment's frames an earlier run stored.
+    pub(super) fn new(tracker: MotionTracker, device: Device, stored: BTreeSet<u64>) -> Self {
+        MotionStage { tracker, device, stored }
     }
 
     /// Passes the segment's frames on with their motion. `None` when another stage stopped first.
@@ -53,9 +50,6 @@ impl MotionStage {
         sender: Sender<Item<Arrived>>,
         errors: &FirstError,
     ) -> Result<Option<()>> {
-        if self.device == Device::Cpu && self.threads > 0 {
-            threads::limit_this_thread(self.threads);
-        }
         let mut resuming = true;
         loop {
             if errors.stopped() {
