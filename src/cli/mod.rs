@@ -19,6 +19,8 @@ mod score;
 #[cfg(feature = "service")]
 mod serve;
 #[cfg(feature = "media")]
+mod stream;
+#[cfg(feature = "media")]
 mod video;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,10 @@ enum Command {
     /// Paint a video, steady from frame to frame (resumes after a crash when run again).
     #[cfg(feature = "media")]
     Video(video::VideoArgs),
+    /// Paint a live stream as it comes (tcp://, udp://, srt://, rtmp://, a pipe), dropping the frames
+    /// there is no time for.
+    #[cfg(feature = "media")]
+    Stream(stream::StreamArgs),
     /// Measure how steady a painted video is (warping error E_warp against its input's flow).
     #[cfg(feature = "media")]
     Eval(eval::EvalArgs),
@@ -112,6 +118,8 @@ pub fn main() -> i32 {
         Command::Image(args) => image::run(args),
         #[cfg(feature = "media")]
         Command::Video(args) => video::run(args),
+        #[cfg(feature = "media")]
+        Command::Stream(args) => stream::run(args),
         #[cfg(feature = "media")]
         Command::Eval(args) => eval::run(args),
         Command::Score(args) => score::run(args),

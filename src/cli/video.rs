@@ -177,7 +177,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
 }
 
 /// The style images, each read (errors name the file).
-fn read_styles(paths: &[PathBuf]) -> impasto::Result<Vec<StyleImage>> {
+pub(super) fn read_styles(paths: &[PathBuf]) -> impasto::Result<Vec<StyleImage>> {
     paths.iter().map(|path| Ok(StyleImage { image: imageio::read_rgb(path)?, weight: 1.0 })).collect()
 }
 

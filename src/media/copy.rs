@@ -11,6 +11,23 @@ use ffmpeg_next::{Dictionary, Packet, Rational, codec, ffi, media};
 use super::error::MediaError;
 use super::probe::{main_video_stream, open_media_input};
 
+/// A stream of a live input that goes out as it came (the sound of a live stream): what the writer
+/// needs to add it to its output.
+#[derive(Clone)]
+pub struct CopiedTrack {
+    pub(crate) parameters: codec::Parameters,
+    pub(crate) time_base: Rational,
+}
+
+impl std::fmt::Debug for CopiedTrack {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("CopiedTrack").field("codec", &self.parameters.id()).finish()
+    }
+}
+
+/// One packet of a [`CopiedTrack`], timed in the track's time base, on its way to the writer.
+pub struct CopiedPacket(pub(crate) Packet);
+
 /// What the writer does with one stream of the source, in source order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SourceStreamRole {
@@ -214,6 +231,28 @@ impl StreamCopier {
     fn failed(&self, operation: &'static str, error: ffmpeg_next::Error) -> MediaError {
         MediaError::ffmpeg(&self.output_path, operation, error)
     }
+}
+
+/// Adds an output stream for a live input's copied `track`, unless the container cannot hold its
+/// codec (then it is left out, with a warning). Returns its index.
+pub(crate) fn add_copied_track(
+    output_path: &Path,
+    output: &mut Output,
+    track: &CopiedTrack,
+) -> Result<Option<usize>, MediaError> {
+    let codec_id = track.parameters.id();
+    if !container_takes(output, codec_id) {
+        tracing::warn!(path = %output_path.display(), codec = codec_id.name(), "the output's container cannot hold the sound; it is left out");
+        return Ok(None);
+    }
+    let mut target = output
+        .add_stream(codec::encoder::find(codec::Id::None))
+        .map_err(|e| MediaError::ffmpeg(output_path, "adding the sound stream", e))?;
+    target.set_parameters(track.parameters.clone());
+    target.set_time_base(track.time_base);
+    // SAFETY: the stream is valid; a codec tag from another container could be invalid in this one.
+    unsafe { (*(*target.as_mut_ptr()).codecpar).codec_tag = 0 };
+    Ok(Some(target.index()))
 }
 
 /// Whether the output container can hold a stream of codec `id` (unknown counts as yes: the muxer

@@ -6,14 +6,20 @@
 //! sought to exactly that frame.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use ffmpeg_next::format::context::Input;
-use ffmpeg_next::{Packet, Rational, codec, decoder, frame};
+use ffmpeg_next::{Packet, Rational, codec, decoder, ffi, frame};
 
 use super::convert::{Scaler, YuvColorimetry, buffer_from_rgb_frame};
+use super::copy::{CopiedPacket, CopiedTrack};
 use super::error::MediaError;
 use super::geometry::{WorkingSize, fit_long_side};
-use super::probe::{discard_other_streams, open_video_input, pair, stream_frame_rate};
+use super::probe::{
+    discard_other_streams, main_video_stream, open_live_input, open_video_input, pair, stream_frame_rate,
+    summarise_streams,
+};
 
 /// One decoded picture as packed RGB24.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +76,7 @@ pub struct VideoReader {
     time_base: Rational,
     nominal_frame_duration: i64,
     frame_size: (u32, u32),
+    frame_rate: Rational,
     yuv: YuvColorimetry,
     scaler: Option<Scaler>,
     progress: Progress,
@@ -79,6 +86,12 @@ pub struct VideoReader {
     packets_indexed: u64,
     unreadable_packets: u64,
     truncated: bool,
+    /// A live stream: it has no index, and an interrupted or broken-off read ends it.
+    live: bool,
+    /// A live stream's sound: its stream index and track.
+    audio: Option<(usize, CopiedTrack)>,
+    /// Sound packets read and not yet taken.
+    audio_packets: Vec<CopiedPacket>,
     /// A decoded frame to yield before decoding more (the one a seek stopped at).
     pending: Option<frame::Video>,
 }
@@ -87,7 +100,48 @@ impl VideoReader {
     /// Opens `path` and prepares to decode its main video stream at `size`.
     pub fn open(path: impl AsRef<Path>, size: WorkingSize) -> Result<Self, MediaError> {
         let path = path.as_ref();
-        let (mut input, stream_index) = open_video_input(path)?;
+        let (input, stream_index) = open_video_input(path)?;
+        Self::from_input(path, input, stream_index, size)
+    }
+
+    /// Opens a live stream (`tcp://`, `udp://`, `srt://`, `rtmp://`, `http://`, a pipe or a file that
+    /// is still growing: anything FFmpeg reads) and prepares to decode its main video stream at
+    /// `size`. Raising `stop` interrupts a wait for data, after which the stream ends as if its sender
+    /// had closed it; so does a stream that breaks off.
+    /// The stream's main audio stream is read too: see [`audio_track`](Self::audio_track).
+    pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
+        let path = Path::new(location);
+        let input = open_live_input(location, stop)?;
+        let Some(stream_index) = main_video_stream(&input) else {
+            return Err(MediaError::NoVideoStream { path: path.to_path_buf(), streams: summarise_streams(&input) });
+        };
+        let audio = input.streams().best(ffmpeg_next::media::Type::Audio).map(|stream| {
+            (stream.index(), CopiedTrack { parameters: stream.parameters(), time_base: stream.time_base() })
+        });
+        let mut reader = Self::from_input(path, input, stream_index, size)?;
+        if let Some((index, _)) = &audio
+            && let Some(mut stream) = reader.input.stream_mut(*index)
+        {
+            // SAFETY: the stream belongs to the open input; `discard` is a plain field the demuxer reads.
+            unsafe { (*stream.as_mut_ptr()).discard = ffi::AVDiscard::AVDISCARD_DEFAULT };
+        }
+        reader.audio = audio;
+        reader.live = true;
+        Ok(reader)
+    }
+
+    /// A live stream's sound, which its packets (see [`take_audio`](Self::take_audio)) belong to.
+    pub fn audio_track(&self) -> Option<CopiedTrack> {
+        self.audio.as_ref().map(|(_, track)| track.clone())
+    }
+
+    /// The sound packets read since the last call, in stream order.
+    pub fn take_audio(&mut self) -> Vec<CopiedPacket> {
+        std::mem::take(&mut self.audio_packets)
+    }
+
+    /// A reader of stream `stream_index` of the opened `input`.
+    fn from_input(path: &Path, mut input: Input, stream_index: usize, size: WorkingSize) -> Result<Self, MediaError> {
         discard_other_streams(&mut input, stream_index);
         let stream = input.stream(stream_index).expect("index from this input");
         let time_base = stream.time_base();
@@ -105,6 +159,7 @@ impl VideoReader {
             input,
             stream_index,
             nominal_frame_duration: nominal_frame_duration(frame_rate, time_base),
+            frame_rate,
             decoder,
             time_base,
             frame_size,
@@ -117,6 +172,9 @@ impl VideoReader {
             packets_indexed,
             unreadable_packets: 0,
             truncated: false,
+            live: false,
+            audio: None,
+            audio_packets: Vec::new(),
             pending: None,
         })
     }
@@ -205,6 +263,12 @@ impl VideoReader {
         self.frame_size
     }
 
+    /// The stream's nominal frame rate (`num`, `den`), if it states one.
+    pub fn frame_rate(&self) -> Option<(i32, i32)> {
+        let (num, den) = pair(self.frame_rate);
+        (num > 0 && den > 0).then_some((num, den))
+    }
+
     /// The time base (`num`, `den`) of the frames' timestamps: the stream's own.
     pub fn time_base(&self) -> (i32, i32) {
         pair(self.time_base)
@@ -236,6 +300,9 @@ impl VideoReader {
                     self.packets_read += 1;
                     return self.send(&packet);
                 }
+                Ok(()) if self.audio.as_ref().is_some_and(|(index, _)| *index == packet.stream()) => {
+                    self.audio_packets.push(CopiedPacket(packet));
+                }
                 Ok(()) => continue,
                 Err(ffmpeg_next::Error::InvalidData) => self.unreadable_packets += 1,
                 Err(error) => return self.end_of_input(error),
@@ -258,7 +325,11 @@ impl VideoReader {
     fn end_of_input(&mut self, error: ffmpeg_next::Error) -> Option<MediaError> {
         self.progress = Progress::Draining;
         let index_unmet = self.packets_read < self.packets_indexed;
-        self.truncated = self.unreadable_packets > 0 || error != ffmpeg_next::Error::Eof || index_unmet;
+        let ended_cleanly = error == ffmpeg_next::Error::Eof || self.live;
+        if self.live && error != ffmpeg_next::Error::Eof {
+            tracing::info!(path = %self.path.display(), %error, frames = self.frames_yielded, "the stream ended");
+        }
+        self.truncated = self.unreadable_packets > 0 || !ended_cleanly || index_unmet;
         if self.truncated {
             tracing::debug!(path = %self.path.display(), read = self.packets_read, indexed = self.packets_indexed,
                 unreadable = self.unreadable_packets, %error, "video data ends early");

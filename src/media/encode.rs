@@ -15,12 +15,12 @@ use ffmpeg_next::{Codec, Dictionary, Packet, Rational, Rescale, codec, encoder, 
 
 use super::color::ColorInfo;
 use super::convert::{Scaler, YuvColorimetry, rgb_frame_from_buffer};
-use super::copy::{SourceStreamRole, StreamCopier};
+use super::copy::{CopiedPacket, CopiedTrack, SourceStreamRole, StreamCopier, add_copied_track};
 use super::decode::Frame;
 use super::error::MediaError;
 use super::geometry::{even_size, fit_long_side, rotation_of};
 use super::partial::{PartialOutput, check_output_directory, directory_error};
-use super::probe::VideoInfo;
+use super::probe::{VideoInfo, is_url};
 use super::settings::{EncodeSettings, OutputSize};
 
 /// What the writer needs to know about the frames it will get and the video they came from.
@@ -101,7 +101,27 @@ pub struct VideoWriter {
     durations_in_flight: HashMap<i64, i64>,
     last_pts: Option<i64>,
     frames_written: u64,
-    partial: PartialOutput,
+    /// Where a live input's sound goes, if it has a stream.
+    audio_route: Option<CopiedRoute>,
+    /// The temporary file that becomes the output; none for a stream.
+    partial: Option<PartialOutput>,
+}
+
+/// The output stream of a live input's copied sound, and the time bases its packets go between.
+#[derive(Debug, Clone, Copy)]
+struct CopiedRoute {
+    index: usize,
+    from: Rational,
+    to: Rational,
+}
+
+/// Where the encoded video goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// A file, written under a temporary name and renamed into place when complete.
+    File,
+    /// A stream, sent as it is encoded.
+    Stream,
 }
 
 impl VideoWriter {
@@ -114,21 +134,74 @@ impl VideoWriter {
     ) -> Result<Self, MediaError> {
         let output = output.as_ref();
         super::init();
-        let incoming_size = spec.frame_size;
         let container = guess_container(output)?;
+        Self::open(output, Destination::File, container, settings, spec, None)
+    }
+
+    /// Prepares to send a live stream to `location`: a URL (`udp://`, `tcp://`, `srt://`, `rtmp://`,
+    /// `pipe:1`, …) is written as frames come, in `container` (by default FLV for RTMP and MPEG-TS
+    /// otherwise), with an encoder tuned for latency; a file name is written as [`create`](Self::create)
+    /// writes it (container from the extension unless given, complete under its name only once
+    /// finished).
+    ///
+    /// `audio`, a live input's sound, gets a stream of its own (see [`write_copied`](Self::write_copied)).
+    pub fn create_live(
+        location: &str,
+        container: Option<&str>,
+        settings: &EncodeSettings,
+        spec: VideoWriterSpec,
+        audio: Option<&CopiedTrack>,
+    ) -> Result<Self, MediaError> {
+        super::init();
+        let output = Path::new(location);
+        let (destination, container) = match (is_url(location), container) {
+            (true, Some(container)) => (Destination::Stream, container.to_string()),
+            (true, None) => (Destination::Stream, stream_container(location).to_string()),
+            (false, Some(container)) => (Destination::File, container.to_string()),
+            (false, None) => (Destination::File, guess_container(output)?),
+        };
+        Self::open(output, destination, container, settings, spec, audio)
+    }
+
+    /// Opens the muxer and encoder for `output` in `container`, with a stream for `audio` if given.
+    fn open(
+        output: &Path,
+        destination: Destination,
+        container: String,
+        settings: &EncodeSettings,
+        spec: VideoWriterSpec,
+        audio: Option<&CopiedTrack>,
+    ) -> Result<Self, MediaError> {
+        let incoming_size = spec.frame_size;
         let (spec, upright_turns) = turned_upright(spec, &container, output);
-        let plan = plan_output(output, container, settings, &spec)?;
-        check_output_directory(output)?;
-        let temporary = crate::fsutil::temp_path_for(output);
-        let mut muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
-        let partial = PartialOutput::new(temporary, output);
+        let mut plan = plan_output(output, container, settings, &spec)?;
+        plan.live = destination == Destination::Stream;
+        let (mut muxer, partial) = match destination {
+            Destination::File => {
+                check_output_directory(output)?;
+                let temporary = crate::fsutil::temp_path_for(output);
+                let muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
+                (muxer, Some(PartialOutput::new(temporary, output)))
+            }
+            Destination::Stream => {
+                let muxer = format::output_as(output, &plan.container)
+                    .map_err(|e| MediaError::ffmpeg(output, "opening the stream", e))?;
+                (muxer, None)
+            }
+        };
         let encoder = open_encoder(output, settings, &plan, &spec, &muxer)?;
         let mut copier = spec.source.as_deref().map(|source| StreamCopier::open(source, output)).transpose()?;
         let video_stream = add_streams(output, &mut muxer, &encoder, plan.codec, copier.as_mut(), &spec)?;
+        let audio_stream = audio.map(|track| add_copied_track(output, &mut muxer, track)).transpose()?.flatten();
         muxer.write_header().map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
         if let Some(copier) = copier.as_mut() {
             copier.start(&muxer);
         }
+        let audio_route = audio_stream.zip(audio).map(|(index, track)| CopiedRoute {
+            index,
+            from: track.time_base,
+            to: muxer.stream(index).expect("added above").time_base(),
+        });
         let stream_time_base = muxer.stream(video_stream).expect("added above").time_base();
         let scaler = rgb_to_encoder_scaler(output, &spec, &plan)?;
         let output_size = plan.size;
@@ -150,6 +223,7 @@ impl VideoWriter {
             durations_in_flight: HashMap::new(),
             last_pts: None,
             frames_written: 0,
+            audio_route,
             partial,
         })
     }
@@ -177,6 +251,18 @@ impl VideoWriter {
         Ok(())
     }
 
+    /// Writes a packet of the live input's sound given to [`create_live`](Self::create_live), timed
+    /// as it came (the muxer interleaves it with the video by timestamp). Without that sound, or where
+    /// the container could not hold it, the packet is left out.
+    pub fn write_copied(&mut self, packet: CopiedPacket) -> Result<(), MediaError> {
+        let Some(route) = self.audio_route else { return Ok(()) };
+        let mut packet = packet.0;
+        packet.rescale_ts(route.from, route.to);
+        packet.set_position(-1);
+        packet.set_stream(route.index);
+        packet.write_interleaved(&mut self.muxer).map_err(|e| self.failed("writing a sound packet", e))
+    }
+
     /// How many frames have been written.
     pub fn frames_written(&self) -> u64 {
         self.frames_written
@@ -202,7 +288,10 @@ impl VideoWriter {
         tracing::debug!(path = %self.path.display(), frames = self.frames_written, "video complete");
         let VideoWriter { muxer, partial, .. } = self;
         drop(muxer);
-        partial.commit()
+        match partial {
+            Some(partial) => partial.commit(),
+            None => Ok(()),
+        }
     }
 
     /// Rejects frames of the wrong size or without a usable time base.
@@ -283,6 +372,8 @@ struct OutputPlan {
     codec: Codec,
     pixel_format: Pixel,
     size: (u32, u32),
+    /// Sent live: the encoder is tuned for latency.
+    live: bool,
 }
 
 /// Containers whose FFmpeg 5.1 muxer stores a display matrix (the QuickTime family).
@@ -340,7 +431,7 @@ fn plan_output(
     let codec = find_video_encoder(&settings.codec)?;
     check_container_takes_codec(output, &container, codec)?;
     let pixel_format = choose_pixel_format(output, settings, codec)?;
-    Ok(OutputPlan { container, codec, pixel_format, size: encoded_size(settings.output_size, spec) })
+    Ok(OutputPlan { container, codec, pixel_format, size: encoded_size(settings.output_size, spec), live: false })
 }
 
 /// The RGB → encoder-format scaler, with the spec's YUV matrix and range.
@@ -348,6 +439,12 @@ fn rgb_to_encoder_scaler(output: &Path, spec: &VideoWriterSpec, plan: &OutputPla
     let yuv = YuvColorimetry { matrix: spec.color.av_matrix(), full_range: spec.color.is_full_range() };
     Scaler::from_rgb(spec.frame_size, plan.pixel_format, plan.size, yuv)
         .map_err(|e| MediaError::ffmpeg(output, "setting up the YUV conversion", e))
+}
+
+/// The container a stream to `location` gets unless told: FLV for RTMP, MPEG-TS for the rest.
+fn stream_container(location: &str) -> &'static str {
+    let scheme = location.split(':').next().unwrap_or_default().to_ascii_lowercase();
+    if scheme.starts_with("rtmp") { "flv" } else { "mpegts" }
 }
 
 /// The muxer FFmpeg picks for `output`'s extension.
@@ -461,6 +558,10 @@ fn open_encoder(
     let mut options = Dictionary::new();
     options.set("crf", &settings.crf.to_string());
     options.set("preset", &settings.preset);
+    if plan.live && plan.codec.name() == "libx264" {
+        // no frame reordering or look-ahead: each frame leaves as soon as it is encoded
+        options.set("tune", "zerolatency");
+    }
     video.open_with(options).map_err(|error| {
         MediaError::Settings(format!(
             "{} would not open with crf {}, preset '{}', pixel format {} at {width}×{height}: {error}",
@@ -548,4 +649,18 @@ fn nominal_frame_duration(spec: &VideoWriterSpec) -> i64 {
 /// A (`num`, `den`) pair as FFmpeg's rational.
 fn rational((num, den): (i32, i32)) -> Rational {
     Rational::new(num, den)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_container;
+
+    #[test]
+    fn rtmp_streams_go_out_as_flv_and_the_rest_as_mpeg_ts() {
+        assert_eq!(stream_container("rtmp://host/live/key"), "flv");
+        assert_eq!(stream_container("RTMPS://host/live/key"), "flv");
+        for url in ["udp://127.0.0.1:1234", "tcp://host:9000", "srt://host:1", "pipe:1"] {
+            assert_eq!(stream_container(url), "mpegts", "{url}");
+        }
+    }
 }

@@ -32,11 +32,12 @@ mod settings;
 use std::sync::Once;
 
 pub use color::ColorInfo;
+pub use copy::{CopiedPacket, CopiedTrack};
 pub use decode::{Frame, VideoReader};
 pub use encode::{VideoWriter, VideoWriterSpec};
 pub use error::MediaError;
 pub use geometry::{WorkingSize, fit_long_side};
-pub use probe::{StreamInfo, StreamKind, VideoInfo, probe};
+pub use probe::{StreamInfo, StreamKind, VideoInfo, is_url, probe};
 pub use settings::{EncodeSettings, OutputSize};
 
 /// Initialises FFmpeg once per process and keeps its own logging to errors (our errors say what

@@ -4,6 +4,8 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ffmpeg_next::format::context::Input;
 use ffmpeg_next::{Packet, Rational, ffi, format, media};
@@ -143,6 +145,40 @@ pub(crate) fn open_media_input(path: &Path) -> Result<Input, MediaError> {
     format::input(path).map_err(|error| classify_open_failure(path, error))
 }
 
+/// Opens a live stream for demuxing. FFmpeg polls `stop` while it waits for data, so a raised flag
+/// ends a wait that could otherwise last as long as the sender stays silent.
+pub(crate) fn open_live_input(location: &str, stop: Arc<AtomicBool>) -> Result<Input, MediaError> {
+    super::init();
+    static NETWORK: std::sync::Once = std::sync::Once::new();
+    NETWORK.call_once(ffmpeg_next::format::network::init);
+    let path = Path::new(location);
+    if !is_url(location) {
+        std::fs::metadata(path).map_err(|source| MediaError::Io { path: path.to_path_buf(), source })?;
+    }
+    let interrupted = move || stop.load(Ordering::SeqCst);
+    format::input_with_interrupt(path, interrupted).map_err(|error| match error {
+        ffmpeg_next::Error::Exit => MediaError::Ffmpeg {
+            path: path.to_path_buf(),
+            operation: "opening the stream",
+            detail: "stopped before the stream began".into(),
+        },
+        error => MediaError::ffmpeg(path, "opening the stream", error),
+    })
+}
+
+/// Whether `location` is a URL (`scheme://…`, or FFmpeg's `pipe:N`) rather than a file name.
+pub fn is_url(location: &str) -> bool {
+    if location.starts_with("pipe:") {
+        return true;
+    }
+    match location.split_once("://") {
+        Some((scheme, _)) => {
+            !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        }
+        None => false,
+    }
+}
+
 /// Tells "not media at all" from "media with an unreadable header" after FFmpeg failed to open a file.
 fn classify_open_failure(path: &Path, error: ffmpeg_next::Error) -> MediaError {
     if let ffmpeg_next::Error::Other { errno } = error {
@@ -209,7 +245,7 @@ pub(crate) fn stream_list(input: &Input) -> Vec<StreamInfo> {
 }
 
 /// "audio (aac), subtitle (mov_text)", or "none".
-fn summarise_streams(input: &Input) -> String {
+pub(crate) fn summarise_streams(input: &Input) -> String {
     let streams = stream_list(input);
     if streams.is_empty() {
         return "none".into();
@@ -337,4 +373,21 @@ pub(crate) fn pair(value: Rational) -> (i32, i32) {
 /// A (`num`, `den`) pair as a float, 0 when the denominator is 0.
 pub(crate) fn ratio_to_f64((num, den): (i32, i32)) -> f64 {
     if den == 0 { 0.0 } else { f64::from(num) / f64::from(den) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_url;
+
+    #[test]
+    fn urls_and_pipes_are_told_from_file_names() {
+        for url in
+            ["tcp://127.0.0.1:9000?listen", "udp://239.0.0.1:1234", "rtmp://host/live/key", "srt://h:1", "pipe:0"]
+        {
+            assert!(is_url(url), "{url}");
+        }
+        for file in ["in.ts", "/videos/in.mp4", "dir/odd name://x.mp4", "://nothing", "C:video.mp4"] {
+            assert!(!is_url(file), "{file}");
+        }
+    }
 }

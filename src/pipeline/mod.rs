@@ -3,7 +3,8 @@
 //! (decode → motion → paint → encode) joined by bounded channels, the optical flow measured a frame
 //! ahead (`motion`), temporal coherence after Ruder et al. (2016),
 //! scene cuts that restart the sequence, per-frame checkpoints that make a killed job resumable, and a
-//! report with the warping error E_warp of Lai et al. (2018). The parts that need no FFmpeg (settings,
+//! report with the warping error E_warp of Lai et al. (2018). A live stream goes the same way without
+//! waiting for the painter (`stream`). The parts that need no FFmpeg (settings,
 //! the motion, the frame painter, checkpoints, reports) build without it.
 //!
 //! ```no_run
@@ -36,6 +37,8 @@ pub mod segments;
 mod settings;
 #[cfg(feature = "media")]
 mod stages;
+#[cfg(feature = "media")]
+mod stream;
 
 #[cfg(feature = "media")]
 pub use eval::{Evaluation, WarpingPair, evaluate};
@@ -44,3 +47,5 @@ pub use job::{JobEvent, PreparedJob, VideoJob};
 pub use painter::{FramePainter, FramePlan, PaintedFrame};
 pub use report::{FrameLosses, FrameRecord, FrameSeconds, Report, Start, WarpingSummary};
 pub use settings::{EncodeSettings, TemporalMode, VideoSettings};
+#[cfg(feature = "media")]
+pub use stream::{Pace, StreamFrame, StreamJob, StreamSummary};

@@ -350,7 +350,7 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Option<T>>, stage: &str, er
 }
 
 /// The working size the settings ask for.
-fn working_size(video: &VideoSettings) -> WorkingSize {
+pub(super) fn working_size(video: &VideoSettings) -> WorkingSize {
     if video.size == 0 { WorkingSize::Source } else { WorkingSize::LongSide(video.size) }
 }
 
@@ -373,7 +373,7 @@ fn scan(input: &Path, size: WorkingSize) -> Result<(Vec<i64>, (u32, u32))> {
 const MIN_FRAME_SIDE: u32 = 16;
 
 /// Fails when the working frames are too small for the network.
-fn check_frame_size((width, height): (u32, u32)) -> Result<()> {
+pub(super) fn check_frame_size((width, height): (u32, u32)) -> Result<()> {
     if width.min(height) >= MIN_FRAME_SIDE {
         return Ok(());
     }

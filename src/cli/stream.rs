@@ -1,0 +1,172 @@
+//! `impasto stream IN --style S -o OUT`: a live stream in, painted live out. IN and OUT are anything
+//! FFmpeg reads and writes (`tcp://`, `udp://`, `srt://`, `rtmp://`, `-` for a pipe, or a file). One
+//! line per painted frame (or a JSON line with `--json`), a summary at the end. Ctrl-C or SIGTERM
+//! ends the stream cleanly: the frame being painted is finished and sent and the output is closed; a
+//! second signal exits at once.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use impasto::pipeline::{Pace, StreamFrame, StreamJob, StreamSummary};
+use serde_json::json;
+
+use super::model::ModelFlags;
+use super::video::{VideoFlags, read_styles};
+
+/// Arguments of `impasto stream`.
+#[derive(Args, Debug)]
+pub struct StreamArgs {
+    /// The input stream: a URL FFmpeg reads (tcp://, udp://, srt://, rtmp://, http://), `-` for
+    /// standard input, or a file.
+    pub input: String,
+    /// Style image(s); repeat for a blend.
+    #[arg(long, short, required = true)]
+    pub style: Vec<PathBuf>,
+    /// Where the painted stream goes: a URL, `-` for standard output, or a file (written under a
+    /// temporary name, renamed into place when the stream ends).
+    #[arg(long, short)]
+    pub output: String,
+    /// Output container (FFmpeg muxer name: mpegts, flv, matroska, …). Default: flv for rtmp://,
+    /// mpegts for other URLs and pipes, the extension's for a file.
+    #[arg(long, short = 'f')]
+    pub format: Option<String>,
+    /// live: paint the newest frame and drop those there was no time for (the output stays one
+    /// frame's painting behind); every-frame: paint them all (the input is read only as fast).
+    #[arg(long, default_value = "live")]
+    pub pace: Pace,
+    /// One JSON line per painted frame and a summary (on stderr when the stream goes to stdout).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub video_flags: VideoFlags,
+    #[command(flatten)]
+    pub model_flags: ModelFlags,
+}
+
+/// Runs `impasto stream`.
+pub fn run(args: StreamArgs) -> Result<()> {
+    let profile = args.video_flags.profile()?;
+    let video = args.video_flags.apply_video(profile.video);
+    let style = args.video_flags.apply_style(profile.style);
+    let model_settings = args.model_flags.apply(profile.model);
+    style.validate()?;
+    video.validate()?;
+    let styles = read_styles(&args.style)?;
+    let input = pipe_name(&args.input, 0);
+    let output = pipe_name(&args.output, 1);
+    let lines = Lines { json: args.json, to_stderr: output == "pipe:1" };
+    let job = StreamJob {
+        input: input.clone(),
+        output: output.clone(),
+        output_format: args.format.clone(),
+        styles,
+        style,
+        video,
+        pace: args.pace,
+    };
+    let stop = stop_on_signals();
+    let device = model_settings.device.to_string();
+    let summary = super::catch_torch(&device, || {
+        let vgg = impasto::model::load(&model_settings)?;
+        job.run(&vgg, stop, &mut |frame| lines.frame(frame))
+    })
+    .with_context(|| format!("painting the stream '{input}'"))?;
+    lines.summary(&summary);
+    if summary.frames_painted == 0 {
+        bail!("the stream '{input}' ended before a frame was painted; nothing was written to '{output}'");
+    }
+    Ok(())
+}
+
+/// FFmpeg's name for standard input (`fd` 0) or output (1) when the user wrote `-`.
+fn pipe_name(location: &str, fd: u8) -> String {
+    if location == "-" { format!("pipe:{fd}") } else { location.to_string() }
+}
+
+/// The stop flag the signal handler raises.
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// SIGINT and SIGTERM raise the stream's stop flag; a second one exits at once.
+extern "C" fn on_signal(_: libc::c_int) {
+    // only an atomic load and swap here: nothing else is safe in a signal handler
+    if let Some(stop) = STOP.get()
+        && stop.swap(true, Ordering::SeqCst)
+    {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// A stop flag that Ctrl-C and SIGTERM raise.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = STOP.get_or_init(Arc::default).clone();
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only touches an already-initialised static and atomics.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    stop
+}
+
+/// Where and how the progress lines go.
+struct Lines {
+    json: bool,
+    to_stderr: bool,
+}
+
+impl Lines {
+    fn print(&self, line: String) {
+        if self.json && !self.to_stderr {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    /// One painted frame.
+    fn frame(&self, frame: &StreamFrame) {
+        if self.json {
+            let mut line = json!({ "event": "frame" });
+            if let (Some(object), Ok(serde_json::Value::Object(fields))) =
+                (line.as_object_mut(), serde_json::to_value(frame))
+            {
+                object.extend(fields);
+            }
+            self.print(line.to_string());
+            return;
+        }
+        self.print(format!(
+            "impasto: frame {} ({:.2} s) painted in {:.1} s, {} iterations; {:.1} s behind the input; {} painted, {} dropped",
+            frame.index, frame.time, frame.seconds, frame.iterations, frame.latency, frame.painted, frame.dropped
+        ));
+    }
+
+    /// The closing line.
+    fn summary(&self, summary: &StreamSummary) {
+        if self.json {
+            let mut line = json!({ "event": "summary" });
+            if let (Some(object), Ok(serde_json::Value::Object(fields))) =
+                (line.as_object_mut(), serde_json::to_value(summary))
+            {
+                object.extend(fields);
+            }
+            self.print(line.to_string());
+            return;
+        }
+        let ended = if summary.stopped { "stopped on request" } else { "the input ended" };
+        self.print(format!(
+            "impasto: {ended}; {} of {} frames painted ({} dropped) into {}, {:.2} s per frame, {:.1} s behind on average, {:.0} s in all",
+            summary.frames_painted,
+            summary.frames_in,
+            summary.frames_dropped,
+            summary.output,
+            summary.seconds_per_frame,
+            summary.mean_latency,
+            summary.wall_seconds
+        ));
+    }
+}

@@ -1,0 +1,318 @@
+//! `impasto stream` as a user runs it: a real MPEG-TS stream of a shared clip served over a real TCP
+//! socket, painted with the real VGG-16 and real FFmpeg, sent to another socket or a file. Checked
+//! with ffprobe: every frame arrives painted with its timestamp (every-frame pace); a live stream
+//! drops what it has no time for but never reorders or invents a frame; Ctrl-C closes the output
+//! properly; bad inputs name the stream and leave nothing behind. Tiny sizes, few iterations, one
+//! libtorch thread.
+#![cfg(feature = "media")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::ffmpeg;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The binary with the real weights, a normalisation cache shared by these tests, one thread.
+fn impasto() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
+    command
+        .env("IMPASTO_MODEL", common::vgg16_weights())
+        .env("IMPASTO_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("stream-cache"))
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("IMPASTO_LOG");
+    command
+}
+
+/// `impasto stream INPUT --style starry_night -o OUTPUT --device cpu --json` at 64 px, two
+/// iterations a frame after the first, plus `extra`.
+fn stream_command(input: &str, output: &str, extra: &[&str]) -> Command {
+    let mut command = impasto();
+    command
+        .arg("stream")
+        .arg(input)
+        .arg("--style")
+        .arg(common::media("paintings/starry_night.jpg"))
+        .arg("-o")
+        .arg(output)
+        .args(["--device", "cpu", "--json", "--size", "64", "-n", "2"])
+        .args(extra);
+    command
+}
+
+/// `dir/bikes.ts`: the first `frames` frames of the shared bikes.mp4 (which has hard cuts and no
+/// sound) as an MPEG-TS stream, as a live encoder would send it.
+fn bikes_stream(dir: &Path, frames: u32) -> PathBuf {
+    let path = dir.join("bikes.ts");
+    let source = common::media("video/bikes.mp4");
+    let frames = frames.to_string();
+    ffmpeg(&[
+        "-i",
+        source.to_str().unwrap(),
+        "-frames:v",
+        &frames,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-g",
+        "10",
+        "-f",
+        "mpegts",
+        path.to_str().unwrap(),
+    ]);
+    path
+}
+
+/// `dir/bunny.ts`: the first half second of the shared bigbuckbunny.mp4, picture and sound (AAC),
+/// as an MPEG-TS stream.
+fn bunny_stream(dir: &Path) -> PathBuf {
+    let path = dir.join("bunny.ts");
+    let source = common::media("video/bigbuckbunny.mp4");
+    let (source, target) = (source.to_str().unwrap(), path.to_str().unwrap());
+    ffmpeg(&[
+        "-i", source, "-t", "0.5", "-c:v", "libx264", "-preset", "veryfast", "-g", "10", "-c:a", "aac", "-f", "mpegts",
+        target,
+    ]);
+    path
+}
+
+/// How many packets each stream of a file holds, by type (`video`, `audio`), in file order.
+fn packet_counts(path: &Path) -> Vec<(String, u64)> {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-count_packets", "-show_entries", "stream=codec_type,nb_read_packets", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (kind, count) = line.split_once(',')?;
+            Some((kind.to_string(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Serves `bytes` to the first client of a new port on 127.0.0.1, in `chunks` pieces with `pause`
+/// between them, then closes the connection. Returns the port.
+fn serve(bytes: Vec<u8>, chunks: usize, pause: Duration) -> (u16, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sender = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        for piece in bytes.chunks(bytes.len().div_ceil(chunks)) {
+            if client.write_all(piece).is_err() {
+                return; // the client went away (a stop request)
+            }
+            std::thread::sleep(pause);
+        }
+    });
+    (port, sender)
+}
+
+/// Takes everything the first client of a new port on 127.0.0.1 sends. Returns the port.
+fn collect() -> (u16, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).unwrap();
+        bytes
+    });
+    (port, receiver)
+}
+
+/// The presentation timestamps of the video frames, as ffprobe decodes them.
+fn frame_timestamps(path: &Path) -> Vec<i64> {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
+}
+
+/// The first frame of a video as RGB24 at `width`×`height`.
+fn first_frame_rgb(path: &Path, width: u32, height: u32) -> Vec<u8> {
+    let size = format!("{width}x{height}");
+    let output = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-frames:v", "1", "-s", &size, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(output.status.success());
+    output.stdout
+}
+
+/// The JSON lines a run printed, by event.
+fn events(output: &Output, kind: &str) -> Vec<Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["event"] == kind)
+        .collect()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The names in a folder, hidden ones included, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Each timestamp minus the first.
+fn from_first(timestamps: &[i64]) -> Vec<i64> {
+    timestamps.iter().map(|t| t - timestamps[0]).collect()
+}
+
+#[test]
+fn every_frame_of_a_tcp_stream_comes_out_painted_on_another_socket_with_its_timestamp_and_sound() {
+    let dir = TempDir::new().unwrap();
+    let input = bunny_stream(dir.path());
+    let (input_port, sender) = serve(std::fs::read(&input).unwrap(), 1, Duration::ZERO);
+    let (output_port, receiver) = collect();
+    let run = stream_command(
+        &format!("tcp://127.0.0.1:{input_port}"),
+        &format!("tcp://127.0.0.1:{output_port}"),
+        &["--pace", "every-frame", "--first-iterations", "60"],
+    )
+    .output()
+    .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    sender.join().unwrap();
+    let painted = dir.path().join("painted.ts");
+    std::fs::write(&painted, receiver.join().unwrap()).unwrap();
+
+    let (input_pts, output_pts) = (frame_timestamps(&input), frame_timestamps(&painted));
+    let frame_count = input_pts.len() as u64;
+    assert!(frame_count >= 12, "{frame_count} frames");
+    assert_eq!(from_first(&output_pts), from_first(&input_pts), "every frame, each at its own time");
+    let input_packets = packet_counts(&input);
+    assert_eq!(input_packets[1].0, "audio");
+    assert_eq!(packet_counts(&painted)[1], input_packets[1], "every sound packet, passed through");
+    let summary = &events(&run, "summary")[0];
+    let frames_painted = (summary["frames_in"].as_u64(), summary["frames_painted"].as_u64());
+    assert_eq!(frames_painted, (Some(frame_count), Some(frame_count)));
+    assert_eq!(summary["frames_dropped"].as_u64(), Some(0));
+    assert_eq!(summary["stopped"], false);
+    let frames = events(&run, "frame");
+    let indices: Vec<u64> = frames.iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, (0..frame_count).collect::<Vec<u64>>());
+    assert_eq!(frames[1]["start"], "warped", "later frames start from the previous painting");
+
+    // 64×36 working frames; the painting is far from the picture
+    let (original, stylized) = (first_frame_rgb(&input, 64, 36), first_frame_rgb(&painted, 64, 36));
+    let difference =
+        original.iter().zip(&stylized).map(|(a, b)| a.abs_diff(*b) as f64).sum::<f64>() / original.len() as f64;
+    assert!(difference > 12.0, "the first frame is barely painted: mean difference {difference:.1} of 255");
+}
+
+#[test]
+fn a_live_stream_drops_what_it_cannot_paint_but_never_reorders_or_invents_a_frame() {
+    let dir = TempDir::new().unwrap();
+    let input = bikes_stream(dir.path(), 40);
+    // the whole stream arrives at once: far faster than it can be painted
+    let (port, sender) = serve(std::fs::read(&input).unwrap(), 1, Duration::ZERO);
+    let output = dir.path().join("live.ts");
+    let run =
+        stream_command(&format!("tcp://127.0.0.1:{port}"), output.to_str().unwrap(), &["--first-iterations", "12"])
+            .output()
+            .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    sender.join().unwrap();
+
+    let summary = &events(&run, "summary")[0];
+    let count = |key: &str| summary[key].as_u64().unwrap();
+    assert_eq!(count("frames_in"), 40);
+    assert_eq!(count("frames_painted") + count("frames_dropped"), 40);
+    let input_pts = frame_timestamps(&input);
+    let output_pts = frame_timestamps(&output);
+    assert_eq!(output_pts.len() as u64, count("frames_painted"));
+    let painted: Vec<usize> = events(&run, "frame").iter().map(|f| f["index"].as_u64().unwrap() as usize).collect();
+    assert!(painted.windows(2).all(|pair| pair[0] < pair[1]), "in order: {painted:?}");
+    assert_eq!(painted.last(), Some(&39), "the newest frame is always painted");
+    // each painted frame keeps its own input timestamp (relative to the first painted one)
+    let expected: Vec<i64> = painted.iter().map(|&index| input_pts[index]).collect();
+    assert_eq!(from_first(&output_pts), from_first(&expected));
+    assert_eq!(entries(dir.path()), ["bikes.ts", "live.ts"], "no temporary file is left");
+}
+
+#[test]
+fn ctrl_c_finishes_the_frame_being_painted_and_closes_the_output_file() {
+    let dir = TempDir::new().unwrap();
+    let input = bikes_stream(dir.path(), 60);
+    // a slow sender: 60 pieces a quarter of a second apart, so the stream is still running when stopped
+    let (port, sender) = serve(std::fs::read(&input).unwrap(), 60, Duration::from_millis(250));
+    let output = dir.path().join("stopped.mp4");
+    let mut child =
+        stream_command(&format!("tcp://127.0.0.1:{port}"), output.to_str().unwrap(), &["--first-iterations", "12"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let first_frame = line.contains(r#""event":"frame""#);
+        printed.push(line);
+        if first_frame {
+            // SAFETY: a plain signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            break;
+        }
+    }
+    printed.extend(lines.map(Result::unwrap));
+    let status = child.wait().unwrap();
+    let mut errors = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
+    assert!(status.success(), "{errors}");
+    sender.join().unwrap();
+
+    let summary: Value = printed
+        .iter()
+        .find_map(|l| serde_json::from_str(l).ok().filter(|v: &Value| v["event"] == "summary"))
+        .expect("a summary");
+    assert_eq!(summary["stopped"], true);
+    let painted = summary["frames_painted"].as_u64().unwrap();
+    assert!(painted >= 1, "{summary}");
+    assert_eq!(frame_timestamps(&output).len() as u64, painted, "a complete MP4 with every painted frame");
+    assert_eq!(entries(dir.path()), ["bikes.ts", "stopped.mp4"]);
+}
+
+#[test]
+fn bad_streams_are_named_in_the_error_and_leave_nothing_behind() {
+    let dir = TempDir::new().unwrap();
+    let output = dir.path().join("out.ts");
+    let closed_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused = format!("tcp://127.0.0.1:{closed_port}");
+    let garbage = dir.path().join("garbage.ts");
+    std::fs::write(&garbage, (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect::<Vec<u8>>())
+        .unwrap();
+    let missing = dir.path().join("missing.ts");
+
+    for (input, says) in [
+        (refused.as_str(), "refused"),
+        (garbage.to_str().unwrap(), "invalid data"),
+        (missing.to_str().unwrap(), "no such file"),
+    ] {
+        let run = stream_command(input, output.to_str().unwrap(), &["--first-iterations", "2"]).output().unwrap();
+        let message = stderr(&run).to_lowercase();
+        assert!(!run.status.success(), "{input} was accepted");
+        assert!(message.contains(&input.to_lowercase()) && message.contains(says), "{input}: {message}");
+    }
+    assert_eq!(entries(dir.path()), ["garbage.ts"]);
+}
