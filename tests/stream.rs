@@ -221,6 +221,26 @@ fn every_frame_of_a_tcp_stream_comes_out_painted_on_another_socket_with_its_time
 }
 
 #[test]
+fn a_stream_whose_timestamps_jump_back_goes_on_with_its_picture_and_sound() {
+    let dir = TempDir::new().unwrap();
+    let part = std::fs::read(bunny_stream(dir.path())).unwrap();
+    // the same half second twice, as from a sender that restarted: the timestamps start again
+    let spliced = dir.path().join("twice.ts");
+    std::fs::write(&spliced, [part.as_slice(), part.as_slice()].concat()).unwrap();
+    let output = dir.path().join("twice-painted.ts");
+    let extra = ["--pace", "every-frame", "--first-iterations", "4"];
+    let run = stream_command(spliced.to_str().unwrap(), output.to_str().unwrap(), &extra).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let (input_pts, output_pts) = (frame_timestamps(&spliced), frame_timestamps(&output));
+    assert!(input_pts.windows(2).any(|pair| pair[1] < pair[0]), "the input jumps back");
+    assert_eq!(output_pts.len(), input_pts.len(), "no frame lost");
+    assert!(output_pts.windows(2).all(|pair| pair[0] < pair[1]), "the output's timestamps rise: {output_pts:?}");
+    let (input_packets, output_packets) = (packet_counts(&spliced), packet_counts(&output));
+    assert_eq!(output_packets[1], input_packets[1], "every sound packet");
+}
+
+#[test]
 fn a_live_stream_drops_what_it_cannot_paint_but_never_reorders_or_invents_a_frame() {
     let dir = TempDir::new().unwrap();
     let input = bikes_stream(dir.path(), 40);

@@ -28,6 +28,22 @@ impl std::fmt::Debug for CopiedTrack {
 /// One packet of a [`CopiedTrack`], timed in the track's time base, on its way to the writer.
 pub struct CopiedPacket(pub(crate) Packet);
 
+impl CopiedPacket {
+    /// When the packet is decoded (its presentation time if it has no decode time) and for how long,
+    /// in its track's time base; `None` without timestamps.
+    pub fn timing(&self) -> Option<(i64, i64)> {
+        Some((self.0.dts().or(self.0.pts())?, self.0.duration()))
+    }
+
+    /// Moves the packet `ticks` later on its track's timeline.
+    pub fn shift(&mut self, ticks: i64) {
+        if ticks != 0 {
+            self.0.set_pts(self.0.pts().map(|pts| pts + ticks));
+            self.0.set_dts(self.0.dts().map(|dts| dts + ticks));
+        }
+    }
+}
+
 /// What the writer does with one stream of the source, in source order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SourceStreamRole {

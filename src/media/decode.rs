@@ -20,6 +20,7 @@ use super::probe::{
     discard_other_streams, main_video_stream, open_live_input, open_video_input, pair, stream_frame_rate,
     summarise_streams,
 };
+use super::quietly;
 
 /// One decoded picture as packed RGB24.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,8 +400,15 @@ impl Iterator for VideoReader {
     type Item = Result<Frame, MediaError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        // joining a live stream mid-way, the decoder complains until the first key frame: expected,
+        // and not the user's business
+        let joining = self.live && self.frames_yielded == 0;
         let decoded = match self.pending.take() {
             Some(decoded) => decoded,
+            None if joining => match quietly(|| self.next_decoded())? {
+                Ok(decoded) => decoded,
+                Err(report) => return Some(Err(report)),
+            },
             None => match self.next_decoded()? {
                 Ok(decoded) => decoded,
                 Err(report) => return Some(Err(report)),
@@ -428,15 +436,6 @@ impl VideoReader {
         }
         None
     }
-}
-
-/// Runs `work` with FFmpeg's log limited to fatal errors, then restores the level.
-fn quietly<T>(work: impl FnOnce() -> T) -> T {
-    let before = ffmpeg_next::log::get_level().unwrap_or(ffmpeg_next::log::Level::Error);
-    ffmpeg_next::log::set_level(ffmpeg_next::log::Level::Fatal);
-    let result = work();
-    ffmpeg_next::log::set_level(before);
-    result
 }
 
 /// Opens the decoder for `stream`.

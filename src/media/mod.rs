@@ -52,3 +52,12 @@ fn init() {
         tracing::debug!(version = ffmpeg_next::format::version(), "FFmpeg initialised");
     });
 }
+
+/// Runs `work` with FFmpeg's log limited to fatal errors, then restores the level.
+pub(crate) fn quietly<T>(work: impl FnOnce() -> T) -> T {
+    let before = ffmpeg_next::log::get_level().unwrap_or(ffmpeg_next::log::Level::Error);
+    ffmpeg_next::log::set_level(ffmpeg_next::log::Level::Fatal);
+    let result = work();
+    ffmpeg_next::log::set_level(before);
+    result
+}

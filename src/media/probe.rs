@@ -156,7 +156,8 @@ pub(crate) fn open_live_input(location: &str, stop: Arc<AtomicBool>) -> Result<I
         std::fs::metadata(path).map_err(|source| MediaError::Io { path: path.to_path_buf(), source })?;
     }
     let interrupted = move || stop.load(Ordering::SeqCst);
-    format::input_with_interrupt(path, interrupted).map_err(|error| match error {
+    // a stream joined mid-way makes the decoder complain until its first key frame
+    super::quietly(|| format::input_with_interrupt(path, interrupted)).map_err(|error| match error {
         ffmpeg_next::Error::Exit => MediaError::Ffmpeg {
             path: path.to_path_buf(),
             operation: "opening the stream",

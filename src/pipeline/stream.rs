@@ -262,8 +262,9 @@ impl Slot {
 /// Reads frames until the stream ends (or is stopped) and hands them to the painter through the
 /// slot, and the sound, as it comes, to the writer.
 fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>, counts: &Counts) -> Result<()> {
+    let (mut picture_line, mut sound_line) = (Timeline::new("picture"), Timeline::new("sound"));
     while let Some(item) = reader.next() {
-        if !pass_sound(&mut reader, &sound) {
+        if !pass_sound(&mut reader, &sound, &mut sound_line) {
             break; // the writer has stopped
         }
         let frame = match item {
@@ -275,18 +276,59 @@ fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>,
             }
             Err(error) => return Err(error.into()),
         };
+        let mut frame = frame;
+        frame.pts += picture_line.shift_for(frame.pts, frame.duration);
         counts.read.fetch_add(1, Ordering::SeqCst);
         if !slot.put(Arrival { frame, at: Instant::now() }, counts) {
             break; // the painter has stopped
         }
     }
-    pass_sound(&mut reader, &sound);
+    pass_sound(&mut reader, &sound, &mut sound_line);
     Ok(())
 }
 
-/// Sends the sound read so far to the writer; false when the writer is gone.
-fn pass_sound(reader: &mut VideoReader, sound: &Sender<CopiedPacket>) -> bool {
-    reader.take_audio().into_iter().all(|packet| sound.send(packet).is_ok())
+/// Sends the sound read so far to the writer, on `line`; false when the writer is gone.
+fn pass_sound(reader: &mut VideoReader, sound: &Sender<CopiedPacket>, line: &mut Timeline) -> bool {
+    reader.take_audio().into_iter().all(|mut packet| {
+        if let Some((time, duration)) = packet.timing() {
+            packet.shift(line.shift_for(time, duration));
+        }
+        sound.send(packet).is_ok()
+    })
+}
+
+/// One track's timestamps on their way out, kept rising when the input's jump back (a sender that
+/// restarted, a stream spliced from two): from the jump on, the track is moved to follow on from where
+/// it was, so the output goes on instead of failing. Gaps forward are kept as they are.
+struct Timeline {
+    track: &'static str,
+    /// Ticks added to the input's timestamps.
+    offset: i64,
+    /// The last timestamp passed on.
+    last: Option<i64>,
+}
+
+impl Timeline {
+    fn new(track: &'static str) -> Self {
+        Timeline { track, offset: 0, last: None }
+    }
+
+    /// The ticks to add to an item at `time` lasting `duration` (both in the track's time base).
+    fn shift_for(&mut self, time: i64, duration: i64) -> i64 {
+        if let Some(last) = self.last
+            && time + self.offset <= last
+        {
+            let offset = last + duration.max(1) - time;
+            tracing::warn!(
+                track = self.track,
+                back = last - time - self.offset,
+                "the input's timestamps jumped back; the output's go on"
+            );
+            self.offset = offset;
+        }
+        self.last = Some(time + self.offset);
+        self.offset
+    }
 }
 
 /// Puts `arrival` in the slot, dropping the frame waiting there if there is one. False when the
