@@ -59,6 +59,9 @@ const SERVICE: Unit = Unit { file: "impasto.service", verify_as: "impasto.servic
 /// The per-GPU template; verify needs an instance of it, whose file it finds by the template name.
 const TEMPLATE: Unit = Unit { file: "impasto@.service", verify_as: "impasto@0.service" };
 
+/// The live-stream template; its instance's settings come from an environment file.
+const STREAM: Unit = Unit { file: "impasto-stream@.service", verify_as: "impasto-stream@studio.service" };
+
 /// What `systemd-analyze verify` made of one unit.
 struct Verdict {
     success: bool,
@@ -252,4 +255,30 @@ fn sysusers_creates_the_account_the_units_run_as() {
     assert_eq!(user.split(':').nth(5), Some("/var/lib/impasto"), "home directory: {user}");
     let group = fs::read_to_string(root.path().join("etc/group")).unwrap();
     assert!(group.lines().any(|l| l.starts_with("impasto:")), "no impasto group:\n{group}");
+}
+
+#[test]
+fn stream_instance_passes_systemd_analyze_verify() {
+    assert_verifies(&STREAM);
+}
+
+#[test]
+fn stream_unit_runs_the_stream_from_its_environment_file_and_opens_it_again_when_it_ends() {
+    let settings = directives(&unit_text(&STREAM));
+    let exec = values(&settings, "ExecStart");
+    let wanted = "/usr/local/bin/impasto stream ${IMPASTO_STREAM_INPUT} --style ${IMPASTO_STREAM_STYLE} -o \
+                  ${IMPASTO_STREAM_OUTPUT} $IMPASTO_STREAM_FLAGS";
+    assert_eq!(exec, [wanted.split_whitespace().collect::<Vec<_>>().join(" ")]);
+    assert_eq!(values(&settings, "EnvironmentFile"), ["/etc/impasto/stream-%i.env"]);
+    // an input that ends exits 0: only `always` opens it again
+    for (key, want) in [("Restart", "always"), ("RestartPreventExitStatus", "2"), ("KillMode", "mixed")] {
+        assert_eq!(values(&settings, key), [want], "{key}");
+    }
+    let sandbox = ["User", "Group", "ProtectSystem", "ReadWritePaths", "NoNewPrivileges", "PrivateTmp", "DevicePolicy"];
+    for &(key, want) in REQUIRED.iter().filter(|(key, _)| sandbox.contains(key)) {
+        assert!(values(&settings, key).iter().any(|v| normal(v) == want), "{key}={want} missing");
+    }
+    for &(key, banned) in FORBIDDEN {
+        assert!(!values(&settings, key).iter().any(|v| normal(v) == banned), "{key}={banned} breaks CUDA");
+    }
 }

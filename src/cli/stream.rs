@@ -1,12 +1,14 @@
 //! `impasto stream IN --style S -o OUT`: a live stream in, painted live out. IN and OUT are anything
-//! FFmpeg reads and writes (`tcp://`, `udp://`, `srt://`, `rtmp://`, `-` for a pipe, or a file). One
-//! line per painted frame (or a JSON line with `--json`), a summary at the end. Ctrl-C or SIGTERM
+//! FFmpeg reads and writes (`tcp://`, `udp://`, `srt://`, `rtmp://`, `-` for a pipe, or a file). A
+//! status line a second (or a JSON line per painted frame with `--json`), a summary at the end. Ctrl-C or SIGTERM
 //! ends the stream cleanly: the frame being painted is finished and sent and the output is closed; a
 //! second signal exits at once.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -57,7 +59,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
     let styles = read_styles(&args.style)?;
     let input = pipe_name(&args.input, 0);
     let output = pipe_name(&args.output, 1);
-    let lines = Lines { json: args.json, to_stderr: output == "pipe:1" };
+    let lines = Lines { json: args.json, to_stderr: output == "pipe:1", last_line: Cell::new(None) };
     let job = StreamJob {
         input: input.clone(),
         output: output.clone(),
@@ -112,10 +114,12 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     stop
 }
 
-/// Where and how the progress lines go.
+/// Where and how the progress lines go: JSON for every frame, or a line in words at most once a
+/// second (a card paints many frames a second).
 struct Lines {
     json: bool,
     to_stderr: bool,
+    last_line: Cell<Option<Instant>>,
 }
 
 impl Lines {
@@ -129,6 +133,11 @@ impl Lines {
 
     /// One painted frame.
     fn frame(&self, frame: &StreamFrame) {
+        let due = self.last_line.get().is_none_or(|last| last.elapsed() >= Duration::from_secs(1));
+        if !self.json && !due {
+            return;
+        }
+        self.last_line.set(Some(Instant::now()));
         if self.json {
             let mut line = json!({ "event": "frame" });
             if let (Some(object), Ok(serde_json::Value::Object(fields))) =
