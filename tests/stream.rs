@@ -241,16 +241,14 @@ fn a_stream_whose_timestamps_jump_back_goes_on_with_its_picture_and_sound() {
 }
 
 #[test]
-fn a_live_stream_drops_what_it_cannot_paint_but_never_reorders_or_invents_a_frame() {
+fn a_live_stream_drops_what_it_cannot_paint_never_reorders_or_invents_a_frame_and_goes_out_at_source_size() {
     let dir = TempDir::new().unwrap();
     let input = bikes_stream(dir.path(), 40);
     // the whole stream arrives at once: far faster than it can be painted
     let (port, sender) = serve(std::fs::read(&input).unwrap(), 1, Duration::ZERO);
     let output = dir.path().join("live.ts");
-    let run =
-        stream_command(&format!("tcp://127.0.0.1:{port}"), output.to_str().unwrap(), &["--first-iterations", "12"])
-            .output()
-            .unwrap();
+    let extra = ["--first-iterations", "12", "--output-size", "source"];
+    let run = stream_command(&format!("tcp://127.0.0.1:{port}"), output.to_str().unwrap(), &extra).output().unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     sender.join().unwrap();
 
@@ -268,6 +266,9 @@ fn a_live_stream_drops_what_it_cannot_paint_but_never_reorders_or_invents_a_fram
     let expected: Vec<i64> = painted.iter().map(|&index| input_pts[index]).collect();
     assert_eq!(from_first(&output_pts), from_first(&expected));
     assert_eq!(entries(dir.path()), ["bikes.ts", "live.ts"], "no temporary file is left");
+    let video = &common::ffprobe(&output)["streams"][0];
+    let size = (video["width"].as_u64(), video["height"].as_u64());
+    assert_eq!(size, (Some(640), Some(272)), "painted at 64 px, sent at the source's size");
 }
 
 #[test]

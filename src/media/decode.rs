@@ -77,6 +77,8 @@ pub struct VideoReader {
     time_base: Rational,
     nominal_frame_duration: i64,
     frame_size: (u32, u32),
+    /// The stream's stored picture size.
+    source_size: (u32, u32),
     frame_rate: Rational,
     yuv: YuvColorimetry,
     scaler: Option<Scaler>,
@@ -161,6 +163,7 @@ impl VideoReader {
             stream_index,
             nominal_frame_duration: nominal_frame_duration(frame_rate, time_base),
             frame_rate,
+            source_size: (decoder.width(), decoder.height()),
             decoder,
             time_base,
             frame_size,
@@ -262,6 +265,11 @@ impl VideoReader {
     /// The (`width`, `height`) of the frames this reader yields.
     pub fn frame_size(&self) -> (u32, u32) {
         self.frame_size
+    }
+
+    /// The (`width`, `height`) the stream stores its pictures at.
+    pub fn source_size(&self) -> (u32, u32) {
+        self.source_size
     }
 
     /// The stream's nominal frame rate (`num`, `den`), if it states one.

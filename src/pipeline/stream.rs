@@ -151,6 +151,7 @@ impl StreamJob {
         check_frame_size(frame_size)?;
         let mut spec = VideoWriterSpec::new(frame_size, reader.time_base());
         spec.frame_rate = reader.frame_rate();
+        spec.source_size = Some(reader.source_size());
         let (output, format) = (&self.output, self.output_format.as_deref());
         let writer = VideoWriter::create_live(output, format, &self.video.encode, spec, reader.audio_track().as_ref())?;
         let long_side = frame_size.0.max(frame_size.1);
