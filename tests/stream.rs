@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
@@ -97,6 +97,16 @@ fn packet_counts(path: &Path) -> Vec<(String, u64)> {
             Some((kind.to_string(), count.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// The presentation timestamps of the sound packets, in file order.
+fn sound_timestamps(path: &Path) -> Vec<i64> {
+    let output = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "a:0", "-show_entries", "packet=pts", "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
 }
 
 /// Serves `bytes` to the first client of a new port on 127.0.0.1, in `chunks` pieces with `pause`
@@ -221,13 +231,34 @@ fn every_frame_of_a_tcp_stream_comes_out_painted_on_another_socket_with_its_time
 }
 
 #[test]
-fn a_stream_whose_timestamps_jump_back_goes_on_with_its_picture_and_sound() {
+fn a_stream_whose_timestamps_jump_back_goes_on_with_its_picture_and_sound_together() {
     let dir = TempDir::new().unwrap();
-    let part = std::fs::read(bunny_stream(dir.path())).unwrap();
-    // the same half second twice, as from a sender that restarted: the timestamps start again
-    let spliced = dir.path().join("twice.ts");
-    std::fs::write(&spliced, [part.as_slice(), part.as_slice()].concat()).unwrap();
-    let output = dir.path().join("twice-painted.ts");
+    // 12 frames whose sound runs on 0.1 s past the picture, then the same clip from its start again,
+    // as from a sender that restarted: both tracks' timestamps jump back, by different amounts
+    let first = dir.path().join("first.ts");
+    let source = common::media("video/bigbuckbunny.mp4");
+    let (source, target) = (source.to_str().unwrap(), first.to_str().unwrap());
+    ffmpeg(&[
+        "-i",
+        source,
+        "-t",
+        "0.8",
+        "-frames:v",
+        "12",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-c:a",
+        "aac",
+        "-f",
+        "mpegts",
+        target,
+    ]);
+    let second = bunny_stream(dir.path());
+    let spliced = dir.path().join("spliced.ts");
+    std::fs::write(&spliced, [std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap()].concat()).unwrap();
+    let output = dir.path().join("spliced-painted.ts");
     let extra = ["--pace", "every-frame", "--first-iterations", "4"];
     let run = stream_command(spliced.to_str().unwrap(), output.to_str().unwrap(), &extra).output().unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
@@ -236,8 +267,16 @@ fn a_stream_whose_timestamps_jump_back_goes_on_with_its_picture_and_sound() {
     assert!(input_pts.windows(2).any(|pair| pair[1] < pair[0]), "the input jumps back");
     assert_eq!(output_pts.len(), input_pts.len(), "no frame lost");
     assert!(output_pts.windows(2).all(|pair| pair[0] < pair[1]), "the output's timestamps rise: {output_pts:?}");
-    let (input_packets, output_packets) = (packet_counts(&spliced), packet_counts(&output));
-    assert_eq!(output_packets[1], input_packets[1], "every sound packet");
+    let output_sound = sound_timestamps(&output);
+    assert_eq!(output_sound.len(), sound_timestamps(&spliced).len(), "every sound packet");
+    assert!(output_sound.windows(2).all(|pair| pair[0] < pair[1]), "the sound's timestamps rise");
+    // the second part's sound starts where it did against its picture (MPEG-TS ticks: 90 kHz)
+    let first_sound_packets = sound_timestamps(&first).len();
+    let second_video_starts = frame_timestamps(&second)[0];
+    let second_sound_starts = sound_timestamps(&second)[0];
+    let expected = second_sound_starts - second_video_starts;
+    let got = output_sound[first_sound_packets] - output_pts[12];
+    assert!((got - expected).abs() <= 90, "sound {:.1} ms off its picture", (got - expected) as f64 / 90.0);
 }
 
 #[test]
@@ -247,7 +286,8 @@ fn a_live_stream_drops_what_it_cannot_paint_never_reorders_or_invents_a_frame_an
     // the whole stream arrives at once: far faster than it can be painted
     let (port, sender) = serve(std::fs::read(&input).unwrap(), 1, Duration::ZERO);
     let output = dir.path().join("live.ts");
-    let extra = ["--first-iterations", "12", "--output-size", "source"];
+    // a first frame of 100 iterations takes far longer than reading 40 small frames from a local socket
+    let extra = ["--first-iterations", "100", "--output-size", "source"];
     let run = stream_command(&format!("tcp://127.0.0.1:{port}"), output.to_str().unwrap(), &extra).output().unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     sender.join().unwrap();
@@ -256,6 +296,7 @@ fn a_live_stream_drops_what_it_cannot_paint_never_reorders_or_invents_a_frame_an
     let count = |key: &str| summary[key].as_u64().unwrap();
     assert_eq!(count("frames_in"), 40);
     assert_eq!(count("frames_painted") + count("frames_dropped"), 40);
+    assert!(count("frames_dropped") > 0, "live pace waited for the painter");
     let input_pts = frame_timestamps(&input);
     let output_pts = frame_timestamps(&output);
     assert_eq!(output_pts.len() as u64, count("frames_painted"));
@@ -312,6 +353,61 @@ fn ctrl_c_finishes_the_frame_being_painted_and_closes_the_output_file() {
     assert!(painted >= 1, "{summary}");
     assert_eq!(frame_timestamps(&output).len() as u64, painted, "a complete MP4 with every painted frame");
     assert_eq!(entries(dir.path()), ["bikes.ts", "stopped.mp4"]);
+}
+
+#[test]
+fn a_receiver_that_hangs_up_ends_the_stream_with_an_error_even_while_the_input_is_silent() {
+    let dir = TempDir::new().unwrap();
+    // six seconds: more than FFmpeg reads ahead (5 s) to learn a stream's format
+    let bytes = std::fs::read(bikes_stream(dir.path(), 150)).unwrap();
+    // the input sends the stream, then keeps the connection open and silent
+    let input = TcpListener::bind("127.0.0.1:0").unwrap();
+    let input_port = input.local_addr().unwrap().port();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let sender = std::thread::spawn(move || {
+        let (mut client, _) = input.accept().unwrap();
+        let _ = client.write_all(&bytes);
+        let _ = released.recv();
+    });
+    // the receiver hangs up at once
+    let output = TcpListener::bind("127.0.0.1:0").unwrap();
+    let output_url = format!("tcp://127.0.0.1:{}", output.local_addr().unwrap().port());
+    let receiver = std::thread::spawn(move || drop(output.accept().unwrap()));
+    let extra = ["--first-iterations", "2", "--output-size", "source"];
+    let mut child = stream_command(&format!("tcp://127.0.0.1:{input_port}"), &output_url, &extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // a guard, not a measurement: a hang fails this test instead of stalling the suite
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    let mut errors = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
+    // the server threads end whether or not impasto reached them
+    release.send(()).unwrap();
+    drop(TcpStream::connect(("127.0.0.1", input_port)));
+    drop(TcpStream::connect(output_url.trim_start_matches("tcp://")));
+    sender.join().unwrap();
+    receiver.join().unwrap();
+    let status = status.expect("impasto kept waiting for its silent input after its receiver hung up");
+    assert!(!status.success(), "{errors}");
+    assert!(errors.contains(&output_url), "the error names the output: {errors}");
+}
+
+/// Waits for `child` to exit; kills it and gives `None` after `limit`.
+fn wait_or_kill(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

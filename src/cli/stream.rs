@@ -1,18 +1,19 @@
 //! `impasto stream IN --style S -o OUT`: a live stream in, painted live out. IN and OUT are anything
 //! FFmpeg reads and writes (`tcp://`, `udp://`, `srt://`, `rtmp://`, `-` for a pipe, or a file). A
-//! status line a second (or a JSON line per painted frame with `--json`), a summary at the end. Ctrl-C or SIGTERM
-//! ends the stream cleanly: the frame being painted is finished and sent and the output is closed; a
-//! second signal exits at once.
+//! status line a second (or a JSON line per painted frame with `--json`), a summary at the end.
+//! Ctrl-C or SIGTERM ends the stream cleanly: the frame being painted is finished and sent and the
+//! output is closed; a second signal gives up a send that waits (the output is then left unfinished),
+//! a third exits at once.
 
 use std::cell::Cell;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use impasto::pipeline::{Pace, StreamFrame, StreamJob, StreamSummary};
+use impasto::pipeline::{Pace, StreamFrame, StreamJob, StreamStop, StreamSummary};
 use serde_json::json;
 
 use super::model::ModelFlags;
@@ -35,8 +36,8 @@ pub struct StreamArgs {
     /// mpegts for other URLs and pipes, the extension's for a file.
     #[arg(long, short = 'f')]
     pub format: Option<String>,
-    /// live: paint the newest frame and drop those there was no time for (the output stays one
-    /// frame's painting behind); every-frame: paint them all (the input is read only as fast).
+    /// live: paint the newest frame and drop those there was no time for (the output stays at most
+    /// two frames' painting behind); every-frame: paint them all (the input is read only as fast).
     #[arg(long, default_value = "live")]
     pub pace: Pace,
     /// One JSON line per painted frame and a summary (on stderr when the stream goes to stdout).
@@ -73,7 +74,7 @@ pub fn run(args: StreamArgs) -> Result<()> {
     let device = model_settings.device.to_string();
     let summary = super::catch_torch(&device, || {
         let vgg = impasto::model::load(&model_settings)?;
-        job.run(&vgg, stop, &mut |frame| lines.frame(frame))
+        job.run(&vgg, &stop, &mut |frame| lines.frame(frame))
     })
     .with_context(|| format!("painting the stream '{input}'"))?;
     lines.summary(&summary);
@@ -88,28 +89,38 @@ fn pipe_name(location: &str, fd: u8) -> String {
     if location == "-" { format!("pipe:{fd}") } else { location.to_string() }
 }
 
-/// The stop flag the signal handler raises.
-static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+/// The flags the signal handler raises.
+static STOP: OnceLock<StreamStop> = OnceLock::new();
 
-/// SIGINT and SIGTERM raise the stream's stop flag; a second one exits at once.
+/// How many stop signals came.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+/// SIGINT and SIGTERM: the first asks the stream to finish, the second to give up sending too, the
+/// third exits at once.
 extern "C" fn on_signal(_: libc::c_int) {
-    // only an atomic load and swap here: nothing else is safe in a signal handler
-    if let Some(stop) = STOP.get()
-        && stop.swap(true, Ordering::SeqCst)
-    {
+    // only atomics here: nothing else is safe in a signal handler
+    let Some(stop) = STOP.get() else { return };
+    match SIGNALS.fetch_add(1, Ordering::SeqCst) {
+        0 => stop.finish.store(true, Ordering::SeqCst),
+        1 => stop.abort.store(true, Ordering::SeqCst),
         // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
+        _ => unsafe { libc::_exit(130) },
     }
 }
 
-/// A stop flag that Ctrl-C and SIGTERM raise.
-fn stop_on_signals() -> Arc<AtomicBool> {
-    let stop = STOP.get_or_init(Arc::default).clone();
-    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    // SAFETY: the handler only touches an already-initialised static and atomics.
+/// The stop flags Ctrl-C and SIGTERM raise. The handler is installed without SA_RESTART, so a
+/// blocking read (a silent pipe) is interrupted and FFmpeg sees the request.
+fn stop_on_signals() -> StreamStop {
+    let stop = STOP.get_or_init(StreamStop::default).clone();
+    // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; the handler only
+    // touches an already-initialised static and atomics.
     unsafe {
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
     }
     stop
 }

@@ -19,6 +19,13 @@ pub struct CopiedTrack {
     pub(crate) time_base: Rational,
 }
 
+impl CopiedTrack {
+    /// The unit (`num`, `den`) seconds of its packets' timestamps.
+    pub fn time_base(&self) -> (i32, i32) {
+        (self.time_base.numerator(), self.time_base.denominator())
+    }
+}
+
 impl std::fmt::Debug for CopiedTrack {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.debug_struct("CopiedTrack").field("codec", &self.parameters.id()).finish()

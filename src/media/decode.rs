@@ -107,11 +107,11 @@ impl VideoReader {
         Self::from_input(path, input, stream_index, size)
     }
 
-    /// Opens a live stream (`tcp://`, `udp://`, `srt://`, `rtmp://`, `http://`, a pipe or a file that
-    /// is still growing: anything FFmpeg reads) and prepares to decode its main video stream at
-    /// `size`. Raising `stop` interrupts a wait for data, after which the stream ends as if its sender
-    /// had closed it; so does a stream that breaks off.
-    /// The stream's main audio stream is read too: see [`audio_track`](Self::audio_track).
+    /// Opens a live stream (`tcp://`, `udp://`, `srt://`, `rtmp://`, `http://`, a pipe or a file:
+    /// anything FFmpeg reads) and prepares to decode its main video stream at `size`. FFmpeg polls
+    /// `stop` while its network protocols wait for data (a pipe's read is interrupted only by a
+    /// signal); raised, the stream ends as if its sender had closed it, as it does when it breaks
+    /// off. The stream's main audio stream is read too: see [`audio_track`](Self::audio_track).
     pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
         let path = Path::new(location);
         let input = open_live_input(location, stop)?;

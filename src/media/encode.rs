@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ffmpeg_next::format::Pixel;
 use ffmpeg_next::format::context::Output;
@@ -105,6 +107,8 @@ pub struct VideoWriter {
     audio_route: Option<CopiedRoute>,
     /// The temporary file that becomes the output; none for a stream.
     partial: Option<PartialOutput>,
+    /// The flag a stream output's FFmpeg context polls; dropped after the muxer (fields drop in order).
+    _abort: Option<Arc<AtomicBool>>,
 }
 
 /// The output stream of a live input's copied sound, and the time bases its packets go between.
@@ -116,12 +120,11 @@ struct CopiedRoute {
 }
 
 /// Where the encoded video goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Destination {
     /// A file, written under a temporary name and renamed into place when complete.
     File,
-    /// A stream, sent as it is encoded.
-    Stream,
+    /// A stream, sent as it is encoded; a wait to send ends when the flag is raised.
+    Stream(Arc<AtomicBool>),
 }
 
 impl VideoWriter {
@@ -145,18 +148,21 @@ impl VideoWriter {
     /// finished).
     ///
     /// `audio`, a live input's sound, gets a stream of its own (see [`write_copied`](Self::write_copied)).
+    /// FFmpeg polls `abort` whenever sending to a URL waits (for a listener to connect, for a receiver
+    /// that stopped reading): raised, the wait ends in an error.
     pub fn create_live(
         location: &str,
         container: Option<&str>,
         settings: &EncodeSettings,
         spec: VideoWriterSpec,
         audio: Option<&CopiedTrack>,
+        abort: Arc<AtomicBool>,
     ) -> Result<Self, MediaError> {
         super::init();
         let output = Path::new(location);
         let (destination, container) = match (is_url(location), container) {
-            (true, Some(container)) => (Destination::Stream, container.to_string()),
-            (true, None) => (Destination::Stream, stream_container(location).to_string()),
+            (true, Some(container)) => (Destination::Stream(abort), container.to_string()),
+            (true, None) => (Destination::Stream(abort), stream_container(location).to_string()),
             (false, Some(container)) => (Destination::File, container.to_string()),
             (false, None) => (Destination::File, guess_container(output)?),
         };
@@ -175,18 +181,18 @@ impl VideoWriter {
         let incoming_size = spec.frame_size;
         let (spec, upright_turns) = turned_upright(spec, &container, output);
         let mut plan = plan_output(output, container, settings, &spec)?;
-        plan.live = destination == Destination::Stream;
-        let (mut muxer, partial) = match destination {
+        plan.live = matches!(destination, Destination::Stream(_));
+        let (mut muxer, partial, abort) = match destination {
             Destination::File => {
                 check_output_directory(output)?;
                 let temporary = crate::fsutil::temp_path_for(output);
                 let muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
-                (muxer, Some(PartialOutput::new(temporary, output)))
+                (muxer, Some(PartialOutput::new(temporary, output)), None)
             }
-            Destination::Stream => {
-                let muxer = format::output_as(output, &plan.container)
+            Destination::Stream(abort) => {
+                let muxer = open_stream_output(output, &plan.container, &abort)
                     .map_err(|e| MediaError::ffmpeg(output, "opening the stream", e))?;
-                (muxer, None)
+                (muxer, None, Some(abort))
             }
         };
         let encoder = open_encoder(output, settings, &plan, &spec, &muxer)?;
@@ -225,6 +231,7 @@ impl VideoWriter {
             frames_written: 0,
             audio_route,
             partial,
+            _abort: abort,
         })
     }
 
@@ -517,6 +524,40 @@ fn open_failure(output: &Path, error: ffmpeg_next::Error) -> MediaError {
         ffmpeg_next::Error::Other { errno } => directory_error(output, std::io::Error::from_raw_os_error(errno)),
         other => MediaError::ffmpeg(output, "creating the output file", other),
     }
+}
+
+/// Opens `location` for sending in `container`, with FFmpeg polling `abort` during every wait
+/// (connecting, sending). `abort` must outlive the returned context.
+fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>) -> Result<Output, ffmpeg_next::Error> {
+    let url = CString::new(location.to_string_lossy().as_bytes()).map_err(|_| ffmpeg_next::Error::InvalidData)?;
+    let format = CString::new(container).map_err(|_| ffmpeg_next::Error::InvalidData)?;
+    // SAFETY: valid C strings; the context is freed on every failure and owned by `Output` after.
+    // The callback's opaque pointer is the flag, which the writer keeps alive beyond the context.
+    unsafe {
+        let mut context = std::ptr::null_mut();
+        let status =
+            ffi::avformat_alloc_output_context2(&mut context, std::ptr::null_mut(), format.as_ptr(), url.as_ptr());
+        if status < 0 {
+            return Err(ffmpeg_next::Error::from(status));
+        }
+        (*context).interrupt_callback =
+            ffi::AVIOInterruptCB { callback: Some(aborted), opaque: Arc::as_ptr(abort) as *mut libc::c_void };
+        let interrupt = &(*context).interrupt_callback as *const ffi::AVIOInterruptCB;
+        let status =
+            ffi::avio_open2(&mut (*context).pb, url.as_ptr(), ffi::AVIO_FLAG_WRITE, interrupt, std::ptr::null_mut());
+        if status < 0 {
+            ffi::avformat_free_context(context);
+            return Err(ffmpeg_next::Error::from(status));
+        }
+        Ok(Output::wrap(context))
+    }
+}
+
+/// FFmpeg's interrupt callback for a stream output: whether its abort flag is raised.
+unsafe extern "C" fn aborted(flag: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `flag` is the AtomicBool the writer keeps alive as long as the context.
+    let flag = unsafe { &*(flag as *const AtomicBool) };
+    libc::c_int::from(flag.load(Ordering::SeqCst))
 }
 
 /// The encoded size for the policy, even on both sides.

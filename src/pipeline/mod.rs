@@ -48,4 +48,4 @@ pub use painter::{FramePainter, FramePlan, PaintedFrame};
 pub use report::{FrameLosses, FrameRecord, FrameSeconds, Report, Start, WarpingSummary};
 pub use settings::{EncodeSettings, TemporalMode, VideoSettings};
 #[cfg(feature = "media")]
-pub use stream::{Pace, StreamFrame, StreamJob, StreamSummary};
+pub use stream::{Pace, StreamFrame, StreamJob, StreamStop, StreamSummary};

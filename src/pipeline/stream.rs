@@ -2,14 +2,16 @@
 //! nothing waits for the painter. The reader takes frames from the stream as they come; in `live`
 //! pace it keeps only the newest unpainted one in a one-frame slot, so when painting is slower than
 //! the stream (on a CPU it always is) the frames the painter had no time for are dropped, and the
-//! delay between the stream and its painting stays one frame's painting, however long the stream
-//! runs. In `every-frame` pace the reader waits for the painter instead (for a recorded stream, or a
+//! delay between the stream and its painting stays within two frames' painting (the one it waited
+//! through and its own), however long the stream runs. In `every-frame` pace the reader waits for the painter instead (for a recorded stream, or a
 //! card fast enough). Each frame starts from the previous painted one warped along the optical flow,
 //! as in a video job, so a frame that follows dropped ones is tied to the last painted one. The
 //! writer sends each painted frame out at its input timestamp, so gaps stay gaps and nothing drifts,
 //! and the stream's sound as it came, straight from the reader.
-//! A stop request (Ctrl-C) ends the read at once; the frame being painted is finished and sent, and
-//! the output is closed properly. No checkpoints: a stream cannot be read again.
+//! A stop request ([`StreamStop::finish`], Ctrl-C) ends the read at once; the frame being painted is
+//! finished and sent, and the output is closed properly; [`StreamStop::abort`] also ends a wait to
+//! send. A failure anywhere raises both, so no thread is left waiting. No checkpoints: a stream
+//! cannot be read again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +52,25 @@ impl std::str::FromStr for Pace {
             "every-frame" | "every" => Ok(Pace::EveryFrame),
             _ => Err(Error::Settings(format!("pace '{text}': expected 'live' or 'every-frame'"))),
         }
+    }
+}
+
+/// How a running stream is asked to end.
+#[derive(Clone, Debug, Default)]
+pub struct StreamStop {
+    /// Finish the frame being painted, close the output properly, end (an input that is waited for
+    /// stops being waited for).
+    pub finish: Arc<AtomicBool>,
+    /// Give up sending too: a wait to send (a receiver that stopped reading, a listening output no
+    /// one connects to) ends in an error.
+    pub abort: Arc<AtomicBool>,
+}
+
+impl StreamStop {
+    /// Raises both flags: something failed, and every thread must stop waiting.
+    fn everything(&self) {
+        self.finish.store(true, Ordering::SeqCst);
+        self.abort.store(true, Ordering::SeqCst);
     }
 }
 
@@ -135,32 +156,29 @@ struct Counts {
 }
 
 impl StreamJob {
-    /// Opens the input and the output, paints until the input ends or `stop` is raised, and closes
-    /// the output. `observer` sees every painted frame. The input must start within FFmpeg's own
-    /// timeouts; raising `stop` also ends a wait for it.
-    pub fn run(
-        self,
-        vgg: &Vgg,
-        stop: Arc<AtomicBool>,
-        observer: &mut dyn FnMut(&StreamFrame),
-    ) -> Result<StreamSummary> {
+    /// Opens the input and the output, paints until the input ends or `stop` asks to finish, and
+    /// closes the output. `observer` sees every painted frame. The input must start within FFmpeg's
+    /// own timeouts; a stop request also ends a wait for it.
+    pub fn run(self, vgg: &Vgg, stop: &StreamStop, observer: &mut dyn FnMut(&StreamFrame)) -> Result<StreamSummary> {
         self.check()?;
         let started = Instant::now();
-        let reader = VideoReader::open_live(&self.input, working_size(&self.video), stop.clone())?;
+        let reader = VideoReader::open_live(&self.input, working_size(&self.video), stop.finish.clone())?;
         let frame_size = reader.frame_size();
         check_frame_size(frame_size)?;
         let mut spec = VideoWriterSpec::new(frame_size, reader.time_base());
         spec.frame_rate = reader.frame_rate();
         spec.source_size = Some(reader.source_size());
         let (output, format) = (&self.output, self.output_format.as_deref());
-        let writer = VideoWriter::create_live(output, format, &self.video.encode, spec, reader.audio_track().as_ref())?;
+        let audio = reader.audio_track();
+        let writer =
+            VideoWriter::create_live(output, format, &self.video.encode, spec, audio.as_ref(), stop.abort.clone())?;
         let long_side = frame_size.0.max(frame_size.1);
         let painter = FramePainter::new(vgg, &self.style, &self.video, &self.styles, long_side, false)?;
         tracing::info!(input = %self.input, output = %self.output, width = frame_size.0, height = frame_size.1,
             pace = ?self.pace, "stream open");
         let counts = Counts::default();
         let errors = FirstError::default();
-        let painted = self.run_threads(reader, writer, painter, &counts, &errors, &stop, observer);
+        let painted = self.run_threads(reader, writer, painter, &counts, &errors, stop, observer);
         if let Some(error) = errors.into_error() {
             return Err(error);
         }
@@ -173,7 +191,7 @@ impl StreamJob {
             frames_dropped: counts.dropped.load(Ordering::SeqCst),
             seconds_per_frame: painted_seconds / frames_painted.max(1) as f64,
             mean_latency: latencies.iter().sum::<f64>() / frames_painted.max(1) as f64,
-            stopped: stop.load(Ordering::SeqCst),
+            stopped: stop.finish.load(Ordering::SeqCst),
             wall_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -191,7 +209,9 @@ impl StreamJob {
     }
 
     /// Reads on one thread, writes on another, paints on this one. Returns the painting seconds and
-    /// each painted frame's latency, unless a stage failed.
+    /// each painted frame's latency, unless a stage failed. Each stage records its own failure as it
+    /// happens (the first is the stream's error) and raises every stop flag, so that no other stage
+    /// is left waiting on a channel or on the network.
     #[allow(clippy::too_many_arguments)]
     fn run_threads(
         &self,
@@ -200,46 +220,48 @@ impl StreamJob {
         mut painter: FramePainter<'_>,
         counts: &Counts,
         errors: &FirstError,
-        stop: &Arc<AtomicBool>,
+        stop: &StreamStop,
         observer: &mut dyn FnMut(&StreamFrame),
     ) -> Option<(f64, Vec<f64>)> {
         let (arrival_sender, arrivals) = bounded::<Arrival>(1);
         let (painted_sender, painted_frames) = bounded::<Item<Frame>>(2);
         // the sound goes straight from reader to writer
         let (sound_sender, sound) = bounded::<CopiedPacket>(SOUND_PACKETS_IN_FLIGHT);
+        let fail = |error: Error| {
+            errors.record(error);
+            stop.everything();
+        };
         std::thread::scope(|scope| {
             // in live pace the reader takes a waiting frame back out to replace it with a newer one
             let evict = (self.pace == Pace::Live).then(|| arrivals.clone());
             let slot = Slot { sender: arrival_sender, evict };
-            let read = scope.spawn(move || read_stream(reader, slot, sound_sender, counts));
-            let write = scope.spawn(move || write_stream(writer, painted_frames, sound));
-            let painted = paint_stream(&mut painter, arrivals, painted_sender, stop, counts, observer);
-            if painted.is_err() {
-                stop.store(true, Ordering::SeqCst); // ends the read
+            let read = scope.spawn(move || read_stream(reader, slot, sound_sender, counts).map_err(fail).ok());
+            let write = scope.spawn(move || write_stream(writer, painted_frames, sound).map_err(fail).ok());
+            let painted = {
+                let _unwinding = RaiseOnPanic(stop);
+                paint_stream(&mut painter, arrivals, painted_sender, errors, &stop.finish, counts, observer)
+            };
+            let painted = painted.map_err(fail).ok();
+            for (handle, stage) in [(read, "reader"), (write, "writer")] {
+                if let Err(payload) = handle.join() {
+                    fail(panic_error(stage, payload.as_ref()));
+                }
             }
-            // the writer's or reader's error explains a painter that could not hand over its frame
-            settle(join(write, "writer"), errors, stop);
-            settle(join(read, "reader"), errors, stop);
-            settle(painted, errors, stop)
+            painted
         })
     }
 }
 
-/// Keeps the first error (raising `stop`, which ends the read) and gives the value otherwise.
-fn settle<T>(result: Result<T>, errors: &FirstError, stop: &AtomicBool) -> Option<T> {
-    match result {
-        Ok(value) => Some(value),
-        Err(error) => {
-            stop.store(true, Ordering::SeqCst);
-            errors.record(error);
-            None
+/// Raises every stop flag if dropped while the painter panics (a libtorch failure), so the reader
+/// and writer stop waiting and the panic can reach the caller.
+struct RaiseOnPanic<'a>(&'a StreamStop);
+
+impl Drop for RaiseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.everything();
         }
     }
-}
-
-/// A stage thread's result; a panic becomes an internal error.
-fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>, stage: &str) -> Result<T> {
-    handle.join().unwrap_or_else(|payload| Err(panic_error(stage, payload.as_ref())))
 }
 
 /// The one-frame slot between reader and painter.
@@ -263,9 +285,11 @@ impl Slot {
 /// Reads frames until the stream ends (or is stopped) and hands them to the painter through the
 /// slot, and the sound, as it comes, to the writer.
 fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>, counts: &Counts) -> Result<()> {
-    let (mut picture_line, mut sound_line) = (Timeline::new("picture"), Timeline::new("sound"));
+    let mut timelines = Timelines::default();
+    let mut picture = Track::new("picture", reader.time_base());
+    let mut sound_track = reader.audio_track().map(|track| Track::new("sound", track.time_base()));
     while let Some(item) = reader.next() {
-        if !pass_sound(&mut reader, &sound, &mut sound_line) {
+        if !pass_sound(&mut reader, &sound, &mut timelines, sound_track.as_mut()) {
             break; // the writer has stopped
         }
         let frame = match item {
@@ -275,60 +299,109 @@ fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>,
                 tracing::warn!(path = %path.display(), frames, "the stream ended with unreadable data");
                 break;
             }
+            // ended or stopped before its first frame: the summary says so
+            Err(MediaError::ZeroFrames { .. }) => break,
             Err(error) => return Err(error.into()),
         };
         let mut frame = frame;
-        frame.pts += picture_line.shift_for(frame.pts, frame.duration);
+        frame.pts += timelines.shift_for(&mut picture, frame.pts, frame.duration);
         counts.read.fetch_add(1, Ordering::SeqCst);
         if !slot.put(Arrival { frame, at: Instant::now() }, counts) {
             break; // the painter has stopped
         }
     }
-    pass_sound(&mut reader, &sound, &mut sound_line);
+    pass_sound(&mut reader, &sound, &mut timelines, sound_track.as_mut());
     Ok(())
 }
 
-/// Sends the sound read so far to the writer, on `line`; false when the writer is gone.
-fn pass_sound(reader: &mut VideoReader, sound: &Sender<CopiedPacket>, line: &mut Timeline) -> bool {
-    reader.take_audio().into_iter().all(|mut packet| {
+/// Sends the sound read so far to the writer, on its `track`; false when the writer is gone.
+fn pass_sound(
+    reader: &mut VideoReader,
+    sound: &Sender<CopiedPacket>,
+    timelines: &mut Timelines,
+    track: Option<&mut Track>,
+) -> bool {
+    let packets = reader.take_audio();
+    let Some(track) = track else { return true };
+    packets.into_iter().all(|mut packet| {
         if let Some((time, duration)) = packet.timing() {
-            packet.shift(line.shift_for(time, duration));
+            packet.shift(timelines.shift_for(track, time, duration));
         }
         sound.send(packet).is_ok()
     })
 }
 
-/// One track's timestamps on their way out, kept rising when the input's jump back (a sender that
-/// restarted, a stream spliced from two): from the jump on, the track is moved to follow on from where
-/// it was, so the output goes on instead of failing. Gaps forward are kept as they are.
-struct Timeline {
-    track: &'static str,
-    /// Ticks added to the input's timestamps.
-    offset: i64,
-    /// The last timestamp passed on.
+/// The input's timestamps on their way out, kept rising when they jump back (a sender that
+/// restarted, a stream spliced from two): from a jump on, the tracks are moved to follow on from the
+/// latest point either had reached, so the output goes on instead of failing, picture and sound
+/// still together. Gaps forward are kept as they are.
+#[derive(Default)]
+struct Timelines {
+    /// The total shift after each jump back so far, in microseconds: decided by the track that meets
+    /// the jump first, followed by the other (which shifts further only if it must to keep rising).
+    shifts: Vec<i64>,
+    /// The latest end passed on, on any track, in microseconds.
+    latest_end: Option<i64>,
+}
+
+/// One track's place on the [`Timelines`].
+struct Track {
+    name: &'static str,
+    time_base: (i32, i32),
+    /// Jumps back met so far.
+    jumps: usize,
+    /// Ticks added to the input's timestamps now.
+    shift: i64,
+    /// The last timestamp passed on, shifted.
     last: Option<i64>,
 }
 
-impl Timeline {
-    fn new(track: &'static str) -> Self {
-        Timeline { track, offset: 0, last: None }
+impl Track {
+    fn new(name: &'static str, time_base: (i32, i32)) -> Self {
+        Track { name, time_base, jumps: 0, shift: 0, last: None }
     }
 
-    /// The ticks to add to an item at `time` lasting `duration` (both in the track's time base).
-    fn shift_for(&mut self, time: i64, duration: i64) -> i64 {
-        if let Some(last) = self.last
-            && time + self.offset <= last
+    /// `ticks` of this track in microseconds, rounded down.
+    fn micros(&self, ticks: i64) -> i64 {
+        let (num, den) = (i128::from(self.time_base.0), i128::from(self.time_base.1.max(1)));
+        (i128::from(ticks) * num * 1_000_000).div_euclid(den) as i64
+    }
+
+    /// `micros` in ticks of this track, rounded up.
+    fn ticks(&self, micros: i64) -> i64 {
+        let (num, den) = (i128::from(self.time_base.0.max(1)), i128::from(self.time_base.1));
+        let scaled = i128::from(micros) * den;
+        let unit = num * 1_000_000;
+        (scaled.div_euclid(unit) + i128::from(scaled.rem_euclid(unit) != 0)) as i64
+    }
+}
+
+impl Timelines {
+    /// The ticks to add to an item of `track` at `time` lasting `duration`.
+    fn shift_for(&mut self, track: &mut Track, time: i64, duration: i64) -> i64 {
+        if let Some(last) = track.last
+            && time + track.shift <= last
         {
-            let offset = last + duration.max(1) - time;
-            tracing::warn!(
-                track = self.track,
-                back = last - time - self.offset,
-                "the input's timestamps jumped back; the output's go on"
-            );
-            self.offset = offset;
+            let least = last + duration.max(1) - time;
+            let shift = match self.shifts.get(track.jumps) {
+                Some(&micros) => track.ticks(micros).max(least),
+                None => {
+                    // the first track to meet this jump: follow on from the latest end of any track
+                    let micros = self.latest_end.map_or(0, |end| end - track.micros(time));
+                    self.shifts.push(micros);
+                    track.ticks(micros).max(least)
+                }
+            };
+            let back = last - time - track.shift;
+            tracing::warn!(track = track.name, back, "the input's timestamps jumped back; the output's go on");
+            track.jumps += 1;
+            track.shift = shift;
         }
-        self.last = Some(time + self.offset);
-        self.offset
+        let shifted = time + track.shift;
+        track.last = Some(shifted);
+        let end = track.micros(shifted + duration.max(0));
+        self.latest_end = Some(self.latest_end.map_or(end, |latest| latest.max(end)));
+        track.shift
     }
 }
 
@@ -357,6 +430,7 @@ fn paint_stream(
     painter: &mut FramePainter<'_>,
     arrivals: Receiver<Arrival>,
     sender: Sender<Item<Frame>>,
+    errors: &FirstError,
     stop: &AtomicBool,
     counts: &Counts,
     observer: &mut dyn FnMut(&StreamFrame),
@@ -376,11 +450,14 @@ fn paint_stream(
         latencies.push(latency);
         let record = stream_frame(&output, &painted, latency, painting_started, &latencies, counts);
         if sender.send(Item::Next(output)).is_err() {
-            return Err(Error::Internal("the stream's writer stopped without an error".into()));
+            break; // the writer failed; its error is the stream's
         }
         observer(&record);
     }
-    let _ = sender.send(Item::End);
+    if !errors.stopped() {
+        // the input ended or a stop was asked for; after a failure the output is left unfinished
+        let _ = sender.send(Item::End);
+    }
     Ok((painting_seconds, latencies))
 }
 
