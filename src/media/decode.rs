@@ -130,6 +130,8 @@ impl VideoReader {
         }
         reader.audio = audio;
         reader.live = true;
+        // a live reader may be stopped early: fewer packets than a file's index lists is no damage
+        reader.packets_indexed = 0;
         Ok(reader)
     }
 

@@ -126,7 +126,8 @@ pub struct StreamSummary {
     pub frames_in: u64,
     /// Frames painted and sent.
     pub frames_painted: u64,
-    /// Frames dropped.
+    /// Frames read and not painted: dropped for lack of time, or still on their way when a stop
+    /// came.
     pub frames_dropped: u64,
     /// Mean seconds of painting per painted frame.
     pub seconds_per_frame: f64,
@@ -184,11 +185,12 @@ impl StreamJob {
         }
         let (painted_seconds, latencies) = painted.unwrap_or_default();
         let frames_painted = latencies.len() as u64;
+        let frames_in = counts.read.load(Ordering::SeqCst);
         Ok(StreamSummary {
             output: self.output,
-            frames_in: counts.read.load(Ordering::SeqCst),
+            frames_in,
             frames_painted,
-            frames_dropped: counts.dropped.load(Ordering::SeqCst),
+            frames_dropped: frames_in.saturating_sub(frames_painted),
             seconds_per_frame: painted_seconds / frames_painted.max(1) as f64,
             mean_latency: latencies.iter().sum::<f64>() / frames_painted.max(1) as f64,
             stopped: stop.finish.load(Ordering::SeqCst),
