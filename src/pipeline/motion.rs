@@ -49,6 +49,12 @@ pub fn measure(from: u64, previous: &Tensor, next: &Tensor, settings: &FlowSetti
     })
 }
 
+/// Whether frames painted with `video`'s settings need the motion into them: for the temporal mode,
+/// or for E_warp when `measure_warping`.
+pub fn wanted(video: &VideoSettings, measure_warping: bool) -> bool {
+    video.needs_flow() || measure_warping
+}
+
 /// Follows one run of input frames and measures the motion into each, where the settings want it.
 pub struct MotionTracker {
     flow: FlowSettings,
@@ -65,7 +71,7 @@ impl MotionTracker {
         MotionTracker {
             flow: video.flow.clone(),
             threads: video.flow_threads,
-            wanted: video.needs_flow() || measure_warping,
+            wanted: wanted(video, measure_warping),
             previous: None,
         }
     }

@@ -224,7 +224,7 @@ impl<'m> FramePainter<'m> {
     /// is wanted.
     fn motion_to(&self, content: &Tensor) -> Result<Option<Motion>> {
         let Some(previous) = &self.previous else { return Ok(None) };
-        if !(self.video.needs_flow() || self.measure_warping) {
+        if !motion::wanted(&self.video, self.measure_warping) {
             return Ok(None);
         }
         let (flow, threads) = (&self.video.flow, self.video.flow_threads);
