@@ -78,8 +78,12 @@ pub fn run(args: StreamArgs) -> Result<()> {
     })
     .with_context(|| format!("painting the stream '{input}'"))?;
     lines.summary(&summary);
+    let ended = summary.broke_off.as_deref().unwrap_or("the stream ended");
     if summary.frames_painted == 0 {
-        bail!("the stream '{input}' ended before a frame was painted; nothing was written to '{output}'");
+        bail!("{ended} before a frame of '{input}' was painted; nothing was written to '{output}'");
+    }
+    if summary.broke_off.is_some() {
+        bail!("{ended}; '{output}' holds the {} frames painted before, closed properly", summary.frames_painted);
     }
     Ok(())
 }
@@ -108,8 +112,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// The stop flags Ctrl-C and SIGTERM raise. The handler is installed without SA_RESTART, so a
-/// blocking read (a silent pipe) is interrupted and FFmpeg sees the request.
+/// The stop flags Ctrl-C and SIGTERM raise. FFmpeg polls them while its network protocols wait; a
+/// pipe that waits is not interrupted (the third signal is the way out there).
 fn stop_on_signals() -> StreamStop {
     let stop = STOP.get_or_init(StreamStop::default).clone();
     // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; the handler only
@@ -117,6 +121,7 @@ fn stop_on_signals() -> StreamStop {
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut action.sa_mask);
         for signal in [libc::SIGINT, libc::SIGTERM] {
             libc::sigaction(signal, &action, std::ptr::null_mut());

@@ -109,9 +109,10 @@ impl VideoReader {
 
     /// Opens a live stream (`tcp://`, `udp://`, `srt://`, `rtmp://`, `http://`, a pipe or a file:
     /// anything FFmpeg reads) and prepares to decode its main video stream at `size`. FFmpeg polls
-    /// `stop` while its network protocols wait for data (a pipe's read is interrupted only by a
-    /// signal); raised, the stream ends as if its sender had closed it, as it does when it breaks
-    /// off. The stream's main audio stream is read too: see [`audio_track`](Self::audio_track).
+    /// `stop` while its network protocols wait for data (not while a pipe's read waits); raised, the
+    /// stream ends as if its sender had closed it. A read that fails otherwise (a reset connection,
+    /// a UDP overrun) ends it with [`MediaError::Truncated`]. The stream's main audio stream is read
+    /// too: see [`audio_track`](Self::audio_track).
     pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
         let path = Path::new(location);
         let input = open_live_input(location, stop)?;
@@ -336,10 +337,8 @@ impl VideoReader {
     fn end_of_input(&mut self, error: ffmpeg_next::Error) -> Option<MediaError> {
         self.progress = Progress::Draining;
         let index_unmet = self.packets_read < self.packets_indexed;
-        let ended_cleanly = error == ffmpeg_next::Error::Eof || self.live;
-        if self.live && error != ffmpeg_next::Error::Eof {
-            tracing::info!(path = %self.path.display(), %error, frames = self.frames_yielded, "the stream ended");
-        }
+        // a live stream also ends cleanly when a stop request interrupts the read
+        let ended_cleanly = error == ffmpeg_next::Error::Eof || (self.live && error == ffmpeg_next::Error::Exit);
         self.truncated = self.unreadable_packets > 0 || !ended_cleanly || index_unmet;
         if self.truncated {
             tracing::debug!(path = %self.path.display(), read = self.packets_read, indexed = self.packets_indexed,

@@ -542,6 +542,10 @@ fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>)
         }
         (*context).interrupt_callback =
             ffi::AVIOInterruptCB { callback: Some(aborted), opaque: Arc::as_ptr(abort) as *mut libc::c_void };
+        if (*(*context).oformat).flags & ffi::AVFMT_NOFILE as libc::c_int != 0 {
+            // the muxer opens its own connection (RTSP), with the context's interrupt callback
+            return Ok(Output::wrap(context));
+        }
         let interrupt = &(*context).interrupt_callback as *const ffi::AVIOInterruptCB;
         let status =
             ffi::avio_open2(&mut (*context).pb, url.as_ptr(), ffi::AVIO_FLAG_WRITE, interrupt, std::ptr::null_mut());
@@ -599,7 +603,7 @@ fn open_encoder(
     let mut options = Dictionary::new();
     options.set("crf", &settings.crf.to_string());
     options.set("preset", &settings.preset);
-    if plan.live && plan.codec.name() == "libx264" {
+    if plan.live && matches!(plan.codec.name(), "libx264" | "libx265") {
         // no frame reordering or look-ahead: each frame leaves as soon as it is encoded
         options.set("tune", "zerolatency");
     }

@@ -156,8 +156,12 @@ pub(crate) fn open_live_input(location: &str, stop: Arc<AtomicBool>) -> Result<I
         std::fs::metadata(path).map_err(|source| MediaError::Io { path: path.to_path_buf(), source })?;
     }
     let interrupted = move || stop.load(Ordering::SeqCst);
+    let mut options = ffmpeg_next::Dictionary::new();
+    // UDP: a painter that falls behind must not end the stream; the oldest packets give way instead
+    options.set("overrun_nonfatal", "1");
     // a stream joined mid-way makes the decoder complain until its first key frame
-    super::quietly(|| format::input_with_interrupt(path, interrupted)).map_err(|error| match error {
+    let opened = super::quietly(|| format::input_with_interrupt_and_dictionary(path, interrupted, options));
+    opened.map_err(|error| match error {
         ffmpeg_next::Error::Exit => MediaError::Ffmpeg {
             path: path.to_path_buf(),
             operation: "opening the stream",

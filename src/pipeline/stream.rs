@@ -135,6 +135,9 @@ pub struct StreamSummary {
     pub mean_latency: f64,
     /// Whether a stop request ended it (else the input ended).
     pub stopped: bool,
+    /// Why the input broke off, when it did not end cleanly (a reset connection, an overrun); the
+    /// output holds what came before and is closed properly.
+    pub broke_off: Option<String>,
     /// Wall-clock seconds.
     pub wall_seconds: f64,
 }
@@ -183,7 +186,7 @@ impl StreamJob {
         if let Some(error) = errors.into_error() {
             return Err(error);
         }
-        let (painted_seconds, latencies) = painted.unwrap_or_default();
+        let (painted_seconds, latencies, broke_off) = painted.unwrap_or_default();
         let frames_painted = latencies.len() as u64;
         let frames_in = counts.read.load(Ordering::SeqCst);
         Ok(StreamSummary {
@@ -194,6 +197,7 @@ impl StreamJob {
             seconds_per_frame: painted_seconds / frames_painted.max(1) as f64,
             mean_latency: latencies.iter().sum::<f64>() / frames_painted.max(1) as f64,
             stopped: stop.finish.load(Ordering::SeqCst),
+            broke_off,
             wall_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -210,8 +214,8 @@ impl StreamJob {
         Ok(())
     }
 
-    /// Reads on one thread, writes on another, paints on this one. Returns the painting seconds and
-    /// each painted frame's latency, unless a stage failed. Each stage records its own failure as it
+    /// Reads on one thread, writes on another, paints on this one. Returns the painting seconds,
+    /// each painted frame's latency and why the input broke off (if it did), unless a stage failed. Each stage records its own failure as it
     /// happens (the first is the stream's error) and raises every stop flag, so that no other stage
     /// is left waiting on a channel or on the network.
     #[allow(clippy::too_many_arguments)]
@@ -224,7 +228,7 @@ impl StreamJob {
         errors: &FirstError,
         stop: &StreamStop,
         observer: &mut dyn FnMut(&StreamFrame),
-    ) -> Option<(f64, Vec<f64>)> {
+    ) -> Option<(f64, Vec<f64>, Option<String>)> {
         let (arrival_sender, arrivals) = bounded::<Arrival>(1);
         let (painted_sender, painted_frames) = bounded::<Item<Frame>>(2);
         // the sound goes straight from reader to writer
@@ -237,19 +241,33 @@ impl StreamJob {
             // in live pace the reader takes a waiting frame back out to replace it with a newer one
             let evict = (self.pace == Pace::Live).then(|| arrivals.clone());
             let slot = Slot { sender: arrival_sender, evict };
-            let read = scope.spawn(move || read_stream(reader, slot, sound_sender, counts).map_err(fail).ok());
-            let write = scope.spawn(move || write_stream(writer, painted_frames, sound).map_err(fail).ok());
+            // each stage records its failure before its channels close, so the others never take a
+            // closed channel for a finished stream
+            let read = scope.spawn(move || {
+                let _unwinding = RaiseOnPanic(stop);
+                let read = read_stream(reader, &slot, &sound_sender, counts);
+                read.map_err(fail).ok().flatten()
+            });
+            let write = scope.spawn(move || {
+                let _unwinding = RaiseOnPanic(stop);
+                write_stream(writer, painted_frames, sound).map_err(fail).ok()
+            });
             let painted = {
                 let _unwinding = RaiseOnPanic(stop);
-                paint_stream(&mut painter, arrivals, painted_sender, errors, &stop.finish, counts, observer)
+                paint_stream(&mut painter, arrivals, painted_sender, errors, stop, counts, observer)
             };
             let painted = painted.map_err(fail).ok();
-            for (handle, stage) in [(read, "reader"), (write, "writer")] {
-                if let Err(payload) = handle.join() {
-                    fail(panic_error(stage, payload.as_ref()));
+            let broke_off = match read.join() {
+                Ok(broke_off) => broke_off,
+                Err(payload) => {
+                    fail(panic_error("reader", payload.as_ref()));
+                    None
                 }
+            };
+            if let Err(payload) = write.join() {
+                fail(panic_error("writer", payload.as_ref()));
             }
-            painted
+            painted.map(|(seconds, latencies)| (seconds, latencies, broke_off))
         })
     }
 }
@@ -285,20 +303,27 @@ impl Slot {
 }
 
 /// Reads frames until the stream ends (or is stopped) and hands them to the painter through the
-/// slot, and the sound, as it comes, to the writer.
-fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>, counts: &Counts) -> Result<()> {
+/// slot, and the sound, as it comes, to the writer. Returns why the input broke off, if it did.
+fn read_stream(
+    mut reader: VideoReader,
+    slot: &Slot,
+    sound: &Sender<CopiedPacket>,
+    counts: &Counts,
+) -> Result<Option<String>> {
+    let mut broke_off = None;
     let mut timelines = Timelines::default();
     let mut picture = Track::new("picture", reader.time_base());
     let mut sound_track = reader.audio_track().map(|track| Track::new("sound", track.time_base()));
     while let Some(item) = reader.next() {
-        if !pass_sound(&mut reader, &sound, &mut timelines, sound_track.as_mut()) {
+        if !pass_sound(&mut reader, sound, &mut timelines, sound_track.as_mut()) {
             break; // the writer has stopped
         }
         let frame = match item {
             Ok(frame) => frame,
             Err(MediaError::Damaged { .. }) => continue, // reported by the reader; decoding goes on
-            Err(MediaError::Truncated { path, frames }) => {
-                tracing::warn!(path = %path.display(), frames, "the stream ended with unreadable data");
+            Err(error @ MediaError::Truncated { .. }) => {
+                tracing::warn!(%error, "the stream broke off");
+                broke_off = Some(error.to_string());
                 break;
             }
             // ended or stopped before its first frame: the summary says so
@@ -306,14 +331,17 @@ fn read_stream(mut reader: VideoReader, slot: Slot, sound: Sender<CopiedPacket>,
             Err(error) => return Err(error.into()),
         };
         let mut frame = frame;
-        frame.pts += timelines.shift_for(&mut picture, frame.pts, frame.duration);
         counts.read.fetch_add(1, Ordering::SeqCst);
+        match timelines.shift_for(&mut picture, frame.pts, frame.duration) {
+            Some(shift) => frame.pts += shift,
+            None => continue, // a stray timestamp: left out
+        }
         if !slot.put(Arrival { frame, at: Instant::now() }, counts) {
             break; // the painter has stopped
         }
     }
-    pass_sound(&mut reader, &sound, &mut timelines, sound_track.as_mut());
-    Ok(())
+    pass_sound(&mut reader, sound, &mut timelines, sound_track.as_mut());
+    Ok(broke_off)
 }
 
 /// Sends the sound read so far to the writer, on its `track`; false when the writer is gone.
@@ -327,20 +355,25 @@ fn pass_sound(
     let Some(track) = track else { return true };
     packets.into_iter().all(|mut packet| {
         if let Some((time, duration)) = packet.timing() {
-            packet.shift(timelines.shift_for(track, time, duration));
+            match timelines.shift_for(track, time, duration) {
+                Some(shift) => packet.shift(shift),
+                None => return true, // a stray timestamp: left out
+            }
         }
         sound.send(packet).is_ok()
     })
 }
 
 /// The input's timestamps on their way out, kept rising when they jump back (a sender that
-/// restarted, a stream spliced from two): from a jump on, the tracks are moved to follow on from the
-/// latest point either had reached, so the output goes on instead of failing, picture and sound
-/// still together. Gaps forward are kept as they are.
+/// restarted, a stream spliced from two): from a jump on, both tracks are moved by one shift, to
+/// follow a second after the latest point either had reached, so the output goes on instead of
+/// failing, picture and sound still together. The second covers what the other track still holds
+/// back (frames in the decoder) and its own lead. A step back of less than a second is a stray
+/// timestamp, and its item is left out. Gaps forward are kept as they are.
 #[derive(Default)]
 struct Timelines {
-    /// The total shift after each jump back so far, in microseconds: decided by the track that meets
-    /// the jump first, followed by the other (which shifts further only if it must to keep rising).
+    /// The total shift after each jump back so far, in microseconds, decided by the track that meets
+    /// the jump first.
     shifts: Vec<i64>,
     /// The latest end passed on, on any track, in microseconds.
     latest_end: Option<i64>,
@@ -378,32 +411,42 @@ impl Track {
     }
 }
 
+/// A step back of at least this many microseconds is a jump; a shorter one a stray timestamp. Also
+/// the room left after the latest point when the tracks follow on after a jump.
+const JUMP_MICROS: i64 = 1_000_000;
+
 impl Timelines {
-    /// The ticks to add to an item of `track` at `time` lasting `duration`.
-    fn shift_for(&mut self, track: &mut Track, time: i64, duration: i64) -> i64 {
+    /// The ticks to add to an item of `track` at `time` lasting `duration`; `None` to leave the
+    /// item out (a stray timestamp, or one that would still not rise after its jump).
+    fn shift_for(&mut self, track: &mut Track, time: i64, duration: i64) -> Option<i64> {
         if let Some(last) = track.last
             && time + track.shift <= last
         {
-            let least = last + duration.max(1) - time;
-            let shift = match self.shifts.get(track.jumps) {
-                Some(&micros) => track.ticks(micros).max(least),
+            let back = track.micros(last - time - track.shift);
+            if back < JUMP_MICROS {
+                tracing::debug!(track = track.name, back, "a timestamp that does not rise; the item is left out");
+                return None;
+            }
+            let micros = match self.shifts.get(track.jumps) {
+                Some(&micros) => micros,
                 None => {
-                    // the first track to meet this jump: follow on from the latest end of any track
-                    let micros = self.latest_end.map_or(0, |end| end - track.micros(time));
+                    let micros = self.latest_end.unwrap_or(0) + JUMP_MICROS - track.micros(time);
                     self.shifts.push(micros);
-                    track.ticks(micros).max(least)
+                    micros
                 }
             };
-            let back = last - time - track.shift;
             tracing::warn!(track = track.name, back, "the input's timestamps jumped back; the output's go on");
             track.jumps += 1;
-            track.shift = shift;
+            track.shift = track.ticks(micros);
+            if time + track.shift <= last {
+                return None;
+            }
         }
         let shifted = time + track.shift;
         track.last = Some(shifted);
         let end = track.micros(shifted + duration.max(0));
         self.latest_end = Some(self.latest_end.map_or(end, |latest| latest.max(end)));
-        track.shift
+        Some(track.shift)
     }
 }
 
@@ -433,7 +476,7 @@ fn paint_stream(
     arrivals: Receiver<Arrival>,
     sender: Sender<Item<Frame>>,
     errors: &FirstError,
-    stop: &AtomicBool,
+    stop: &StreamStop,
     counts: &Counts,
     observer: &mut dyn FnMut(&StreamFrame),
 ) -> Result<(f64, Vec<f64>)> {
@@ -441,7 +484,7 @@ fn paint_stream(
     let mut painting_seconds = 0.0;
     let mut latencies = Vec::new();
     while let Ok(Arrival { frame, at }) = arrivals.recv() {
-        if stop.load(Ordering::SeqCst) {
+        if stop.finish.load(Ordering::SeqCst) {
             break;
         }
         let span = tracing::info_span!("frame", index = frame.index);
@@ -456,8 +499,9 @@ fn paint_stream(
         }
         observer(&record);
     }
-    if !errors.stopped() {
-        // the input ended or a stop was asked for; after a failure the output is left unfinished
+    if !errors.stopped() && !stop.abort.load(Ordering::SeqCst) {
+        // the input ended or a stop was asked for; after a failure (every failure raises `abort`)
+        // or an abort the output is left unfinished
         let _ = sender.send(Item::End);
     }
     Ok((painting_seconds, latencies))
