@@ -62,12 +62,37 @@ pub(crate) enum SourceStreamRole {
     Skip,
 }
 
-/// Where a copied source stream goes.
+/// Where a copied stream goes: its output stream, and the time bases its packets go between.
 #[derive(Debug, Clone, Copy)]
-struct Route {
-    output_index: usize,
-    source_time_base: Rational,
-    output_time_base: Rational,
+pub(crate) struct Route {
+    pub output_index: usize,
+    pub source_time_base: Rational,
+    pub output_time_base: Rational,
+}
+
+impl Route {
+    /// Writes one copied packet, retimed to its output stream (the muxer interleaves it by time).
+    pub fn write(self, output: &mut Output, mut packet: Packet) -> Result<(), ffmpeg_next::Error> {
+        packet.rescale_ts(self.source_time_base, self.output_time_base);
+        packet.set_position(-1);
+        packet.set_stream(self.output_index);
+        packet.write_interleaved(output)
+    }
+}
+
+/// Adds an output stream that takes packets with `parameters` as they are, timed in `time_base`.
+fn add_copied_stream<'o>(
+    output: &'o mut Output,
+    parameters: codec::Parameters,
+    time_base: Rational,
+) -> Result<ffmpeg_next::format::stream::StreamMut<'o>, ffmpeg_next::Error> {
+    let mut target = output.add_stream(codec::encoder::find(codec::Id::None))?;
+    target.set_parameters(parameters);
+    target.set_time_base(time_base);
+    // SAFETY: the stream is valid and not yet written. A codec tag from another container could be
+    // invalid in this one, so it is cleared and the muxer picks its own.
+    unsafe { (*(*target.as_mut_ptr()).codecpar).codec_tag = 0 };
+    Ok(target)
 }
 
 /// Copies the non-video streams of a source file into an output, in step with the video.
@@ -141,18 +166,11 @@ impl StreamCopier {
     pub fn add_copy(&mut self, output: &mut Output, index: usize) -> Result<(), MediaError> {
         let source = self.input.stream(index).expect("index from roles()");
         let source_time_base = source.time_base();
-        let mut target = output
-            .add_stream(codec::encoder::find(codec::Id::None))
+        let mut target = add_copied_stream(output, source.parameters(), source_time_base)
             .map_err(|e| self.failed("adding a copied stream", e))?;
-        target.set_parameters(source.parameters());
-        target.set_time_base(source.time_base());
         target.set_metadata(source.metadata().to_owned());
-        // SAFETY: both streams are valid; the fields are plain values. A codec tag from another
-        // container could be invalid in this one, so it is cleared and the muxer picks its own.
-        unsafe {
-            (*(*target.as_mut_ptr()).codecpar).codec_tag = 0;
-            (*target.as_mut_ptr()).disposition = (*source.as_ptr()).disposition;
-        }
+        // SAFETY: both streams are valid; the disposition is a plain value.
+        unsafe { (*target.as_mut_ptr()).disposition = (*source.as_ptr()).disposition };
         let output_index = target.index();
         self.routes[index] = Some(Route { output_index, source_time_base, output_time_base: source_time_base });
         Ok(())
@@ -243,11 +261,8 @@ impl StreamCopier {
     }
 
     /// Writes one copied packet, retimed to its output stream.
-    fn write(&self, output: &mut Output, mut packet: Packet, route: Route) -> Result<(), MediaError> {
-        packet.rescale_ts(route.source_time_base, route.output_time_base);
-        packet.set_position(-1);
-        packet.set_stream(route.output_index);
-        packet.write_interleaved(output).map_err(|e| self.failed("writing a copied packet", e))
+    fn write(&self, output: &mut Output, packet: Packet, route: Route) -> Result<(), MediaError> {
+        route.write(output, packet).map_err(|e| self.failed("writing a copied packet", e))
     }
 
     /// An FFmpeg failure concerning the output.
@@ -268,13 +283,8 @@ pub(crate) fn add_copied_track(
         tracing::warn!(path = %output_path.display(), codec = codec_id.name(), "the output's container cannot hold the sound; it is left out");
         return Ok(None);
     }
-    let mut target = output
-        .add_stream(codec::encoder::find(codec::Id::None))
+    let target = add_copied_stream(output, track.parameters.clone(), track.time_base)
         .map_err(|e| MediaError::ffmpeg(output_path, "adding the sound stream", e))?;
-    target.set_parameters(track.parameters.clone());
-    target.set_time_base(track.time_base);
-    // SAFETY: the stream is valid; a codec tag from another container could be invalid in this one.
-    unsafe { (*(*target.as_mut_ptr()).codecpar).codec_tag = 0 };
     Ok(Some(target.index()))
 }
 

@@ -17,7 +17,7 @@ use ffmpeg_next::{Codec, Dictionary, Packet, Rational, Rescale, codec, encoder, 
 
 use super::color::ColorInfo;
 use super::convert::{Scaler, YuvColorimetry, rgb_frame_from_buffer};
-use super::copy::{CopiedPacket, CopiedTrack, SourceStreamRole, StreamCopier, add_copied_track};
+use super::copy::{CopiedPacket, CopiedTrack, Route, SourceStreamRole, StreamCopier, add_copied_track};
 use super::decode::Frame;
 use super::error::MediaError;
 use super::geometry::{even_size, fit_long_side, rotation_of};
@@ -104,19 +104,11 @@ pub struct VideoWriter {
     last_pts: Option<i64>,
     frames_written: u64,
     /// Where a live input's sound goes, if it has a stream.
-    audio_route: Option<CopiedRoute>,
+    audio_route: Option<Route>,
     /// The temporary file that becomes the output; none for a stream.
     partial: Option<PartialOutput>,
     /// The flag a stream output's FFmpeg context polls; dropped after the muxer (fields drop in order).
     _abort: Option<Arc<AtomicBool>>,
-}
-
-/// The output stream of a live input's copied sound, and the time bases its packets go between.
-#[derive(Debug, Clone, Copy)]
-struct CopiedRoute {
-    index: usize,
-    from: Rational,
-    to: Rational,
 }
 
 /// Where the encoded video goes.
@@ -203,10 +195,10 @@ impl VideoWriter {
         if let Some(copier) = copier.as_mut() {
             copier.start(&muxer);
         }
-        let audio_route = audio_stream.zip(audio).map(|(index, track)| CopiedRoute {
-            index,
-            from: track.time_base,
-            to: muxer.stream(index).expect("added above").time_base(),
+        let audio_route = audio_stream.zip(audio).map(|(output_index, track)| Route {
+            output_index,
+            source_time_base: track.time_base,
+            output_time_base: muxer.stream(output_index).expect("added above").time_base(),
         });
         let stream_time_base = muxer.stream(video_stream).expect("added above").time_base();
         let scaler = rgb_to_encoder_scaler(output, &spec, &plan)?;
@@ -263,11 +255,7 @@ impl VideoWriter {
     /// the container could not hold it, the packet is left out.
     pub fn write_copied(&mut self, packet: CopiedPacket) -> Result<(), MediaError> {
         let Some(route) = self.audio_route else { return Ok(()) };
-        let mut packet = packet.0;
-        packet.rescale_ts(route.from, route.to);
-        packet.set_position(-1);
-        packet.set_stream(route.index);
-        packet.write_interleaved(&mut self.muxer).map_err(|e| self.failed("writing a sound packet", e))
+        route.write(&mut self.muxer, packet.0).map_err(|e| self.failed("writing a sound packet", e))
     }
 
     /// How many frames have been written.
