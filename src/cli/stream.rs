@@ -155,13 +155,7 @@ impl Lines {
         }
         self.last_line.set(Some(Instant::now()));
         if self.json {
-            let mut line = json!({ "event": "frame" });
-            if let (Some(object), Ok(serde_json::Value::Object(fields))) =
-                (line.as_object_mut(), serde_json::to_value(frame))
-            {
-                object.extend(fields);
-            }
-            self.print(line.to_string());
+            self.print(event_line("frame", frame));
             return;
         }
         self.print(format!(
@@ -173,13 +167,7 @@ impl Lines {
     /// The closing line.
     fn summary(&self, summary: &StreamSummary) {
         if self.json {
-            let mut line = json!({ "event": "summary" });
-            if let (Some(object), Ok(serde_json::Value::Object(fields))) =
-                (line.as_object_mut(), serde_json::to_value(summary))
-            {
-                object.extend(fields);
-            }
-            self.print(line.to_string());
+            self.print(event_line("summary", summary));
             return;
         }
         let ended = if summary.stopped { "stopped on request" } else { "the input ended" };
@@ -194,4 +182,14 @@ impl Lines {
             summary.wall_seconds
         ));
     }
+}
+
+/// A JSON line: `{"event": event}` with `fields`' own fields beside it.
+fn event_line(event: &str, fields: &impl serde::Serialize) -> String {
+    let mut line = json!({ "event": event });
+    if let (Some(object), Ok(serde_json::Value::Object(fields))) = (line.as_object_mut(), serde_json::to_value(fields))
+    {
+        object.extend(fields);
+    }
+    line.to_string()
 }

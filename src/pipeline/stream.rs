@@ -22,7 +22,7 @@ use image::RgbImage;
 use serde::Serialize;
 use tch::Tensor;
 
-use super::job::{check_frame_size, working_size};
+use super::job::{check_frame_size, check_settings, working_size};
 use super::painter::{FramePainter, PaintedFrame};
 use super::report::{FrameLosses, Start};
 use super::settings::VideoSettings;
@@ -204,10 +204,7 @@ impl StreamJob {
 
     /// The settings and styles, before anything is opened.
     fn check(&self) -> Result<()> {
-        self.video.validate()?;
-        if self.styles.is_empty() {
-            return Err(Error::Settings("at least one style image is needed".into()));
-        }
+        check_settings(&self.video, &self.styles)?;
         if self.video.segments > 1 {
             tracing::warn!(segments = self.video.segments, "a stream is painted in order; video.segments is ignored");
         }

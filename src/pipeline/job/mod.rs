@@ -103,10 +103,7 @@ impl VideoJob {
     /// (a readable video with frames, not truncated: it is decoded once, quickly, to count its frames),
     /// and the output (a writable directory, a known container, encode settings the encoder takes).
     pub fn prepare(self) -> Result<PreparedJob> {
-        self.video.validate()?;
-        if self.styles.is_empty() {
-            return Err(Error::Settings("at least one style image is needed".into()));
-        }
+        check_settings(&self.video, &self.styles)?;
         let info = probe(&self.input)?;
         check_output(&self.input, &self.output)?;
         let (frame_pts, frame_size) = scan(&self.input, working_size(&self.video))?;
@@ -350,6 +347,15 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, Option<T>>, stage: &str, er
 }
 
 /// The working size the settings ask for.
+/// The video settings in range and at least one style: what a job and a stream check first.
+pub(super) fn check_settings(video: &VideoSettings, styles: &[StyleImage]) -> Result<()> {
+    video.validate()?;
+    if styles.is_empty() {
+        return Err(Error::Settings("at least one style image is needed".into()));
+    }
+    Ok(())
+}
+
 pub(super) fn working_size(video: &VideoSettings) -> WorkingSize {
     if video.size == 0 { WorkingSize::Source } else { WorkingSize::LongSide(video.size) }
 }
