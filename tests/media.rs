@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{ffmpeg, ffprobe};
+use common::{entries, ffmpeg, ffprobe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -61,16 +61,6 @@ fn number(value: &Value) -> f64 {
 fn rotation(description: &Value) -> i64 {
     let side_data = stream(description, "video")["side_data_list"].as_array().cloned().unwrap_or_default();
     side_data.iter().find_map(|entry| entry["rotation"].as_i64()).unwrap_or(0)
-}
-
-/// The names of the entries of `dir`, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Decodes `input` at `long_side`, passes the frames through unchanged and writes `output`, as the

@@ -15,25 +15,14 @@ use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::ffmpeg;
+use common::{entries, ffmpeg, frame_timestamps, sound_timestamps, stderr};
 use serde_json::Value;
 use tempfile::TempDir;
-
-/// The binary with the real weights, a normalisation cache shared by these tests, one thread.
-fn impasto() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
-    command
-        .env("IMPASTO_MODEL", common::vgg16_weights())
-        .env("IMPASTO_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("stream-cache"))
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("IMPASTO_LOG");
-    command
-}
 
 /// `impasto stream INPUT --style starry_night -o OUTPUT --device cpu --json` at 64 px, two
 /// iterations a frame after the first, plus `extra`.
 fn stream_command(input: &str, output: &str, extra: &[&str]) -> Command {
-    let mut command = impasto();
+    let mut command = common::impasto("stream-cache");
     command
         .arg("stream")
         .arg(input)
@@ -99,16 +88,6 @@ fn packet_counts(path: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The presentation timestamps of the sound packets, in file order.
-fn sound_timestamps(path: &Path) -> Vec<i64> {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "a:0", "-show_entries", "packet=pts", "-of", "csv=p=0"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
-}
-
 /// Serves `bytes` to the first client of a new port on 127.0.0.1, in `chunks` pieces with `pause`
 /// between them, then closes the connection. Returns the port.
 fn serve(bytes: Vec<u8>, chunks: usize, pause: Duration) -> (u16, JoinHandle<()>) {
@@ -139,16 +118,6 @@ fn collect() -> (u16, JoinHandle<Vec<u8>>) {
     (port, receiver)
 }
 
-/// The presentation timestamps of the video frames, as ffprobe decodes them.
-fn frame_timestamps(path: &Path) -> Vec<i64> {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts", "-of", "csv=p=0"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
-}
-
 /// The first frame of a video as RGB24 at `width`×`height`.
 fn first_frame_rgb(path: &Path, width: u32, height: u32) -> Vec<u8> {
     let size = format!("{width}x{height}");
@@ -169,18 +138,6 @@ fn events(output: &Output, kind: &str) -> Vec<Value> {
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .filter(|line| line["event"] == kind)
         .collect()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// The names in a folder, hidden ones included, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
 }
 
 /// Each timestamp minus the first.

@@ -13,24 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ffmpeg, ffprobe};
+use common::{entries, ffmpeg, ffprobe, frame_timestamps, stderr};
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// The binary with the real weights, a normalisation cache shared by these tests, one thread.
-fn impasto() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
-    command
-        .env("IMPASTO_MODEL", common::vgg16_weights())
-        .env("IMPASTO_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("video-cache"))
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("IMPASTO_LOG");
-    command
-}
-
 /// `impasto video INPUT --style starry_night -o OUTPUT --device cpu` plus `extra`.
 fn video_command(input: &Path, output: &Path, extra: &[&str]) -> Command {
-    let mut command = impasto();
+    let mut command = common::impasto("video-cache");
     command
         .arg("video")
         .arg(input)
@@ -46,10 +35,6 @@ fn video_command(input: &Path, output: &Path, extra: &[&str]) -> Command {
 /// Runs a command to the end.
 fn run(mut command: Command) -> Output {
     command.output().expect("impasto runs")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// A clip from the shared folder.
@@ -77,16 +62,6 @@ fn number(value: &Value) -> f64 {
     value.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a number: {value}"))
 }
 
-/// The presentation timestamps of the video frames, as ffprobe decodes them.
-fn frame_timestamps(path: &Path) -> Vec<i64> {
-    let output = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "frame=pts", "-of", "csv=p=0"])
-        .arg(path)
-        .output()
-        .expect("ffprobe runs");
-    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
-}
-
 /// A JSON file.
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -95,14 +70,6 @@ fn read_json(path: &Path) -> Value {
 /// The frame numbers of a report's records, in its order.
 fn frame_indices(report: &Value) -> Vec<u64> {
     report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect()
-}
-
-/// The names in a folder, hidden ones included, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
 }
 
 /// Frames `first..=last` of bikes.mp4, except `skipped`, with their original timestamps (so the
@@ -168,7 +135,7 @@ fn bigbuckbunny_keeps_frames_duration_audio_and_timestamps_and_eval_agrees() {
     let painted_mean = report["warping_error"]["mean"].as_f64().unwrap();
 
     let eval_report = dir.path().join("eval.json");
-    let mut eval = impasto();
+    let mut eval = common::impasto("video-cache");
     eval.args(["eval"]).arg(&input).arg(&output).args(["--device", "cpu", "--report"]).arg(&eval_report);
     let evaluated = run(eval);
     assert!(evaluated.status.success(), "{}", stderr(&evaluated));
@@ -301,7 +268,7 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
 
 /// E_warp of every frame pair of `output` against `input`, as `impasto eval` measures it.
 fn pair_warping_errors(input: &Path, output: &Path, report: &Path) -> Vec<f64> {
-    let mut eval = impasto();
+    let mut eval = common::impasto("video-cache");
     eval.args(["eval"]).arg(input).arg(output).args(["--device", "cpu", "--report"]).arg(report);
     let evaluated = run(eval);
     assert!(evaluated.status.success(), "{}", stderr(&evaluated));
@@ -427,7 +394,7 @@ fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
 /// Runs `impasto video` on a bad input and checks the exit code, that the message names `named`,
 /// and that nothing but `expected_entries` is left in `dir`.
 fn assert_refused(dir: &Path, input: &Path, style: Option<&Path>, output: &Path, named: &Path) {
-    let mut command = impasto();
+    let mut command = common::impasto("video-cache");
     let style = style.map_or_else(|| common::media("paintings/starry_night.jpg"), Path::to_path_buf);
     command
         .arg("video")

@@ -96,3 +96,48 @@ pub fn damaged_bikes(dir: &std::path::Path) -> PathBuf {
     std::fs::write(&damaged, &bytes).unwrap();
     damaged
 }
+
+/// The `impasto` binary with the real weights, a normalisation cache named `cache` shared by the
+/// tests of one file, and one libtorch thread (far faster for tiny frames on a shared CPU).
+pub fn impasto(cache: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_impasto"));
+    command
+        .env("IMPASTO_MODEL", vgg16_weights())
+        .env("IMPASTO_CACHE_DIR", std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache))
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("IMPASTO_LOG");
+    command
+}
+
+/// What a finished command wrote to stderr.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The names of the entries of `dir`, hidden ones included, sorted.
+pub fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// The presentation timestamps of the video frames, as ffprobe decodes them.
+pub fn frame_timestamps(path: &std::path::Path) -> Vec<i64> {
+    ffprobe_timestamps(path, "v:0", "frame=pts")
+}
+
+/// The presentation timestamps of the sound packets, in file order.
+pub fn sound_timestamps(path: &std::path::Path) -> Vec<i64> {
+    ffprobe_timestamps(path, "a:0", "packet=pts")
+}
+
+/// The timestamps ffprobe lists for `entries` of the stream `selector` picks.
+fn ffprobe_timestamps(path: &std::path::Path, selector: &str, entries: &str) -> Vec<i64> {
+    let output = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", selector, "-show_entries", entries, "-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| l.split(',').next()?.trim().parse().ok()).collect()
+}
