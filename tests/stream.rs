@@ -390,3 +390,251 @@ fn bad_streams_are_named_in_the_error_and_leave_nothing_behind() {
     }
     assert_eq!(entries(dir.path()), ["garbage.ts"]);
 }
+
+/// The index of the frame a JSON line reports painted, if it is such a line.
+fn painted_index(line: &str) -> Option<u64> {
+    let event: Value = serde_json::from_str(line).ok()?;
+    (event["event"] == "frame").then(|| event["index"].as_u64()).flatten()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until a socket listens on `port` (`protocol` "tcp") or is bound to it ("udp"), as
+/// `/proc/net` lists it, so that a client is not started before its server. Panics after a minute (a
+/// guard, not a measurement).
+fn wait_for_port(protocol: &str, port: u16) {
+    let started = std::time::Instant::now();
+    let wanted = format!(":{port:04X}");
+    loop {
+        let table = std::fs::read_to_string(format!("/proc/net/{protocol}")).unwrap();
+        let open = table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[1].ends_with(&wanted) && (protocol == "udp" || fields[3] == "0A")
+        });
+        if open {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "nothing opened {protocol} port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An ffmpeg CLI process (a stream's server, sender or receiver), killed if the test ends first.
+struct Background(std::process::Child);
+
+impl Background {
+    fn ffmpeg(args: &[&str]) -> Self {
+        let child = Command::new("ffmpeg")
+            .args(["-nostdin", "-v", "error", "-y"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ffmpeg runs");
+        Background(child)
+    }
+
+    /// Waits for it to end (a guard kills it after a minute).
+    fn finish(mut self) -> Option<std::process::ExitStatus> {
+        wait_or_kill(&mut self.0, Duration::from_secs(60))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The packets of a file's first stream of `kind` ("video", "audio").
+fn packets_of(path: &Path, kind: &str) -> Option<u64> {
+    packet_counts(path).into_iter().find(|(stream, _)| stream == kind).map(|(_, count)| count)
+}
+
+#[test]
+fn a_stream_comes_in_and_goes_out_over_rtmp_and_a_server_that_closes_ends_it_cleanly() {
+    let dir = TempDir::new().unwrap();
+    let input = bunny_stream(dir.path());
+    let received = dir.path().join("received.flv");
+    let (in_port, out_port) = (free_port(), free_port());
+    let in_url = format!("rtmp://127.0.0.1:{in_port}/live/in");
+    let out_url = format!("rtmp://127.0.0.1:{out_port}/live/painted");
+    // an RTMP server that plays the stream to its first client and then closes the connection, and
+    // one that takes a published stream into a file
+    let server =
+        Background::ffmpeg(&["-i", input.to_str().unwrap(), "-c", "copy", "-f", "flv", "-listen", "1", &in_url]);
+    let receiver = Background::ffmpeg(&["-listen", "1", "-i", &out_url, "-c", "copy", received.to_str().unwrap()]);
+    wait_for_port("tcp", in_port);
+    wait_for_port("tcp", out_port);
+    let extra = ["--pace", "every-frame", "--first-iterations", "4"];
+    let run = stream_command(&in_url, &out_url, &extra).output().unwrap();
+    assert!(server.finish().is_some() && receiver.finish().is_some(), "the ffmpeg servers ended");
+    // FFmpeg reads an RTMP server's close as an I/O error: it is the stream's end, not a failure
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let summary = &events(&run, "summary")[0];
+    let input_pts = frame_timestamps(&input);
+    assert_eq!(summary["frames_in"].as_u64(), Some(input_pts.len() as u64), "{summary}");
+    assert_eq!(summary["frames_painted"], summary["frames_in"]);
+    assert_eq!(summary["broke_off"], Value::Null);
+    // FLV (which RTMP carries) counts milliseconds; MPEG-TS 90 kHz ticks
+    let expected: Vec<i64> = from_first(&input_pts).iter().map(|&t| (t as f64 / 90.0).round() as i64).collect();
+    let output_pts = from_first(&frame_timestamps(&received));
+    assert_eq!(output_pts.len(), expected.len(), "every frame arrived: {output_pts:?}");
+    assert!(output_pts.iter().zip(&expected).all(|(got, want)| (got - want).abs() <= 1), "{output_pts:?} {expected:?}");
+    assert_eq!(packets_of(&received, "audio"), packets_of(&input, "audio"), "every sound packet");
+}
+
+#[test]
+fn a_stream_comes_in_and_goes_out_over_srt_every_frame_arriving_and_a_sender_that_closes_ends_it_cleanly() {
+    let dir = TempDir::new().unwrap();
+    let input = bunny_stream(dir.path());
+    let received = dir.path().join("received.ts");
+    let (in_port, out_port) = (free_port(), free_port());
+    let receiver = Background::ffmpeg(&[
+        "-i",
+        &format!("srt://127.0.0.1:{out_port}?mode=listener"),
+        "-c",
+        "copy",
+        received.to_str().unwrap(),
+    ]);
+    wait_for_port("udp", out_port);
+    // impasto listens for the sender, and calls the receiver
+    let mut painter = stream_command(
+        &format!("srt://127.0.0.1:{in_port}?mode=listener"),
+        &format!("srt://127.0.0.1:{out_port}"),
+        &["--pace", "every-frame", "--first-iterations", "4"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_port("udp", in_port);
+    // the sender waits for its last packets before it closes (SRT drops unsent ones by default)
+    let sender = Background::ffmpeg(&[
+        "-i",
+        input.to_str().unwrap(),
+        "-c",
+        "copy",
+        "-f",
+        "mpegts",
+        &format!("srt://127.0.0.1:{in_port}?linger=2"),
+    ]);
+    let status = wait_or_kill(&mut painter, Duration::from_secs(120));
+    let run = painter.wait_with_output().unwrap();
+    assert!(sender.finish().is_some() && receiver.finish().is_some(), "the ffmpeg ends ended");
+    // FFmpeg reads an SRT sender's close as an I/O error: it is the stream's end, not a failure
+    let status = status.expect("impasto ended");
+    assert!(status.success(), "{}", stderr(&run));
+
+    let summary = &events(&run, "summary")[0];
+    let input_pts = frame_timestamps(&input);
+    assert_eq!(summary["frames_in"].as_u64(), Some(input_pts.len() as u64), "{summary}");
+    assert_eq!(summary["frames_painted"], summary["frames_in"]);
+    // impasto's own SRT output waits for its last packets too, so every painted frame arrives
+    assert_eq!(from_first(&frame_timestamps(&received)), from_first(&input_pts), "every frame, at its time");
+    assert_eq!(packets_of(&received, "audio"), packets_of(&input, "audio"), "every sound packet");
+}
+
+#[test]
+fn the_first_ctrl_c_ends_a_stream_whose_input_pipe_has_gone_silent() {
+    let dir = TempDir::new().unwrap();
+    // six seconds: more than FFmpeg reads ahead to learn a stream's format
+    let bytes = std::fs::read(bikes_stream(dir.path(), 150)).unwrap();
+    let output = dir.path().join("piped.ts");
+    let mut child = stream_command("-", output.to_str().unwrap(), &["--first-iterations", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the whole stream, then a pipe that stays open and silent
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        stdin.write_all(&bytes).unwrap();
+        stdin
+    });
+    // the lines, read on their own thread so that a run that never paints cannot stall the suite
+    let (line_sender, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let line_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let _ = line_sender.send(line.unwrap());
+        }
+    });
+    let mut printed = Vec::new();
+    // live pace paints the newest frame it has; the decoder holds the last few until the stream ends
+    while !printed.iter().any(|line: &String| painted_index(line).is_some_and(|index| index >= 140)) {
+        let line = lines.recv_timeout(Duration::from_secs(120)).expect("frames near the stream's end are painted");
+        printed.push(line);
+    }
+    // not a measurement: time for the reader to take in the last bytes and wait on the silent pipe
+    std::thread::sleep(Duration::from_secs(1));
+    let stdin = feeder.join().unwrap();
+    // SAFETY: a plain signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // a guard, not a measurement: a hang fails this test instead of stalling the suite
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    drop(stdin);
+    line_reader.join().unwrap();
+    printed.extend(lines.try_iter());
+    let mut errors = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
+    let status = status.expect("one Ctrl-C did not end the wait on the silent pipe");
+    assert!(status.success(), "{errors}");
+
+    let summary: Value = printed
+        .iter()
+        .find_map(|l| serde_json::from_str(l).ok().filter(|v: &Value| v["event"] == "summary"))
+        .expect("a summary");
+    assert_eq!(summary["stopped"], true);
+    assert!(summary["frames_in"].as_u64().unwrap() >= 140, "{summary}");
+    assert_eq!(frame_timestamps(&output).len() as u64, summary["frames_painted"].as_u64().unwrap());
+    assert_eq!(entries(dir.path()), ["bikes.ts", "piped.ts"]);
+}
+
+#[test]
+fn a_second_signal_gives_up_sending_to_a_pipe_no_one_reads() {
+    let dir = TempDir::new().unwrap();
+    let input = bikes_stream(dir.path(), 20);
+    // standard output: a pipe of one page, already full, whose reader never reads
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&writer);
+    // SAFETY: plain fcntl calls on a descriptor this test holds.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        while writer.write(&[0u8; 512]).is_ok() {}
+        libc::fcntl(fd, libc::F_SETFL, flags);
+    }
+    let mut child = stream_command(input.to_str().unwrap(), "-", &["--first-iterations", "2", "--pace", "every-frame"])
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the frames' lines go to standard error when the stream goes to standard output
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut painted = 0;
+    for line in lines.by_ref() {
+        painted += usize::from(line.unwrap().contains(r#""event":"frame""#));
+        if painted == 3 {
+            break; // the writer has been stuck on its first packet for two frames' painting
+        }
+    }
+    // SAFETY: plain signals to our own child process; two kinds, so that neither is merged away.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    let errors: Vec<String> = lines.map(Result::unwrap).collect();
+    drop(reader);
+    let status = status.expect("two signals did not end a send to a pipe no one reads");
+    assert!(!status.success(), "a stream given up is an error");
+    assert!(errors.iter().any(|line| line.contains("pipe:1")), "the error names the output: {errors:?}");
+}

@@ -16,6 +16,7 @@ use super::convert::{Scaler, YuvColorimetry, buffer_from_rgb_frame};
 use super::copy::{CopiedPacket, CopiedTrack};
 use super::error::MediaError;
 use super::geometry::{WorkingSize, fit_long_side};
+use super::pipe::NonBlockingPipe;
 use super::probe::{
     discard_other_streams, main_video_stream, open_live_input, open_video_input, pair, stream_frame_rate,
     summarise_streams,
@@ -68,7 +69,8 @@ enum Decoded {
 
 /// Decodes the main video stream of a file into [`Frame`]s. Iterate it; each item is a frame or a
 /// [`MediaError::Damaged`] report (after which iteration goes on), and the last item may be a
-/// [`MediaError::Truncated`] or [`MediaError::ZeroFrames`] error.
+/// [`MediaError::Truncated`] (a live stream's: [`MediaError::BrokeOff`]) or [`MediaError::ZeroFrames`]
+/// error.
 pub struct VideoReader {
     path: PathBuf,
     input: Input,
@@ -89,6 +91,8 @@ pub struct VideoReader {
     packets_indexed: u64,
     unreadable_packets: u64,
     truncated: bool,
+    /// The failed read that ended a live stream early, in FFmpeg's words.
+    read_failure: Option<String>,
     /// A live stream: it has no index, and an interrupted or broken-off read ends it.
     live: bool,
     /// A live stream's sound: its stream index and track.
@@ -97,6 +101,8 @@ pub struct VideoReader {
     audio_packets: Vec<CopiedPacket>,
     /// A decoded frame to yield before decoding more (the one a seek stopped at).
     pending: Option<frame::Video>,
+    /// A live input pipe, non-blocking while it is read (after `input`: fields drop in order).
+    _pipe: Option<NonBlockingPipe>,
 }
 
 impl VideoReader {
@@ -109,12 +115,14 @@ impl VideoReader {
 
     /// Opens a live stream (`tcp://`, `udp://`, `srt://`, `rtmp://`, `http://`, a pipe or a file:
     /// anything FFmpeg reads) and prepares to decode its main video stream at `size`. FFmpeg polls
-    /// `stop` while its network protocols wait for data (not while a pipe's read waits); raised, the
-    /// stream ends as if its sender had closed it. A read that fails otherwise (a reset connection,
-    /// a UDP overrun) ends it with [`MediaError::Truncated`]. The stream's main audio stream is read
+    /// `stop` while it waits for data (on a pipe too, made non-blocking while it is read); raised, the
+    /// stream ends as if its sender had closed it. So does a sender that closes an RTMP or SRT
+    /// connection (FFmpeg reports that as an I/O error). A read that fails otherwise (a reset TCP
+    /// connection) ends it with [`MediaError::BrokeOff`]. The stream's main audio stream is read
     /// too: see [`audio_track`](Self::audio_track).
     pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
         let path = Path::new(location);
+        let pipe = NonBlockingPipe::switch(location, 0);
         let input = open_live_input(location, stop)?;
         let Some(stream_index) = main_video_stream(&input) else {
             return Err(MediaError::NoVideoStream { path: path.to_path_buf(), streams: summarise_streams(&input) });
@@ -131,6 +139,7 @@ impl VideoReader {
         }
         reader.audio = audio;
         reader.live = true;
+        reader._pipe = pipe;
         // a live reader may be stopped early: fewer packets than a file's index lists is no damage
         reader.packets_indexed = 0;
         Ok(reader)
@@ -179,10 +188,12 @@ impl VideoReader {
             packets_indexed,
             unreadable_packets: 0,
             truncated: false,
+            read_failure: None,
             live: false,
             audio: None,
             audio_packets: Vec::new(),
             pending: None,
+            _pipe: None,
         })
     }
 
@@ -337,9 +348,11 @@ impl VideoReader {
     fn end_of_input(&mut self, error: ffmpeg_next::Error) -> Option<MediaError> {
         self.progress = Progress::Draining;
         let index_unmet = self.packets_read < self.packets_indexed;
-        // a live stream also ends cleanly when a stop request interrupts the read
-        let ended_cleanly = error == ffmpeg_next::Error::Eof || (self.live && error == ffmpeg_next::Error::Exit);
+        let ended_cleanly = error == ffmpeg_next::Error::Eof || (self.live && live_stream_ended(&self.path, error));
         self.truncated = self.unreadable_packets > 0 || !ended_cleanly || index_unmet;
+        if !ended_cleanly {
+            self.read_failure = Some(error.to_string());
+        }
         if self.truncated {
             tracing::debug!(path = %self.path.display(), read = self.packets_read, indexed = self.packets_indexed,
                 unreadable = self.unreadable_packets, %error, "video data ends early");
@@ -352,7 +365,11 @@ impl VideoReader {
     fn final_report(&mut self) -> Option<MediaError> {
         self.progress = Progress::Done;
         if self.truncated {
-            return Some(MediaError::Truncated { path: self.path.clone(), frames: self.frames_yielded });
+            let (path, frames) = (self.path.clone(), self.frames_yielded);
+            return Some(match (self.live, self.read_failure.take()) {
+                (true, Some(detail)) => MediaError::BrokeOff { path, frames, detail },
+                _ => MediaError::Truncated { path, frames },
+            });
         }
         (self.frames_yielded == 0).then(|| MediaError::ZeroFrames { path: self.path.clone() })
     }
@@ -472,4 +489,36 @@ fn nominal_frame_duration(frame_rate: Rational, time_base: Rational) -> i64 {
     }
     let ticks = f64::from(frame_rate.invert()) / f64::from(time_base);
     (ticks.round() as i64).max(1)
+}
+
+/// Whether a live stream's read that ended with `error` ended it cleanly: a stop request interrupted
+/// it, or the sender closed an RTMP or SRT connection, which FFmpeg's protocols report as an I/O
+/// error (they cannot tell a close from a lost connection; a TCP stream can, and a reset is not a
+/// clean end).
+fn live_stream_ended(location: &Path, error: ffmpeg_next::Error) -> bool {
+    let scheme = location.to_str().and_then(|location| location.split_once("://")).map(|(scheme, _)| scheme);
+    let closes_with_eio = scheme.is_some_and(|scheme| {
+        let scheme = scheme.to_ascii_lowercase();
+        scheme.starts_with("rtmp") || scheme == "srt"
+    });
+    error == ffmpeg_next::Error::Exit || (closes_with_eio && error == ffmpeg_next::Error::Other { errno: libc::EIO })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_rtmp_or_srt_sender_that_closes_ends_the_stream_a_tcp_reset_does_not() {
+        let eio = ffmpeg_next::Error::Other { errno: libc::EIO };
+        let reset = ffmpeg_next::Error::Other { errno: libc::ECONNRESET };
+        for location in ["rtmp://host/live/key", "RTMPS://host/live/key", "srt://host:9000?mode=listener"] {
+            assert!(live_stream_ended(Path::new(location), eio), "{location}");
+            assert!(!live_stream_ended(Path::new(location), reset), "{location}");
+        }
+        for location in ["tcp://host:9000", "udp://host:9000", "pipe:0", "rtmp.ts"] {
+            assert!(!live_stream_ended(Path::new(location), eio), "{location}");
+        }
+        assert!(live_stream_ended(Path::new("tcp://host:9000"), ffmpeg_next::Error::Exit), "a stop request");
+    }
 }

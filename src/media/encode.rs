@@ -22,6 +22,7 @@ use super::decode::Frame;
 use super::error::MediaError;
 use super::geometry::{even_size, fit_long_side, rotation_of};
 use super::partial::{PartialOutput, check_output_directory, directory_error};
+use super::pipe::NonBlockingPipe;
 use super::probe::{VideoInfo, is_url};
 use super::settings::{EncodeSettings, OutputSize};
 
@@ -107,16 +108,31 @@ pub struct VideoWriter {
     audio_route: Option<Route>,
     /// The temporary file that becomes the output; none for a stream.
     partial: Option<PartialOutput>,
-    /// The flag a stream output's FFmpeg context polls; dropped after the muxer (fields drop in order).
-    _abort: Option<Arc<AtomicBool>>,
+    /// What a stream output's FFmpeg context uses; dropped after the muxer (fields drop in order).
+    _stream: Option<StreamEnd>,
 }
 
 /// Where the encoded video goes.
 enum Destination {
     /// A file, written under a temporary name and renamed into place when complete.
     File,
-    /// A stream, sent as it is encoded; a wait to send ends when the flag is raised.
-    Stream(Arc<AtomicBool>),
+    /// A stream, sent as it is encoded; a wait to send ends when its abort flag is raised.
+    Stream(StreamEnd),
+}
+
+/// What a stream output needs beside its FFmpeg context, as long as the context lives.
+struct StreamEnd {
+    /// The flag the context's interrupt callback reads.
+    abort: Arc<AtomicBool>,
+    /// An output pipe, non-blocking while it is written, so that a send to a reader that stopped
+    /// reading waits in FFmpeg's loop, which reads the flag.
+    _pipe: Option<NonBlockingPipe>,
+}
+
+impl StreamEnd {
+    fn new(location: &str, abort: Arc<AtomicBool>) -> Self {
+        StreamEnd { abort, _pipe: NonBlockingPipe::switch(location, 1) }
+    }
 }
 
 impl VideoWriter {
@@ -153,8 +169,10 @@ impl VideoWriter {
         super::init();
         let output = Path::new(location);
         let (destination, container) = match (is_url(location), container) {
-            (true, Some(container)) => (Destination::Stream(abort), container.to_string()),
-            (true, None) => (Destination::Stream(abort), stream_container(location).to_string()),
+            (true, Some(container)) => (Destination::Stream(StreamEnd::new(location, abort)), container.to_string()),
+            (true, None) => {
+                (Destination::Stream(StreamEnd::new(location, abort)), stream_container(location).to_string())
+            }
             (false, Some(container)) => (Destination::File, container.to_string()),
             (false, None) => (Destination::File, guess_container(output)?),
         };
@@ -174,17 +192,17 @@ impl VideoWriter {
         let (spec, upright_turns) = turned_upright(spec, &container, output);
         let mut plan = plan_output(output, container, settings, &spec)?;
         plan.live = matches!(destination, Destination::Stream(_));
-        let (mut muxer, partial, abort) = match destination {
+        let (mut muxer, partial, stream) = match destination {
             Destination::File => {
                 check_output_directory(output)?;
                 let temporary = crate::fsutil::temp_path_for(output);
                 let muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
                 (muxer, Some(PartialOutput::new(temporary, output)), None)
             }
-            Destination::Stream(abort) => {
-                let muxer = open_stream_output(output, &plan.container, &abort)
+            Destination::Stream(stream) => {
+                let muxer = open_stream_output(output, &plan.container, &stream.abort)
                     .map_err(|e| MediaError::ffmpeg(output, "opening the stream", e))?;
-                (muxer, None, Some(abort))
+                (muxer, None, Some(stream))
             }
         };
         let encoder = open_encoder(output, settings, &plan, &spec, &muxer)?;
@@ -223,7 +241,7 @@ impl VideoWriter {
             frames_written: 0,
             audio_route,
             partial,
-            _abort: abort,
+            _stream: stream,
         })
     }
 
@@ -517,7 +535,8 @@ fn open_failure(output: &Path, error: ffmpeg_next::Error) -> MediaError {
 /// Opens `location` for sending in `container`, with FFmpeg polling `abort` during every wait
 /// (connecting, sending). `abort` must outlive the returned context.
 fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>) -> Result<Output, ffmpeg_next::Error> {
-    let url = CString::new(location.to_string_lossy().as_bytes()).map_err(|_| ffmpeg_next::Error::InvalidData)?;
+    let location = location.to_string_lossy();
+    let url = CString::new(sending_url(&location).as_bytes()).map_err(|_| ffmpeg_next::Error::InvalidData)?;
     let format = CString::new(container).map_err(|_| ffmpeg_next::Error::InvalidData)?;
     // SAFETY: valid C strings; the context is freed on every failure and owned by `Output` after.
     // The callback's opaque pointer is the flag, which the writer keeps alive beyond the context.
@@ -544,6 +563,21 @@ fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>)
         Ok(Output::wrap(context))
     }
 }
+
+/// `location` as FFmpeg is asked to send to it. An SRT connection in live mode drops what it has not
+/// sent yet when it closes, which would be the last painted frames of every stream: unless the URL
+/// says otherwise, it is given [`SRT_LINGER_SECONDS`] to send them.
+fn sending_url(location: &str) -> std::borrow::Cow<'_, str> {
+    let is_srt = location.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("srt"));
+    if !is_srt || location.contains("linger=") {
+        return location.into();
+    }
+    let separator = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{separator}linger={SRT_LINGER_SECONDS}").into()
+}
+
+/// How long closing an SRT output waits for its unsent packets.
+const SRT_LINGER_SECONDS: u32 = 2;
 
 /// FFmpeg's interrupt callback for a stream output: whether its abort flag is raised.
 unsafe extern "C" fn aborted(flag: *mut libc::c_void) -> libc::c_int {
@@ -686,7 +720,7 @@ fn rational((num, den): (i32, i32)) -> Rational {
 
 #[cfg(test)]
 mod tests {
-    use super::stream_container;
+    use super::{sending_url, stream_container};
 
     #[test]
     fn rtmp_streams_go_out_as_flv_and_the_rest_as_mpeg_ts() {
@@ -694,6 +728,16 @@ mod tests {
         assert_eq!(stream_container("RTMPS://host/live/key"), "flv");
         for url in ["udp://127.0.0.1:1234", "tcp://host:9000", "srt://host:1", "pipe:1"] {
             assert_eq!(stream_container(url), "mpegts", "{url}");
+        }
+    }
+
+    #[test]
+    fn an_srt_output_waits_for_its_last_packets_unless_told_otherwise() {
+        assert_eq!(sending_url("srt://host:9000"), "srt://host:9000?linger=2");
+        assert_eq!(sending_url("SRT://host:9000?latency=200000"), "SRT://host:9000?latency=200000&linger=2");
+        assert_eq!(sending_url("srt://host:9000?linger=0"), "srt://host:9000?linger=0");
+        for url in ["udp://127.0.0.1:1234", "tcp://host:9000", "rtmp://host/live/key", "pipe:1"] {
+            assert_eq!(sending_url(url), url);
         }
     }
 }

@@ -54,6 +54,17 @@ pub enum MediaError {
         /// How many frames were decoded before the data ran out.
         frames: u64,
     },
+    /// A live stream's read failed before it ended (a reset connection, a network error): frames after
+    /// `frames` never came.
+    #[error("'{path}' broke off after {frames} frames: {detail}", path = .path.display())]
+    BrokeOff {
+        /// The stream.
+        path: PathBuf,
+        /// How many frames were decoded before it broke off.
+        frames: u64,
+        /// FFmpeg's description of the failed read.
+        detail: String,
+    },
     /// Damaged data in the middle of the video stream. Decoding goes on after this report; frames
     /// from `frame` on may show concealment artefacts or be missing.
     #[error("'{path}': damaged video data at frame {frame} ({detail}); decoding continues", path = .path.display())]

@@ -26,6 +26,7 @@ mod encode;
 mod error;
 mod geometry;
 mod partial;
+mod pipe;
 mod probe;
 mod settings;
 

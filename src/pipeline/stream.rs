@@ -318,7 +318,7 @@ fn read_stream(
         let frame = match item {
             Ok(frame) => frame,
             Err(MediaError::Damaged { .. }) => continue, // reported by the reader; decoding goes on
-            Err(error @ MediaError::Truncated { .. }) => {
+            Err(error @ (MediaError::BrokeOff { .. } | MediaError::Truncated { .. })) => {
                 tracing::warn!(%error, "the stream broke off");
                 broke_off = Some(error.to_string());
                 break;
