@@ -1,8 +1,9 @@
 //! `impasto stream` as a user runs it: a real MPEG-TS stream of a shared clip served over a real TCP
-//! socket, painted with the real VGG-16 and real FFmpeg, sent to another socket or a file. Checked
-//! with ffprobe: every frame arrives painted with its timestamp (every-frame pace); a live stream
-//! drops what it has no time for but never reorders or invents a frame; Ctrl-C closes the output
-//! properly; bad inputs name the stream and leave nothing behind. Tiny sizes, few iterations, one
+//! socket, a pipe, or RTMP and SRT with the ffmpeg CLI at the other end, painted with the real VGG-16
+//! and real FFmpeg, sent to another socket, server or file. Checked with ffprobe: every frame arrives
+//! painted with its timestamp (every-frame pace); a live stream drops what it has no time for but
+//! never reorders or invents a frame; Ctrl-C closes the output properly, also while a pipe is
+//! silent; bad inputs name the stream and leave nothing behind. Tiny sizes, few iterations, one
 //! libtorch thread.
 #![cfg(feature = "media")]
 

@@ -112,8 +112,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// The stop flags Ctrl-C and SIGTERM raise. FFmpeg polls them while its network protocols wait; a
-/// pipe that waits is not interrupted (the third signal is the way out there).
+/// The stop flags Ctrl-C and SIGTERM raise. FFmpeg polls them while it waits for the network or a
+/// pipe (stream pipes are non-blocking while in use), so the handler restarts interrupted calls.
 fn stop_on_signals() -> StreamStop {
     let stop = STOP.get_or_init(StreamStop::default).clone();
     // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; the handler only
