@@ -392,15 +392,32 @@ fn bad_streams_are_named_in_the_error_and_leave_nothing_behind() {
     assert_eq!(entries(dir.path()), ["garbage.ts"]);
 }
 
+/// The lines `output` gives, read on their own thread, so that a test can wait for one with a guard
+/// against a run that never prints it; the channel closes when `output` does.
+fn lines_of(output: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let _ = sender.send(line.unwrap());
+        }
+    });
+    lines
+}
+
 /// The index of the frame a JSON line reports painted, if it is such a line.
 fn painted_index(line: &str) -> Option<u64> {
     let event: Value = serde_json::from_str(line).ok()?;
     (event["event"] == "frame").then(|| event["index"].as_u64()).flatten()
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Waits until a socket listens on `port` (`protocol` "tcp") or is bound to it ("udp"), as
@@ -472,16 +489,21 @@ fn a_stream_comes_in_and_goes_out_over_rtmp_and_a_server_that_closes_ends_it_cle
     wait_for_port("tcp", in_port);
     wait_for_port("tcp", out_port);
     let extra = ["--pace", "every-frame", "--first-iterations", "4"];
-    let run = stream_command(&in_url, &out_url, &extra).output().unwrap();
+    let mut painter =
+        stream_command(&in_url, &out_url, &extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // a guard, not a measurement: a hang fails this test instead of stalling the suite
+    let status = wait_or_kill(&mut painter, Duration::from_secs(120));
+    let run = painter.wait_with_output().unwrap();
     assert!(server.finish().is_some() && receiver.finish().is_some(), "the ffmpeg servers ended");
     // FFmpeg reads an RTMP server's close as an I/O error: it is the stream's end, not a failure
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(status.expect("impasto ended").success(), "{}", stderr(&run));
 
     let summary = &events(&run, "summary")[0];
     let input_pts = frame_timestamps(&input);
     assert_eq!(summary["frames_in"].as_u64(), Some(input_pts.len() as u64), "{summary}");
     assert_eq!(summary["frames_painted"], summary["frames_in"]);
     assert_eq!(summary["broke_off"], Value::Null);
+    assert_eq!(summary["connection_closed"], true, "the summary says how it ended");
     // FLV (which RTMP carries) counts milliseconds; MPEG-TS 90 kHz ticks
     let expected: Vec<i64> = from_first(&input_pts).iter().map(|&t| (t as f64 / 90.0).round() as i64).collect();
     let output_pts = from_first(&frame_timestamps(&received));
@@ -495,7 +517,7 @@ fn a_stream_comes_in_and_goes_out_over_srt_every_frame_arriving_and_a_sender_tha
     let dir = TempDir::new().unwrap();
     let input = bunny_stream(dir.path());
     let received = dir.path().join("received.ts");
-    let (in_port, out_port) = (free_port(), free_port());
+    let (in_port, out_port) = (free_udp_port(), free_udp_port());
     let receiver = Background::ffmpeg(&[
         "-i",
         &format!("srt://127.0.0.1:{out_port}?mode=listener"),
@@ -536,6 +558,7 @@ fn a_stream_comes_in_and_goes_out_over_srt_every_frame_arriving_and_a_sender_tha
     let input_pts = frame_timestamps(&input);
     assert_eq!(summary["frames_in"].as_u64(), Some(input_pts.len() as u64), "{summary}");
     assert_eq!(summary["frames_painted"], summary["frames_in"]);
+    assert_eq!(summary["connection_closed"], true, "the summary says how it ended");
     // impasto's own SRT output waits for its last packets too, so every painted frame arrives
     assert_eq!(from_first(&frame_timestamps(&received)), from_first(&input_pts), "every frame, at its time");
     assert_eq!(packets_of(&received, "audio"), packets_of(&input, "audio"), "every sound packet");
@@ -559,14 +582,7 @@ fn the_first_ctrl_c_ends_a_stream_whose_input_pipe_has_gone_silent() {
         stdin.write_all(&bytes).unwrap();
         stdin
     });
-    // the lines, read on their own thread so that a run that never paints cannot stall the suite
-    let (line_sender, lines) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let line_reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let _ = line_sender.send(line.unwrap());
-        }
-    });
+    let lines = lines_of(child.stdout.take().unwrap());
     let mut printed = Vec::new();
     // live pace paints the newest frame it has; the decoder holds the last few until the stream ends
     while !printed.iter().any(|line: &String| painted_index(line).is_some_and(|index| index >= 140)) {
@@ -581,8 +597,7 @@ fn the_first_ctrl_c_ends_a_stream_whose_input_pipe_has_gone_silent() {
     // a guard, not a measurement: a hang fails this test instead of stalling the suite
     let status = wait_or_kill(&mut child, Duration::from_secs(120));
     drop(stdin);
-    line_reader.join().unwrap();
-    printed.extend(lines.try_iter());
+    printed.extend(lines.iter());
     let mut errors = String::new();
     child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
     let status = status.expect("one Ctrl-C did not end the wait on the silent pipe");
@@ -619,13 +634,12 @@ fn a_second_signal_gives_up_sending_to_a_pipe_no_one_reads() {
         .spawn()
         .unwrap();
     // the frames' lines go to standard error when the stream goes to standard output
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let lines = lines_of(child.stderr.take().unwrap());
     let mut painted = 0;
-    for line in lines.by_ref() {
-        painted += usize::from(line.unwrap().contains(r#""event":"frame""#));
-        if painted == 3 {
-            break; // the writer has been stuck on its first packet for two frames' painting
-        }
+    while painted < 3 {
+        // the third: the writer has been stuck on its first packet for two frames' painting
+        let line = lines.recv_timeout(Duration::from_secs(120)).expect("three frames are painted");
+        painted += usize::from(painted_index(&line).is_some());
     }
     // SAFETY: plain signals to our own child process; two kinds, so that neither is merged away.
     unsafe {
@@ -633,7 +647,7 @@ fn a_second_signal_gives_up_sending_to_a_pipe_no_one_reads() {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let status = wait_or_kill(&mut child, Duration::from_secs(120));
-    let errors: Vec<String> = lines.map(Result::unwrap).collect();
+    let errors: Vec<String> = lines.iter().collect();
     drop(reader);
     let status = status.expect("two signals did not end a send to a pipe no one reads");
     assert!(!status.success(), "a stream given up is an error");

@@ -102,13 +102,17 @@ static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 /// SIGINT and SIGTERM: the first asks the stream to finish, the second to give up sending too, the
 /// third exits at once.
 extern "C" fn on_signal(_: libc::c_int) {
-    // only atomics here: nothing else is safe in a signal handler
+    // only atomics and fcntl here: nothing else is safe in a signal handler
     let Some(stop) = STOP.get() else { return };
     match SIGNALS.fetch_add(1, Ordering::SeqCst) {
         0 => stop.finish.store(true, Ordering::SeqCst),
         1 => stop.abort.store(true, Ordering::SeqCst),
-        // SAFETY: _exit is async-signal-safe.
-        _ => unsafe { libc::_exit(130) },
+        _ => {
+            // stdin and stdout are not left non-blocking for whoever shares them
+            impasto::media::restore_pipes();
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) }
+        }
     }
 }
 
@@ -170,7 +174,11 @@ impl Lines {
             self.print(event_line("summary", summary));
             return;
         }
-        let ended = if summary.stopped { "stopped on request" } else { "the input ended" };
+        let ended = match (summary.stopped, summary.connection_closed) {
+            (true, _) => "stopped on request",
+            (false, true) => "the input's connection closed (or was lost: RTMP and SRT cannot tell)",
+            (false, false) => "the input ended",
+        };
         self.print(format!(
             "impasto: {ended}; {} of {} frames painted ({} dropped) into {}, {:.2} s per frame, {:.1} s behind on average, {:.0} s in all",
             summary.frames_painted,

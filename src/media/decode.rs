@@ -93,6 +93,8 @@ pub struct VideoReader {
     truncated: bool,
     /// The failed read that ended a live stream early, in FFmpeg's words.
     read_failure: Option<String>,
+    /// A live stream ended with its RTMP or SRT connection closed (or lost: FFmpeg cannot tell).
+    connection_closed: bool,
     /// A live stream: it has no index, and an interrupted or broken-off read ends it.
     live: bool,
     /// A live stream's sound: its stream index and track.
@@ -145,6 +147,12 @@ impl VideoReader {
         Ok(reader)
     }
 
+    /// Whether a live stream ended with its RTMP or SRT connection closing, which FFmpeg cannot tell
+    /// from a connection lost (both end the stream without an error).
+    pub fn connection_closed(&self) -> bool {
+        self.connection_closed
+    }
+
     /// A live stream's sound, which its packets (see [`take_audio`](Self::take_audio)) belong to.
     pub fn audio_track(&self) -> Option<CopiedTrack> {
         self.audio.as_ref().map(|(_, track)| track.clone())
@@ -189,6 +197,7 @@ impl VideoReader {
             unreadable_packets: 0,
             truncated: false,
             read_failure: None,
+            connection_closed: false,
             live: false,
             audio: None,
             audio_packets: Vec::new(),
@@ -349,6 +358,8 @@ impl VideoReader {
         self.progress = Progress::Draining;
         let index_unmet = self.packets_read < self.packets_indexed;
         let ended_cleanly = error == ffmpeg_next::Error::Eof || (self.live && live_stream_ended(&self.path, error));
+        self.connection_closed =
+            self.live && ended_cleanly && error != ffmpeg_next::Error::Eof && error != ffmpeg_next::Error::Exit;
         self.truncated = self.unreadable_packets > 0 || !ended_cleanly || index_unmet;
         if !ended_cleanly {
             self.read_failure = Some(error.to_string());
@@ -497,10 +508,8 @@ fn nominal_frame_duration(frame_rate: Rational, time_base: Rational) -> i64 {
 /// clean end).
 fn live_stream_ended(location: &Path, error: ffmpeg_next::Error) -> bool {
     let scheme = location.to_str().and_then(|location| location.split_once("://")).map(|(scheme, _)| scheme);
-    let closes_with_eio = scheme.is_some_and(|scheme| {
-        let scheme = scheme.to_ascii_lowercase();
-        scheme.starts_with("rtmp") || scheme == "srt"
-    });
+    // FFmpeg's protocol names are lower case
+    let closes_with_eio = scheme.is_some_and(|scheme| scheme.starts_with("rtmp") || scheme == "srt");
     error == ffmpeg_next::Error::Exit || (closes_with_eio && error == ffmpeg_next::Error::Other { errno: libc::EIO })
 }
 
@@ -512,7 +521,7 @@ mod tests {
     fn an_rtmp_or_srt_sender_that_closes_ends_the_stream_a_tcp_reset_does_not() {
         let eio = ffmpeg_next::Error::Other { errno: libc::EIO };
         let reset = ffmpeg_next::Error::Other { errno: libc::ECONNRESET };
-        for location in ["rtmp://host/live/key", "RTMPS://host/live/key", "srt://host:9000?mode=listener"] {
+        for location in ["rtmp://host/live/key", "rtmps://host/live/key", "srt://host:9000?mode=listener"] {
             assert!(live_stream_ended(Path::new(location), eio), "{location}");
             assert!(!live_stream_ended(Path::new(location), reset), "{location}");
         }

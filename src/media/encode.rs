@@ -192,17 +192,22 @@ impl VideoWriter {
         let (spec, upright_turns) = turned_upright(spec, &container, output);
         let mut plan = plan_output(output, container, settings, &spec)?;
         plan.live = matches!(destination, Destination::Stream(_));
-        let (mut muxer, partial, stream) = match destination {
-            Destination::File => {
+        // declared before the muxer, so dropped after it on every early return below
+        let stream = match destination {
+            Destination::File => None,
+            Destination::Stream(stream) => Some(stream),
+        };
+        let (mut muxer, partial) = match &stream {
+            None => {
                 check_output_directory(output)?;
                 let temporary = crate::fsutil::temp_path_for(output);
                 let muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
-                (muxer, Some(PartialOutput::new(temporary, output)), None)
+                (muxer, Some(PartialOutput::new(temporary, output)))
             }
-            Destination::Stream(stream) => {
+            Some(stream) => {
                 let muxer = open_stream_output(output, &plan.container, &stream.abort)
                     .map_err(|e| MediaError::ffmpeg(output, "opening the stream", e))?;
-                (muxer, None, Some(stream))
+                (muxer, None)
             }
         };
         let encoder = open_encoder(output, settings, &plan, &spec, &muxer)?;
@@ -568,11 +573,14 @@ fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>)
 /// sent yet when it closes, which would be the last painted frames of every stream: unless the URL
 /// says otherwise, it is given [`SRT_LINGER_SECONDS`] to send them.
 fn sending_url(location: &str) -> std::borrow::Cow<'_, str> {
-    let is_srt = location.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("srt"));
-    if !is_srt || location.contains("linger=") {
+    let is_srt = location.split_once("://").is_some_and(|(scheme, _)| scheme == "srt");
+    let query = location.split_once('?').map(|(_, query)| query);
+    let sets_linger =
+        query.is_some_and(|query| query.split('&').any(|option| option.split('=').next() == Some("linger")));
+    if !is_srt || sets_linger {
         return location.into();
     }
-    let separator = if location.contains('?') { '&' } else { '?' };
+    let separator = if query.is_some() { '&' } else { '?' };
     format!("{location}{separator}linger={SRT_LINGER_SECONDS}").into()
 }
 
@@ -734,8 +742,10 @@ mod tests {
     #[test]
     fn an_srt_output_waits_for_its_last_packets_unless_told_otherwise() {
         assert_eq!(sending_url("srt://host:9000"), "srt://host:9000?linger=2");
-        assert_eq!(sending_url("SRT://host:9000?latency=200000"), "SRT://host:9000?latency=200000&linger=2");
+        assert_eq!(sending_url("srt://host:9000?latency=200000"), "srt://host:9000?latency=200000&linger=2");
         assert_eq!(sending_url("srt://host:9000?linger=0"), "srt://host:9000?linger=0");
+        assert_eq!(sending_url("srt://host:9000?mode=caller&linger=5"), "srt://host:9000?mode=caller&linger=5");
+        assert_eq!(sending_url("srt://host:9000?streamid=nolinger=1"), "srt://host:9000?streamid=nolinger=1&linger=2");
         for url in ["udp://127.0.0.1:1234", "tcp://host:9000", "rtmp://host/live/key", "pipe:1"] {
             assert_eq!(sending_url(url), url);
         }

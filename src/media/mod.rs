@@ -38,6 +38,7 @@ pub use decode::{Frame, VideoReader};
 pub use encode::{VideoWriter, VideoWriterSpec};
 pub use error::MediaError;
 pub use geometry::{WorkingSize, fit_long_side};
+pub use pipe::restore_pipes;
 pub use probe::{StreamInfo, StreamKind, VideoInfo, is_url, probe};
 pub use settings::{EncodeSettings, OutputSize};
 

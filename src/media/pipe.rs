@@ -3,22 +3,27 @@
 //! loop, which asks the stream's interrupt callback about every millisecond, instead of in a `read`
 //! or `write` that only a signal ends (and impasto's handler restarts those). So a stop request ends
 //! a wait on a silent input pipe, and an abort a send to a reader that stopped reading, as they do
-//! on a network connection. The descriptor's flags are given back when the stream closes.
+//! on a network connection. The flag belongs to the pipe's open file description, which other
+//! processes may share, so it is cleared again when the stream closes, and by
+//! [`restore_pipes`] from a signal handler that exits at once.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 
-/// A pipe switched to non-blocking; its flags as they were come back on drop.
+/// The descriptors switched now (-1: a free place): at most standard input and output.
+static SWITCHED: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+/// A pipe switched to non-blocking; blocking again on drop.
 #[derive(Debug)]
 pub(crate) struct NonBlockingPipe {
-    fd: RawFd,
-    flags: libc::c_int,
+    place: usize,
 }
 
 impl NonBlockingPipe {
     /// Switches the descriptor FFmpeg's `location` names (`pipe:N`, or `pipe:` for `default_fd`)
-    /// when it is a pipe or a socket. None for any other location, a terminal or a file, and for a
-    /// pipe that standard input, output or error also use (log lines to a non-blocking pipe could
-    /// fail).
+    /// when it is a blocking pipe or socket. None for any other location, a terminal or a file, and
+    /// for a pipe that standard input, output or error also use (log lines to a non-blocking pipe
+    /// could fail).
     pub(crate) fn switch(location: &str, default_fd: RawFd) -> Option<Self> {
         let fd = pipe_descriptor(location, default_fd)?;
         let identity = pipe_identity(fd)?;
@@ -27,29 +32,57 @@ impl NonBlockingPipe {
             tracing::debug!(fd, "the pipe is shared with another standard stream; left blocking");
             return None;
         }
-        // SAFETY: fcntl on a descriptor that fstat just found open; only its status flags change.
+        let place = SWITCHED
+            .iter()
+            .position(|place| place.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok())?;
+        // SAFETY: fcntl on a descriptor that fstat just found open; only O_NONBLOCK changes.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        let switched = flags >= 0
+            && flags & libc::O_NONBLOCK == 0
+            && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == 0;
+        if !switched {
+            SWITCHED[place].store(-1, Ordering::SeqCst);
             return None;
         }
-        Some(NonBlockingPipe { fd, flags })
+        Some(NonBlockingPipe { place })
     }
 }
 
 impl Drop for NonBlockingPipe {
     fn drop(&mut self) {
-        // SAFETY: gives the descriptor back the status flags it had; harmless if it was closed since.
-        unsafe { libc::fcntl(self.fd, libc::F_SETFL, self.flags) };
+        let fd = SWITCHED[self.place].swap(-1, Ordering::SeqCst);
+        make_blocking(fd);
     }
 }
 
-/// The descriptor of `pipe:N` (`pipe:` alone: `default_fd`), as FFmpeg's pipe protocol reads it.
+/// Makes every pipe a stream switched blocking again. Async-signal-safe (atomics and `fcntl`), for
+/// a signal handler that is about to `_exit`.
+pub fn restore_pipes() {
+    for place in &SWITCHED {
+        make_blocking(place.swap(-1, Ordering::SeqCst));
+    }
+}
+
+/// Clears O_NONBLOCK on `fd` (nothing for -1).
+fn make_blocking(fd: RawFd) {
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: fcntl reads and writes status flags; on a descriptor closed since it fails harmlessly.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// The descriptor FFmpeg's pipe protocol uses for `pipe:N`: N when it is a number, `default_fd`
+/// otherwise (`pipe:`, or anything after the colon that is not one).
 fn pipe_descriptor(location: &str, default_fd: RawFd) -> Option<RawFd> {
     let number = location.strip_prefix("pipe:")?;
-    if number.is_empty() {
-        return Some(default_fd);
-    }
-    number.parse().ok().filter(|fd: &RawFd| *fd >= 0)
+    let is_number = !number.is_empty() && number.bytes().all(|byte| byte.is_ascii_digit());
+    Some(if is_number { number.parse().ok()? } else { default_fd })
 }
 
 /// The (device, inode) of `fd` if it is a pipe or a socket.
@@ -83,22 +116,29 @@ mod tests {
     }
 
     #[test]
-    fn pipe_locations_name_their_descriptor() {
+    fn pipe_locations_name_their_descriptor_as_ffmpeg_reads_them() {
         assert_eq!(pipe_descriptor("pipe:", 0), Some(0));
         assert_eq!(pipe_descriptor("pipe:", 1), Some(1));
         assert_eq!(pipe_descriptor("pipe:7", 0), Some(7));
-        assert_eq!(pipe_descriptor("pipe:x", 0), None);
+        assert_eq!(pipe_descriptor("pipe:x", 1), Some(1));
+        assert_eq!(pipe_descriptor("pipe:3abc", 0), Some(0));
+        assert_eq!(pipe_descriptor("pipe:+3", 0), Some(0));
         assert_eq!(pipe_descriptor("tcp://host:1", 0), None);
         assert_eq!(pipe_descriptor("pipe.ts", 0), None);
     }
 
     #[test]
-    fn a_pipe_is_non_blocking_while_switched_and_as_it_was_after() {
+    fn a_pipe_is_non_blocking_while_switched_and_blocking_after_a_drop_or_a_restore() {
         let (reader, _writer) = std::io::pipe().unwrap();
         let fd = reader.as_raw_fd();
         assert!(blocking(fd));
         let switched = NonBlockingPipe::switch(&format!("pipe:{fd}"), 0).expect("a pipe is switched");
         assert!(!blocking(fd));
+        drop(switched);
+        assert!(blocking(fd));
+        let switched = NonBlockingPipe::switch(&format!("pipe:{fd}"), 0).expect("switched again");
+        restore_pipes();
+        assert!(blocking(fd));
         drop(switched);
         assert!(blocking(fd));
     }

@@ -138,6 +138,9 @@ pub struct StreamSummary {
     /// Why the input broke off, when it did not end cleanly (a reset connection, an overrun); the
     /// output holds what came before and is closed properly.
     pub broke_off: Option<String>,
+    /// Whether the input ended with its RTMP or SRT connection closing: by its sender, or lost (the
+    /// protocols cannot tell which).
+    pub connection_closed: bool,
     /// Wall-clock seconds.
     pub wall_seconds: f64,
 }
@@ -186,7 +189,7 @@ impl StreamJob {
         if let Some(error) = errors.into_error() {
             return Err(error);
         }
-        let (painted_seconds, latencies, broke_off) = painted.unwrap_or_default();
+        let (painted_seconds, latencies, input_end) = painted.unwrap_or_default();
         let frames_painted = latencies.len() as u64;
         let frames_in = counts.read.load(Ordering::SeqCst);
         Ok(StreamSummary {
@@ -197,7 +200,8 @@ impl StreamJob {
             seconds_per_frame: painted_seconds / frames_painted.max(1) as f64,
             mean_latency: latencies.iter().sum::<f64>() / frames_painted.max(1) as f64,
             stopped: stop.finish.load(Ordering::SeqCst),
-            broke_off,
+            broke_off: input_end.broke_off,
+            connection_closed: input_end.connection_closed,
             wall_seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -212,9 +216,9 @@ impl StreamJob {
     }
 
     /// Reads on one thread, writes on another, paints on this one. Returns the painting seconds,
-    /// each painted frame's latency and why the input broke off (if it did), unless a stage failed. Each stage records its own failure as it
-    /// happens (the first is the stream's error) and raises every stop flag, so that no other stage
-    /// is left waiting on a channel or on the network.
+    /// each painted frame's latency and how the input ended, unless a stage failed. Each stage
+    /// records its own failure as it happens (the first is the stream's error) and raises every stop
+    /// flag, so that no other stage is left waiting on a channel or on the network.
     #[allow(clippy::too_many_arguments)]
     fn run_threads(
         &self,
@@ -225,7 +229,7 @@ impl StreamJob {
         errors: &FirstError,
         stop: &StreamStop,
         observer: &mut dyn FnMut(&StreamFrame),
-    ) -> Option<(f64, Vec<f64>, Option<String>)> {
+    ) -> Option<(f64, Vec<f64>, InputEnd)> {
         let (arrival_sender, arrivals) = bounded::<Arrival>(1);
         let (painted_sender, painted_frames) = bounded::<Item<Frame>>(2);
         // the sound goes straight from reader to writer
@@ -243,7 +247,7 @@ impl StreamJob {
             let read = scope.spawn(move || {
                 let _unwinding = RaiseOnPanic(stop);
                 let read = read_stream(reader, &slot, &sound_sender, counts);
-                read.map_err(fail).ok().flatten()
+                read.map_err(fail).ok()
             });
             let write = scope.spawn(move || {
                 let _unwinding = RaiseOnPanic(stop);
@@ -254,17 +258,17 @@ impl StreamJob {
                 paint_stream(&mut painter, arrivals, painted_sender, errors, stop, counts, observer)
             };
             let painted = painted.map_err(fail).ok();
-            let broke_off = match read.join() {
-                Ok(broke_off) => broke_off,
+            let input_end = match read.join() {
+                Ok(input_end) => input_end.unwrap_or_default(),
                 Err(payload) => {
                     fail(panic_error("reader", payload.as_ref()));
-                    None
+                    InputEnd::default()
                 }
             };
             if let Err(payload) = write.join() {
                 fail(panic_error("writer", payload.as_ref()));
             }
-            painted.map(|(seconds, latencies)| (seconds, latencies, broke_off))
+            painted.map(|(seconds, latencies)| (seconds, latencies, input_end))
         })
     }
 }
@@ -299,14 +303,23 @@ impl Slot {
     }
 }
 
+/// How the input ended, when no stage failed.
+#[derive(Default)]
+struct InputEnd {
+    /// Why it broke off, if it did.
+    broke_off: Option<String>,
+    /// Its RTMP or SRT connection closed (or was lost).
+    connection_closed: bool,
+}
+
 /// Reads frames until the stream ends (or is stopped) and hands them to the painter through the
-/// slot, and the sound, as it comes, to the writer. Returns why the input broke off, if it did.
+/// slot, and the sound, as it comes, to the writer. Returns how the input ended.
 fn read_stream(
     mut reader: VideoReader,
     slot: &Slot,
     sound: &Sender<CopiedPacket>,
     counts: &Counts,
-) -> Result<Option<String>> {
+) -> Result<InputEnd> {
     let mut broke_off = None;
     let mut timelines = Timelines::default();
     let mut picture = Track::new("picture", reader.time_base());
@@ -338,7 +351,7 @@ fn read_stream(
         }
     }
     pass_sound(&mut reader, sound, &mut timelines, sound_track.as_mut());
-    Ok(broke_off)
+    Ok(InputEnd { broke_off, connection_closed: reader.connection_closed() })
 }
 
 /// Sends the sound read so far to the writer, on its `track`; false when the writer is gone.
