@@ -1,6 +1,6 @@
 //! The paper's network normalisation: rescale every convolution so that each filter's mean ReLU
 //! activation over a set of real images is 1. For a ReLU network with average or max pooling this is
-//! exact: layer l's filter k is divided by its mean m_l[k] and its input channels multiplied by the
+//! exact: layer l's filter k is divided by its mean `m_l[k]` and its input channels multiplied by the
 //! previous layer's means, so every feature map is the original one divided by a positive constant.
 //! Without it, the deep layers' Gram terms are ~10⁵ smaller than conv1_1's and one set of loss
 //! weights cannot serve every network.

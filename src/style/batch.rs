@@ -1,7 +1,7 @@
 //! What the optimisation loop needs to run several images as one batch and to read the losses only
 //! every few iterations: the items and their outcomes, their targets stacked item-first, and the
 //! host's replay of each item's evaluations. The device queues iteration after iteration; when the
-//! losses come back (one read for several iterations), [`ItemRun::replay`] takes each evaluation in
+//! losses come back (one read for several iterations), `ItemRun::replay` takes each evaluation in
 //! order and decides, exactly as a loop reading every iteration would, whether the step is kept,
 //! overshot (go back to the last good point) or ends the item's run (converged, stalled, budget
 //! spent). Evaluations queued after such a decision are dropped, so the result does not depend on
