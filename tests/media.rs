@@ -286,6 +286,37 @@ fn written_colours_decode_right_in_ffmpeg() {
 }
 
 #[test]
+fn a_stream_encoder_sends_each_frame_on_at_once_and_a_file_encoder_may_hold_some_back() {
+    let dir = TempDir::new().unwrap();
+    for (codec, container) in
+        [("libx264", "mpegts"), ("libx265", "mpegts"), ("libvpx-vp9", "matroska"), ("libaom-av1", "matroska")]
+    {
+        let settings = EncodeSettings { codec: codec.into(), crf: 30, ..quick_settings() };
+        let send = |location: &str, live: bool| {
+            let spec = VideoWriterSpec::new((64, 48), (1, 25));
+            let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut writer = match live {
+                true => VideoWriter::create_live(location, Some(container), &settings, spec, None, abort),
+                false => VideoWriter::create(location, &settings, spec),
+            }
+            .unwrap_or_else(|error| panic!("{codec}: {error}"));
+            for index in 0..4 {
+                writer.write(&Frame { pts: index, index: index as u64, ..colour_patches() }).unwrap();
+            }
+            let encoded = writer.frames_encoded();
+            writer.finish().unwrap();
+            encoded
+        };
+        // a file: the encoder's defaults (x264, libvpx and libaom, for three, look ahead)
+        let file = dir.path().join(format!("{codec}.mkv"));
+        let held_back = 4 - send(file.to_str().unwrap(), false);
+        // a stream (FFmpeg's file:// protocol, so the test needs no receiver): nothing held back
+        let url = format!("file://{}", dir.path().join(format!("{codec}-live.{container}")).display());
+        assert_eq!(send(&url, true), 4, "{codec} held frames back in a stream (a file held back {held_back})");
+    }
+}
+
+#[test]
 fn readers_and_writers_can_move_between_threads() {
     fn assert_send<T: Send>() {}
     assert_send::<VideoReader>();

@@ -104,6 +104,8 @@ pub struct VideoWriter {
     durations_in_flight: HashMap<i64, i64>,
     last_pts: Option<i64>,
     frames_written: u64,
+    /// Frames that have left the encoder.
+    frames_encoded: u64,
     /// Where a live input's sound goes, if it has a stream.
     audio_route: Option<Route>,
     /// The temporary file that becomes the output; none for a stream.
@@ -244,6 +246,7 @@ impl VideoWriter {
             durations_in_flight: HashMap::new(),
             last_pts: None,
             frames_written: 0,
+            frames_encoded: 0,
             audio_route,
             partial,
             _stream: stream,
@@ -284,6 +287,13 @@ impl VideoWriter {
     /// How many frames have been written.
     pub fn frames_written(&self) -> u64 {
         self.frames_written
+    }
+
+    /// How many frames have left the encoder for the muxer. For a stream, every frame written (its
+    /// encoder holds none back for look-ahead where impasto knows how to ask it); for a file, the
+    /// encoder may hold back a few until [`finish`](Self::finish).
+    pub fn frames_encoded(&self) -> u64 {
+        self.frames_encoded
     }
 
     /// The size (`width`, `height`) of the encoded video.
@@ -366,6 +376,7 @@ impl VideoWriter {
 
     /// Gives an encoded packet its frame's duration and writes it.
     fn mux_video_packet(&mut self, mut packet: Packet) -> Result<(), MediaError> {
+        self.frames_encoded += 1;
         let duration = packet.pts().and_then(|pts| self.durations_in_flight.remove(&pts));
         packet.set_duration(duration.unwrap_or(self.nominal_frame_duration));
         packet.set_stream(self.video_stream);
@@ -633,9 +644,10 @@ fn open_encoder(
     let mut options = Dictionary::new();
     options.set("crf", &settings.crf.to_string());
     options.set("preset", &settings.preset);
-    if plan.live && matches!(plan.codec.name(), "libx264" | "libx265") {
-        // no frame reordering or look-ahead: each frame leaves as soon as it is encoded
-        options.set("tune", "zerolatency");
+    if plan.live {
+        for (option, value) in live_options(plan.codec.name()) {
+            options.set(option, value);
+        }
     }
     video.open_with(options).map_err(|error| {
         MediaError::Settings(format!(
@@ -643,6 +655,18 @@ fn open_encoder(
             settings.codec, settings.crf, settings.preset, settings.pixel_format
         ))
     })
+}
+
+/// The options that make `codec` send each frame on as soon as it is encoded: no frame reordering,
+/// no look-ahead (libvpx and libaom otherwise hold back 19–25 frames, on a CPU as many paintings),
+/// and for the VP9/AV1 encoders their real-time speed. Other encoders are opened as they are.
+fn live_options(codec: &str) -> &'static [(&'static str, &'static str)] {
+    match codec {
+        "libx264" | "libx265" => &[("tune", "zerolatency")],
+        "libvpx" | "libvpx-vp9" => &[("deadline", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")],
+        "libaom-av1" => &[("usage", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")],
+        _ => &[],
+    }
 }
 
 /// Adds the output streams in the source's order (the encoded video where the source's video was),
