@@ -5,6 +5,26 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Moves `staged` to `destination` together with every other file in `staged`'s folder (the
+/// segments of an HLS playlist, numbered images), each under its own name into `destination`'s
+/// folder, `staged` itself last, so that what it refers to is in place before it is.
+pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Result<()> {
+    let staging_folder = staged.parent().unwrap_or(Path::new("."));
+    let folder = match destination.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    for entry in std::fs::read_dir(staging_folder)? {
+        let path = entry?.path();
+        if path != staged
+            && let Some(name) = path.file_name()
+        {
+            std::fs::rename(&path, folder.join(name))?;
+        }
+    }
+    std::fs::rename(staged, destination)
+}
+
 /// A hidden temporary name in the same directory as `path` (same file system, so rename is atomic).
 pub fn temp_path_for(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());

@@ -317,6 +317,31 @@ fn a_stream_encoder_sends_each_frame_on_at_once_and_a_file_encoder_may_hold_some
 }
 
 #[test]
+fn a_muxer_that_writes_several_files_lands_them_together_or_leaves_nothing() {
+    let dir = TempDir::new().unwrap();
+    let write = |name: &str, frames: i64| {
+        let spec = VideoWriterSpec::new((64, 48), (1, 2));
+        let mut writer = VideoWriter::create(dir.path().join(name), &quick_settings(), spec).unwrap();
+        for index in 0..frames {
+            writer.write(&Frame { pts: index, index: index as u64, time_base: (1, 2), ..colour_patches() }).unwrap();
+        }
+        writer
+    };
+    let unfinished = write("dropped.m3u8", 12);
+    assert!(entries(dir.path()).iter().all(|name| name.starts_with('.')), "{:?}", entries(dir.path()));
+    drop(unfinished);
+    assert!(entries(dir.path()).is_empty(), "an unfinished output leaves nothing: {:?}", entries(dir.path()));
+
+    write("painted.m3u8", 12).finish().unwrap();
+    // the playlist and the segments it lists (HLS cuts at key frames), under their own names
+    let names = entries(dir.path());
+    let playlist = std::fs::read_to_string(dir.path().join("painted.m3u8")).unwrap();
+    assert_eq!(names[0], "painted.m3u8");
+    assert!(names.len() > 1 && names[1..].iter().all(|name| playlist.contains(&format!("\n{name}\n"))), "{names:?}");
+    assert_eq!(stream(&ffprobe(&dir.path().join("painted.m3u8")), "video")["nb_read_frames"], "12");
+}
+
+#[test]
 fn readers_and_writers_can_move_between_threads() {
     fn assert_send<T: Send>() {}
     assert_send::<VideoReader>();

@@ -653,3 +653,48 @@ fn a_second_signal_gives_up_sending_to_a_pipe_no_one_reads() {
     assert!(!status.success(), "a stream given up is an error");
     assert!(errors.iter().any(|line| line.contains("pipe:1")), "the error names the output: {errors:?}");
 }
+
+#[test]
+fn a_live_hls_playlist_and_its_segments_are_written_in_place_as_the_stream_goes() {
+    let dir = TempDir::new().unwrap();
+    // six seconds of stream (three two-second segments), then a connection that stays open and silent
+    let bytes = std::fs::read(bikes_stream(dir.path(), 150)).unwrap();
+    let input = TcpListener::bind("127.0.0.1:0").unwrap();
+    let input_url = format!("tcp://127.0.0.1:{}", input.local_addr().unwrap().port());
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let sender = std::thread::spawn(move || {
+        let (mut client, _) = input.accept().unwrap();
+        let _ = client.write_all(&bytes);
+        let _ = released.recv();
+    });
+    let hls = dir.path().join("hls");
+    std::fs::create_dir(&hls).unwrap();
+    let playlist = hls.join("live.m3u8");
+    let extra = ["--first-iterations", "2", "--pace", "every-frame"];
+    let mut child = stream_command(&input_url, playlist.to_str().unwrap(), &extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stdout.take().unwrap());
+    // frame 100 is painted once 4 s of stream have been encoded: two segments are complete
+    while !lines.recv_timeout(Duration::from_secs(120)).is_ok_and(|line| painted_index(&line) == Some(100)) {}
+
+    // while the stream runs: the playlist is there under its own name, open-ended, with its segments
+    let live = std::fs::read_to_string(&playlist).expect("the playlist is written as the stream goes");
+    assert!(!live.contains("#EXT-X-ENDLIST"), "{live}");
+    let segments: Vec<&str> = live.lines().filter(|line| line.ends_with(".ts")).collect();
+    assert!(!segments.is_empty() && segments.iter().all(|s| hls.join(s).is_file()), "{live}");
+
+    // SAFETY: a plain signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    release.send(()).unwrap();
+    sender.join().unwrap();
+    let mut errors = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
+    assert!(status.expect("the stream ended").success(), "{errors}");
+    let ended = std::fs::read_to_string(&playlist).unwrap();
+    assert!(ended.contains("#EXT-X-ENDLIST"), "the playlist is closed when the stream ends: {ended}");
+    assert!(entries(&hls).iter().all(|name| name == "live.m3u8" || name.starts_with("live")), "{:?}", entries(&hls));
+}

@@ -266,6 +266,32 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
 }
 
+#[test]
+fn an_hls_output_lands_with_its_segments_whole_or_not_at_all() {
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let output = dir.path().join("painted.m3u8");
+    let extra = ["--size", "48", "--first-iterations", "4", "-n", "2"];
+    // killed mid-run: neither the playlist nor a segment is in the output's folder
+    kill_once_listed(video_command(&input, &output, &extra), &output, 5);
+    let names = entries(dir.path());
+    assert!(names.iter().all(|name| name.starts_with('.')), "only the hidden work directory: {names:?}");
+
+    let result = run(video_command(&input, &output, &extra));
+    assert!(result.status.success(), "{}", stderr(&result));
+    // the playlist and the segments it lists, nothing else; every frame and the sound, as ffprobe reads them
+    let names = entries(dir.path());
+    assert_eq!(names[0], "painted.m3u8", "{names:?}");
+    assert!(
+        names.len() > 1 && names[1..].iter().all(|name| name.starts_with("painted") && name.ends_with(".ts")),
+        "{names:?}"
+    );
+    let playlist = std::fs::read_to_string(&output).unwrap();
+    assert!(names[1..].iter().all(|segment| playlist.contains(segment.as_str())), "{playlist}");
+    assert_eq!(stream(&ffprobe(&output), "video")["nb_read_frames"], "50");
+    assert_eq!(stream_list(&ffprobe(&output)), stream_list(&ffprobe(&input)));
+}
+
 /// E_warp of every frame pair of `output` against `input`, as `impasto eval` measures it.
 fn pair_warping_errors(input: &Path, output: &Path, report: &Path) -> Vec<f64> {
     let mut eval = common::impasto("video-cache");

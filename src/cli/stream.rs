@@ -29,7 +29,8 @@ pub struct StreamArgs {
     #[arg(long, short, required = true)]
     pub style: Vec<PathBuf>,
     /// Where the painted stream goes: a URL, `-` for standard output, or a file (written under a
-    /// temporary name, renamed into place when the stream ends).
+    /// temporary name, renamed into place when the stream ends; an HLS playlist, NAME.m3u8, is
+    /// written in place with its segments as the stream goes).
     #[arg(long, short)]
     pub output: String,
     /// Output container (FFmpeg muxer name: mpegts, flv, matroska, …). Default: flv for rtmp://,

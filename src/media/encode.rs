@@ -155,7 +155,8 @@ impl VideoWriter {
     /// `pipe:1`, …) is written as frames come, in `container` (by default FLV for RTMP and MPEG-TS
     /// otherwise), with an encoder tuned for latency; a file name is written as [`create`](Self::create)
     /// writes it (container from the extension unless given, complete under its name only once
-    /// finished).
+    /// finished), unless its muxer writes files of its own (an HLS playlist and its segments): those
+    /// are written in place as the stream goes, like a URL.
     ///
     /// `audio`, a live input's sound, gets a stream of its own (see [`write_copied`](Self::write_copied)).
     /// FFmpeg polls `abort` whenever sending to a URL waits (for a listener to connect, for a receiver
@@ -170,13 +171,20 @@ impl VideoWriter {
     ) -> Result<Self, MediaError> {
         super::init();
         let output = Path::new(location);
-        let (destination, container) = match (is_url(location), container) {
-            (true, Some(container)) => (Destination::Stream(StreamEnd::new(location, abort)), container.to_string()),
-            (true, None) => {
-                (Destination::Stream(StreamEnd::new(location, abort)), stream_container(location).to_string())
-            }
-            (false, Some(container)) => (Destination::File, container.to_string()),
-            (false, None) => (Destination::File, guess_container(output)?),
+        let container = match container {
+            Some(container) => container.to_string(),
+            None if is_url(location) => stream_container(location).to_string(),
+            None => guess_container(output)?,
+        };
+        // a muxer that writes files of its own (a live HLS playlist and its segments) writes them in
+        // place as the stream goes: that is what makes them live
+        let in_place = !is_url(location) && writes_own_files(&container);
+        if in_place {
+            check_output_directory(output)?;
+        }
+        let destination = match is_url(location) || in_place {
+            true => Destination::Stream(StreamEnd::new(location, abort)),
+            false => Destination::File,
         };
         Self::open(output, destination, container, settings, spec, audio)
     }
@@ -202,9 +210,9 @@ impl VideoWriter {
         let (mut muxer, partial) = match &stream {
             None => {
                 check_output_directory(output)?;
-                let temporary = crate::fsutil::temp_path_for(output);
-                let muxer = format::output_as(&temporary, &plan.container).map_err(|e| open_failure(output, e))?;
-                (muxer, Some(PartialOutput::new(temporary, output)))
+                let partial = PartialOutput::create(output, writes_own_files(&plan.container))?;
+                let muxer = format::output_as(&partial.path(), &plan.container).map_err(|e| open_failure(output, e))?;
+                (muxer, Some(partial))
             }
             Some(stream) => {
                 let muxer = open_stream_output(output, &plan.container, &stream.abort)
@@ -216,7 +224,10 @@ impl VideoWriter {
         let mut copier = spec.source.as_deref().map(|source| StreamCopier::open(source, output)).transpose()?;
         let video_stream = add_streams(output, &mut muxer, &encoder, plan.codec, copier.as_mut(), &spec)?;
         let audio_stream = audio.map(|track| add_copied_track(output, &mut muxer, track)).transpose()?.flatten();
-        muxer.write_header().map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
+        let header_options = muxer_options(&plan);
+        muxer
+            .write_header_with(header_options)
+            .map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
         if let Some(copier) = copier.as_mut() {
             copier.start(&muxer);
         }
@@ -655,6 +666,26 @@ fn open_encoder(
             settings.codec, settings.crf, settings.preset, settings.pixel_format
         ))
     })
+}
+
+/// Whether the muxer named `container` opens the files it writes itself (HLS, DASH, image
+/// sequences, segments), so that impasto cannot hand it one file to write.
+fn writes_own_files(container: &str) -> bool {
+    let Ok(name) = CString::new(container) else { return false };
+    // SAFETY: a valid C string; null file name and MIME type are allowed. The result is static.
+    let format = unsafe { ffi::av_guess_format(name.as_ptr(), std::ptr::null(), std::ptr::null()) };
+    // SAFETY: a non-null result points to FFmpeg's static description of the muxer.
+    !format.is_null() && unsafe { (*format).flags } & ffi::AVFMT_NOFILE as libc::c_int != 0
+}
+
+/// Options for the muxer's header: a live HLS playlist deletes the segments it no longer lists, so
+/// that a stream that runs for days does not fill the disk.
+fn muxer_options(plan: &OutputPlan) -> Dictionary<'static> {
+    let mut options = Dictionary::new();
+    if plan.live && plan.container == "hls" {
+        options.set("hls_flags", "delete_segments");
+    }
+    options
 }
 
 /// The options that make `codec` send each frame on as soon as it is encoded: no frame reordering,

@@ -30,6 +30,8 @@ pub const MANIFEST: &str = "manifest.jsonl";
 pub const FRAMES: &str = "frames";
 /// Name of the lock file inside a work directory.
 const LOCK: &str = "lock";
+/// The folder the encoder's output is written in before it is moved into place.
+const STAGING: &str = "output";
 /// Version of the manifest format; another version is not resumed.
 const FORMAT_VERSION: u32 = 1;
 /// Hex digits of the key used in the directory name.
@@ -134,9 +136,15 @@ impl Checkpoint {
     }
 
     /// Where a file named like `output` is written inside the work directory (the encoder's output
-    /// before it is moved into place).
-    pub fn staging_path(&self, output: &Path) -> PathBuf {
-        self.dir.join(output.file_name().unwrap_or(std::ffi::OsStr::new("output")))
+    /// before it is moved into place): in a folder of its own, emptied of what a killed run left, so
+    /// that the files a muxer writes beside it (HLS segments) can be moved into place with it.
+    pub fn staging_path(&self, output: &Path) -> Result<PathBuf> {
+        let folder = self.dir.join(STAGING);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+        }
+        std::fs::create_dir(&folder).map_err(|e| Error::io(&folder, e))?;
+        Ok(folder.join(output.file_name().unwrap_or(std::ffi::OsStr::new("output"))))
     }
 
     /// A reader of the stored pictures that can go to another stage than the one storing them.

@@ -171,10 +171,11 @@ impl PreparedJob {
     fn run_in(self, vgg: &Vgg, batch: Option<&SharedBatch>, observer: &mut dyn FnMut(JobEvent<'_>)) -> Result<Report> {
         let started = Instant::now();
         let mut checkpoint = Checkpoint::open(&self.job.output, &self.key)?;
-        let staging = checkpoint.staging_path(&self.job.output);
+        let staging = checkpoint.staging_path(&self.job.output)?;
         match self.run_stages(vgg, batch, &mut checkpoint, &staging, observer) {
             Ok((frames, damaged)) => {
-                std::fs::rename(&staging, &self.job.output).map_err(|e| Error::io(&self.job.output, e))?;
+                crate::fsutil::move_with_companions(&staging, &self.job.output)
+                    .map_err(|e| Error::io(&self.job.output, e))?;
                 checkpoint.remove()?;
                 for stale in checkpoint::remove_stale_siblings(&self.job.output, &self.key) {
                     tracing::info!(dir = %stale.display(), "removed the work directory of an earlier run with other settings");
