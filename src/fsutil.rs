@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Moves `staged` to `destination` together with every other file in `staged`'s folder (the
-/// segments of an HLS playlist, numbered images), each under its own name into `destination`'s
-/// folder, `staged` itself last, so that what it refers to is in place before it is.
+/// segments of an HLS playlist), each under its own name into `destination`'s folder, `staged`
+/// itself last, so that what it refers to is in place before it is. Not atomic as a whole: a failure
+/// part-way leaves the files moved so far.
 pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Result<()> {
     let staging_folder = staged.parent().unwrap_or(Path::new("."));
     let folder = match destination.parent() {
@@ -15,8 +16,10 @@ pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Resul
         _ => Path::new("."),
     };
     for entry in std::fs::read_dir(staging_folder)? {
-        let path = entry?.path();
+        let entry = entry?;
+        let path = entry.path();
         if path != staged
+            && entry.file_type()?.is_file()
             && let Some(name) = path.file_name()
         {
             std::fs::rename(&path, folder.join(name))?;

@@ -320,7 +320,8 @@ fn a_stream_encoder_sends_each_frame_on_at_once_and_a_file_encoder_may_hold_some
 fn a_muxer_that_writes_several_files_lands_them_together_or_leaves_nothing() {
     let dir = TempDir::new().unwrap();
     let write = |name: &str, frames: i64| {
-        let spec = VideoWriterSpec::new((64, 48), (1, 2));
+        let mut spec = VideoWriterSpec::new((64, 48), (1, 2));
+        spec.frame_rate = Some((2, 1));
         let mut writer = VideoWriter::create(dir.path().join(name), &quick_settings(), spec).unwrap();
         for index in 0..frames {
             writer.write(&Frame { pts: index, index: index as u64, time_base: (1, 2), ..colour_patches() }).unwrap();
@@ -332,13 +333,22 @@ fn a_muxer_that_writes_several_files_lands_them_together_or_leaves_nothing() {
     drop(unfinished);
     assert!(entries(dir.path()).is_empty(), "an unfinished output leaves nothing: {:?}", entries(dir.path()));
 
-    write("painted.m3u8", 12).finish().unwrap();
-    // the playlist and the segments it lists (HLS cuts at key frames), under their own names
+    // 30 frames at 2 a second in two-second segments: 8 segments, more than a live playlist keeps
+    write("painted.m3u8", 30).finish().unwrap();
     let names = entries(dir.path());
     let playlist = std::fs::read_to_string(dir.path().join("painted.m3u8")).unwrap();
     assert_eq!(names[0], "painted.m3u8");
-    assert!(names.len() > 1 && names[1..].iter().all(|name| playlist.contains(&format!("\n{name}\n"))), "{names:?}");
-    assert_eq!(stream(&ffprobe(&dir.path().join("painted.m3u8")), "video")["nb_read_frames"], "12");
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert!(
+        names[1..].iter().all(|name| playlist.contains(&format!("\n{name}\n"))),
+        "every segment listed: {playlist}"
+    );
+    assert_eq!(stream(&ffprobe(&dir.path().join("painted.m3u8")), "video")["nb_read_frames"], "30");
+    // an image sequence has no one file to move into place: refused before anything is written
+    let spec = VideoWriterSpec::new((64, 48), (1, 2));
+    let refused = VideoWriter::create(dir.path().join("frame%03d.png"), &quick_settings(), spec);
+    assert!(matches!(refused, Err(MediaError::Unsupported { .. })), "{:?}", refused.err());
+    assert_eq!(entries(dir.path()).len(), 9);
 }
 
 #[test]

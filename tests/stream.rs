@@ -677,8 +677,14 @@ fn a_live_hls_playlist_and_its_segments_are_written_in_place_as_the_stream_goes(
         .spawn()
         .unwrap();
     let lines = lines_of(child.stdout.take().unwrap());
-    // frame 100 is painted once 4 s of stream have been encoded: two segments are complete
-    while !lines.recv_timeout(Duration::from_secs(120)).is_ok_and(|line| painted_index(&line) == Some(100)) {}
+    // frame 100 is painted once 4 s of stream have been encoded: two-second segments (a key frame
+    // every two seconds) are complete
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(120)).expect("frame 100 is painted");
+        if painted_index(&line) == Some(100) {
+            break;
+        }
+    }
 
     // while the stream runs: the playlist is there under its own name, open-ended, with its segments
     let live = std::fs::read_to_string(&playlist).expect("the playlist is written as the stream goes");

@@ -201,6 +201,7 @@ impl VideoWriter {
         let incoming_size = spec.frame_size;
         let (spec, upright_turns) = turned_upright(spec, &container, output);
         let mut plan = plan_output(output, container, settings, &spec)?;
+        check_several_files(output, &plan.container)?;
         plan.live = matches!(destination, Destination::Stream(_));
         // declared before the muxer, so dropped after it on every early return below
         let stream = match destination {
@@ -224,7 +225,7 @@ impl VideoWriter {
         let mut copier = spec.source.as_deref().map(|source| StreamCopier::open(source, output)).transpose()?;
         let video_stream = add_streams(output, &mut muxer, &encoder, plan.codec, copier.as_mut(), &spec)?;
         let audio_stream = audio.map(|track| add_copied_track(output, &mut muxer, track)).transpose()?.flatten();
-        let header_options = muxer_options(&plan);
+        let header_options = muxer_options(&plan, output);
         muxer
             .write_header_with(header_options)
             .map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
@@ -644,6 +645,10 @@ fn open_encoder(
     video.set_format(plan.pixel_format);
     video.set_time_base(rational(spec.time_base));
     video.set_frame_rate(spec.frame_rate.map(rational));
+    if let Some(frames) = segment_frames(&plan.container, spec.frame_rate) {
+        // a segment can only start at a key frame
+        video.set_gop(frames);
+    }
     video.set_aspect_ratio(rational(spec.sample_aspect_ratio));
     video.set_colorspace(spec.color.av_matrix());
     video.set_color_range(spec.color.av_range());
@@ -678,12 +683,62 @@ fn writes_own_files(container: &str) -> bool {
     !format.is_null() && unsafe { (*format).flags } & ffi::AVFMT_NOFILE as libc::c_int != 0
 }
 
-/// Options for the muxer's header: a live HLS playlist deletes the segments it no longer lists, so
-/// that a stream that runs for days does not fill the disk.
-fn muxer_options(plan: &OutputPlan) -> Dictionary<'static> {
+/// The segmenting muxers impasto writes (several files: a playlist or manifest and its segments).
+const SEGMENTING_CONTAINERS: [&str; 2] = ["hls", "dash"];
+
+/// How long a segment of an HLS or DASH output is.
+const SEGMENT_SECONDS: u32 = 2;
+
+/// Refuses a muxer that writes files of its own other than HLS and DASH (numbered images, the
+/// segment muxer): their files have no one name to move into place.
+fn check_several_files(output: &Path, container: &str) -> Result<(), MediaError> {
+    if writes_own_files(container) && !SEGMENTING_CONTAINERS.contains(&container) {
+        return Err(MediaError::Unsupported {
+            path: output.to_path_buf(),
+            detail: format!(
+                "the '{container}' muxer writes numbered files of its own, which cannot be written as one output; \
+                 write a video file (.mp4, .mkv) or an HLS playlist (.m3u8)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The key-frame interval of an HLS or DASH output: a segment's frames, when the frame rate is known.
+fn segment_frames(container: &str, frame_rate: Option<(i32, i32)>) -> Option<u32> {
+    let (num, den) = frame_rate.filter(|&(num, den)| num > 0 && den > 0)?;
+    let frames = (f64::from(SEGMENT_SECONDS) * f64::from(num) / f64::from(den)).round() as u32;
+    SEGMENTING_CONTAINERS.contains(&container).then_some(frames.max(1))
+}
+
+/// Options for the muxer's header. HLS: a finished video's playlist lists every segment; a live
+/// one the newest, deleting those it no longer lists, so that a stream that runs for days does not
+/// fill the disk. DASH: segment files named after the output (dashenc's own names would collide
+/// with another output's in the same folder), and a live window that deletes older segments too.
+fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     let mut options = Dictionary::new();
-    if plan.live && plan.container == "hls" {
-        options.set("hls_flags", "delete_segments");
+    let segment = SEGMENT_SECONDS.to_string();
+    match (plan.container.as_str(), plan.live) {
+        ("hls", true) => {
+            options.set("hls_time", &segment);
+            options.set("hls_flags", "delete_segments");
+        }
+        ("hls", false) => {
+            options.set("hls_time", &segment);
+            options.set("hls_list_size", "0");
+            options.set("hls_playlist_type", "vod");
+        }
+        ("dash", live) => {
+            let stem = output.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+            options.set("seg_duration", &segment);
+            options.set("init_seg_name", &format!("{stem}-init-$RepresentationID$.$ext$"));
+            options.set("media_seg_name", &format!("{stem}-chunk-$RepresentationID$-$Number%05d$.$ext$"));
+            if live {
+                options.set("window_size", "5");
+                options.set("extra_window_size", "5");
+            }
+        }
+        _ => {}
     }
     options
 }

@@ -1,9 +1,9 @@
 //! The output while it is being written: a hidden temporary name in the output's directory, renamed
 //! into place only when the video is complete, removed otherwise. A crash or an error never leaves a
 //! half-written video under the real name. A muxer that writes several files (an HLS playlist and
-//! its segments, DASH, numbered images) writes them into a hidden temporary directory instead, under
-//! their own names, and they are moved into place together, the named output last, so that the files
-//! it refers to are there before it is.
+//! its segments, DASH) writes them into a hidden temporary directory instead, under their own names,
+//! and they are moved into place when complete, the named output last, so that the files it refers
+//! to are there before it is.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +25,8 @@ impl PartialOutput {
     pub fn create(destination: &Path, several_files: bool) -> Result<Self, MediaError> {
         let temporary = crate::fsutil::temp_path_for(destination);
         if several_files {
+            // a folder of this name was left by a killed process that had this process's id
+            let _ = std::fs::remove_dir_all(&temporary);
             std::fs::create_dir(&temporary).map_err(|source| directory_error(destination, source))?;
         }
         Ok(PartialOutput { temporary, destination: destination.to_path_buf(), several_files, committed: false })
