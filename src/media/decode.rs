@@ -19,7 +19,7 @@ use super::geometry::{WorkingSize, fit_long_side};
 use super::pipe::NonBlockingPipe;
 use super::probe::{
     discard_other_streams, main_video_stream, open_live_input, open_video_input, pair, stream_frame_rate,
-    summarise_streams,
+    summarise_streams, url_scheme,
 };
 use super::quietly;
 
@@ -507,8 +507,7 @@ fn nominal_frame_duration(frame_rate: Rational, time_base: Rational) -> i64 {
 /// error (they cannot tell a close from a lost connection; a TCP stream can, and a reset is not a
 /// clean end).
 fn live_stream_ended(location: &Path, error: ffmpeg_next::Error) -> bool {
-    let scheme = location.to_str().and_then(|location| location.split_once("://")).map(|(scheme, _)| scheme);
-    // FFmpeg's protocol names are lower case
+    let scheme = location.to_str().and_then(url_scheme);
     let closes_with_eio = scheme.is_some_and(|scheme| scheme.starts_with("rtmp") || scheme == "srt");
     error == ffmpeg_next::Error::Exit || (closes_with_eio && error == ffmpeg_next::Error::Other { errno: libc::EIO })
 }

@@ -23,7 +23,7 @@ use super::error::MediaError;
 use super::geometry::{even_size, fit_long_side, rotation_of};
 use super::partial::{PartialOutput, check_output_directory, directory_error};
 use super::pipe::NonBlockingPipe;
-use super::probe::{VideoInfo, is_url};
+use super::probe::{VideoInfo, is_url, url_scheme};
 use super::settings::{EncodeSettings, OutputSize};
 
 /// What the writer needs to know about the frames it will get and the video they came from.
@@ -484,8 +484,8 @@ fn rgb_to_encoder_scaler(output: &Path, spec: &VideoWriterSpec, plan: &OutputPla
 
 /// The container a stream to `location` gets unless told: FLV for RTMP, MPEG-TS for the rest.
 fn stream_container(location: &str) -> &'static str {
-    let scheme = location.split(':').next().unwrap_or_default().to_ascii_lowercase();
-    if scheme.starts_with("rtmp") { "flv" } else { "mpegts" }
+    let is_rtmp = url_scheme(location).is_some_and(|scheme| scheme.to_ascii_lowercase().starts_with("rtmp"));
+    if is_rtmp { "flv" } else { "mpegts" }
 }
 
 /// The muxer FFmpeg picks for `output`'s extension.
@@ -596,7 +596,7 @@ fn open_stream_output(location: &Path, container: &str, abort: &Arc<AtomicBool>)
 /// sent yet when it closes, which would be the last painted frames of every stream: unless the URL
 /// says otherwise, it is given [`SRT_LINGER_SECONDS`] to send them.
 fn sending_url(location: &str) -> std::borrow::Cow<'_, str> {
-    let is_srt = location.split_once("://").is_some_and(|(scheme, _)| scheme == "srt");
+    let is_srt = url_scheme(location) == Some("srt");
     let query = location.split_once('?').map(|(_, query)| query);
     let sets_linger =
         query.is_some_and(|query| query.split('&').any(|option| option.split('=').next() == Some("linger")));

@@ -173,15 +173,14 @@ pub(crate) fn open_live_input(location: &str, stop: Arc<AtomicBool>) -> Result<I
 
 /// Whether `location` is a URL (`scheme://…`, or FFmpeg's `pipe:N`) rather than a file name.
 pub fn is_url(location: &str) -> bool {
-    if location.starts_with("pipe:") {
-        return true;
-    }
-    match location.split_once("://") {
-        Some((scheme, _)) => {
-            !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        }
-        None => false,
-    }
+    location.starts_with("pipe:") || url_scheme(location).is_some()
+}
+
+/// The scheme of a `scheme://…` URL, as written (FFmpeg's protocol names are lower case).
+pub(crate) fn url_scheme(location: &str) -> Option<&str> {
+    let (scheme, _) = location.split_once("://")?;
+    let valid = !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some(scheme)
 }
 
 /// Tells "not media at all" from "media with an unreadable header" after FFmpeg failed to open a file.
