@@ -10,11 +10,7 @@ use crate::error::{Error, Result};
 /// itself last, so that what it refers to is in place before it is. Not atomic as a whole: a failure
 /// part-way leaves the files moved so far.
 pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Result<()> {
-    let staging_folder = staged.parent().unwrap_or(Path::new("."));
-    let folder = match destination.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
+    let (staging_folder, folder) = (folder_of(staged), folder_of(destination));
     for entry in std::fs::read_dir(staging_folder)? {
         let entry = entry?;
         let path = entry.path();
@@ -26,6 +22,11 @@ pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Resul
         }
     }
     std::fs::rename(staged, destination)
+}
+
+/// The folder `path` is in: its parent, or "." for a bare file name.
+pub fn folder_of(path: &Path) -> &Path {
+    path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// A hidden temporary name in the same directory as `path` (same file system, so rename is atomic).

@@ -203,7 +203,7 @@ pub fn run(args: ImageArgs) -> Result<()> {
 fn check_output(output: &Path) -> impasto::Result<()> {
     image::ImageFormat::from_path(output)
         .map_err(|_| Error::image(output, "unknown output extension (use .png, .jpg, .webp, .bmp or .tiff)"))?;
-    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = impasto::fsutil::folder_of(output);
     if !dir.is_dir() {
         return Err(Error::io(
             output,

@@ -183,7 +183,7 @@ pub(super) fn read_styles(paths: &[PathBuf]) -> impasto::Result<Vec<StyleImage>>
 
 /// Fails early when the report's directory does not exist.
 fn check_report_path(report: &Path) -> impasto::Result<()> {
-    let dir = report.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = impasto::fsutil::folder_of(report);
     if dir.is_dir() {
         return Ok(());
     }

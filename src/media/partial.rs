@@ -89,8 +89,5 @@ pub(crate) fn directory_error(output: &Path, source: std::io::Error) -> MediaErr
 
 /// The directory `output` goes in ("." for a bare file name).
 fn output_directory(output: &Path) -> PathBuf {
-    match output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    crate::fsutil::folder_of(output).to_path_buf()
 }

@@ -184,9 +184,8 @@ impl Checkpoint {
 /// that another process holds is left alone. Returns the directories removed.
 pub fn remove_stale_siblings(output: &Path, key: &str) -> Vec<PathBuf> {
     let own = work_dir_for(output, key);
-    let Some(parent) = own.parent() else { return Vec::new() };
     let prefix = work_dir_prefix(output);
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let parent = crate::fsutil::folder_of(&own);
     let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
     let mut removed = Vec::new();
     for entry in entries.flatten() {
