@@ -352,6 +352,14 @@ fn a_receiver_that_hangs_up_ends_the_stream_with_an_error_even_while_the_input_i
     assert!(errors.contains(&output_url), "the error names the output: {errors}");
 }
 
+/// Waits for a `child` whose output is piped, and takes its output; a guard, not a measurement,
+/// kills it after two minutes (its status is then `None`), so a hang fails a test instead of
+/// stalling the suite.
+fn output_or_kill(mut child: std::process::Child) -> (Option<std::process::ExitStatus>, Output) {
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    (status, child.wait_with_output().unwrap())
+}
+
 /// Waits for `child` to exit; kills it and gives `None` after `limit`.
 fn wait_or_kill(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let started = std::time::Instant::now();
@@ -489,11 +497,9 @@ fn a_stream_comes_in_and_goes_out_over_rtmp_and_a_server_that_closes_ends_it_cle
     wait_for_port("tcp", in_port);
     wait_for_port("tcp", out_port);
     let extra = ["--pace", "every-frame", "--first-iterations", "4"];
-    let mut painter =
+    let painter =
         stream_command(&in_url, &out_url, &extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    // a guard, not a measurement: a hang fails this test instead of stalling the suite
-    let status = wait_or_kill(&mut painter, Duration::from_secs(120));
-    let run = painter.wait_with_output().unwrap();
+    let (status, run) = output_or_kill(painter);
     assert!(server.finish().is_some() && receiver.finish().is_some(), "the ffmpeg servers ended");
     // FFmpeg reads an RTMP server's close as an I/O error: it is the stream's end, not a failure
     assert!(status.expect("impasto ended").success(), "{}", stderr(&run));
@@ -527,7 +533,7 @@ fn a_stream_comes_in_and_goes_out_over_srt_every_frame_arriving_and_a_sender_tha
     ]);
     wait_for_port("udp", out_port);
     // impasto listens for the sender, and calls the receiver
-    let mut painter = stream_command(
+    let painter = stream_command(
         &format!("srt://127.0.0.1:{in_port}?mode=listener"),
         &format!("srt://127.0.0.1:{out_port}"),
         &["--pace", "every-frame", "--first-iterations", "4"],
@@ -547,8 +553,7 @@ fn a_stream_comes_in_and_goes_out_over_srt_every_frame_arriving_and_a_sender_tha
         "mpegts",
         &format!("srt://127.0.0.1:{in_port}?linger=2"),
     ]);
-    let status = wait_or_kill(&mut painter, Duration::from_secs(120));
-    let run = painter.wait_with_output().unwrap();
+    let (status, run) = output_or_kill(painter);
     assert!(sender.finish().is_some() && receiver.finish().is_some(), "the ffmpeg ends ended");
     // FFmpeg reads an SRT sender's close as an I/O error: it is the stream's end, not a failure
     let status = status.expect("impasto ended");
