@@ -357,3 +357,74 @@ fn scene_cut_measures_of_every_frame_pair() {
         );
     }
 }
+
+#[test]
+#[ignore = "prints how far cheaper solver settings stray from the defaults; run with --ignored --nocapture"]
+fn cheaper_settings_against_the_defaults() {
+    single_threaded();
+    let width: u32 = std::env::var("FLOW_WIDTH").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let shots = [(40usize, 52usize), (94, 106), (196, 208)];
+    let full = FlowSettings::default();
+    let variants: Vec<(String, FlowSettings)> =
+        [(5, 20, 8), (4, 20, 8), (3, 20, 8), (2, 20, 8), (5, 10, 8), (3, 10, 8), (3, 20, 16), (3, 15, 12)]
+            .into_iter()
+            .map(|(warps, iterations, min_level_size)| {
+                (
+                    format!("{warps}W {iterations}I min{min_level_size}"),
+                    FlowSettings { warps, iterations, min_level_size, ..full.clone() },
+                )
+            })
+            .collect();
+    let mut known: Vec<(String, Tensor, Tensor, Tensor)> = [1.04, 1.08]
+        .into_iter()
+        .map(|zoom| {
+            let (prev, next, truth) = zoomed_pair(zoom);
+            (format!("zoom {zoom}"), prev, next, truth)
+        })
+        .collect();
+    for (dx, dy, factor) in [(3, -5, 2), (-7, 2, 2), (-16, 10, 2)] {
+        let (prev, next) = translated_pair(dx, dy, factor);
+        let (_, _, height, width) = next.size4().unwrap();
+        let truth = constant_flow(dx as f64 / factor as f64, dy as f64 / factor as f64, height, width);
+        known.push((format!("shift ({dx}, {dy})/{factor}"), prev, next, truth));
+    }
+    for (name, settings) in &variants {
+        let errors: Vec<String> = known
+            .iter()
+            .map(|(what, prev, next, truth)| {
+                let flow = flow::flow_backward(prev, next, settings).unwrap();
+                format!("{what} {:.4}", mean_endpoint_error(&flow, truth, 8))
+            })
+            .collect();
+        println!("{name:>16}: endpoint errors {}", errors.join(", "));
+    }
+    for (first, last) in shots {
+        let indices: Vec<usize> = (first..=last).collect();
+        let frames = bikes_frames(&indices, width);
+        let reference: Vec<flow::FlowPair> =
+            frames.windows(2).map(|w| flow::flow_pair(&w[0], &w[1], &full).unwrap()).collect();
+        for (name, settings) in &variants {
+            let (mut seconds, mut error, mut epe, mut reliable) = (0.0, 0.0, 0.0, 0.0);
+            for (k, pair_frames) in frames.windows(2).enumerate() {
+                let (prev, next) = (&pair_frames[0], &pair_frames[1]);
+                let started = process_cpu_seconds();
+                let pair = flow::flow_pair(prev, next, settings).unwrap();
+                let mask = pair.reliability();
+                let _ = mask.sum(Kind::Float).double_value(&[]);
+                seconds += process_cpu_seconds() - started;
+                let truth_mask = reference[k].reliability();
+                error += masked_photometric_error(next, &flow::warp(prev, &pair.backward), &truth_mask);
+                epe += mean_endpoint_error(&pair.backward, &reference[k].backward, 4);
+                reliable += mask.mean(Kind::Float).double_value(&[]);
+            }
+            let n = (frames.len() - 1) as f64;
+            println!(
+                "frames {first}..{last} {width} wide, {name:>16}: {:.3} s/pair, error {:.6}, EPE vs default {:.3}, reliable {:.3}",
+                seconds / n,
+                error / n,
+                epe / n,
+                reliable / n
+            );
+        }
+    }
+}

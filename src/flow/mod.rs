@@ -36,12 +36,14 @@
 //!
 //! # Cost
 //!
-//! On one core of the development machine a flow field takes about 0.09 s of CPU time at 256×108
-//! and 0.27 s at 512×218, about a fifth of one VGG-16 loss-and-gradient evaluation at the same size
-//! (`cargo test --release --test flow flow_speed -- --ignored --nocapture`). The solver issues many
-//! small tensor operations: on a busy shared CPU, one libtorch thread (`tch::set_num_threads(1)`)
-//! is far faster than several.
+//! On one core of the development machine a flow field takes about 0.03 s of CPU time at 256×108
+//! and 0.12 s at 512×218, about a tenth of one f32 VGG-16 loss-and-gradient evaluation at the same
+//! size (`cargo test --release --test flow flow_speed -- --ignored --nocapture`). On the CPU the
+//! solver's inner iterations and its median filter run as fused loops over plain arrays; the rest
+//! is small tensor operations, so on a busy shared CPU one libtorch thread
+//! (`tch::set_num_threads(1)`) is far faster than several.
 
+mod fused;
 mod ops;
 mod reliability;
 mod scene;
