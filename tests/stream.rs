@@ -660,7 +660,7 @@ fn a_second_signal_gives_up_sending_to_a_pipe_no_one_reads() {
 }
 
 #[test]
-fn a_live_hls_playlist_and_its_segments_are_written_in_place_as_the_stream_goes() {
+fn a_live_hls_playlist_is_written_in_place_as_the_stream_goes_and_continued_by_a_restart() {
     let dir = TempDir::new().unwrap();
     // six seconds of stream (three two-second segments), then a connection that stays open and silent
     let bytes = std::fs::read(bikes_stream(dir.path(), 150)).unwrap();
@@ -708,4 +708,27 @@ fn a_live_hls_playlist_and_its_segments_are_written_in_place_as_the_stream_goes(
     let ended = std::fs::read_to_string(&playlist).unwrap();
     assert!(ended.contains("#EXT-X-ENDLIST"), "the playlist is closed when the stream ends: {ended}");
     assert!(entries(&hls).iter().all(|name| name == "live.m3u8" || name.starts_with("live")), "{:?}", entries(&hls));
+
+    // a stream restarted into the same playlist continues it: numbering goes on, a discontinuity
+    // marks the restart, and every segment listed is there
+    let first_run = segment_numbers(&ended);
+    let restart = dir.path().join("restart");
+    std::fs::create_dir(&restart).unwrap();
+    let restart_input = bikes_stream(&restart, 60);
+    let output = stream_command(restart_input.to_str().unwrap(), playlist.to_str().unwrap(), &extra).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let continued = std::fs::read_to_string(&playlist).unwrap();
+    let numbers = segment_numbers(&continued);
+    let last_before = *first_run.iter().max().unwrap();
+    let new: Vec<u64> = numbers.iter().copied().filter(|&n| n > last_before).collect();
+    assert!(!new.is_empty() && numbers.windows(2).all(|pair| pair[0] < pair[1]), "{ended}\n→\n{continued}");
+    let restart_at = continued.find(&format!("live{}.ts", new[0])).unwrap();
+    assert!(continued[..restart_at].contains("#EXT-X-DISCONTINUITY"), "{continued}");
+    assert!(continued.contains("#EXT-X-ENDLIST"), "{continued}");
+    assert!(numbers.iter().all(|n| hls.join(format!("live{n}.ts")).is_file()), "{continued}: {:?}", entries(&hls));
+}
+
+/// The numbers of the `liveN.ts` segments a playlist lists, in its order.
+fn segment_numbers(playlist: &str) -> Vec<u64> {
+    playlist.lines().filter_map(|line| line.strip_prefix("live")?.strip_suffix(".ts")?.parse().ok()).collect()
 }

@@ -713,7 +713,9 @@ fn segment_frames(container: &str, frame_rate: Option<(i32, i32)>) -> Option<u32
 
 /// Options for the muxer's header. HLS: a finished video's playlist lists every segment; a live
 /// one the newest, deleting those it no longer lists, so that a stream that runs for days does not
-/// fill the disk. DASH: segment files named after the output (dashenc's own names would collide
+/// fill the disk. A live playlist that is already there (a stream restarted into it) is continued:
+/// its segments stay listed, numbering goes on after them and a discontinuity marks the restart, so
+/// neither a player nor the new segments' names go back to 0. DASH: segment files named after the output (dashenc's own names would collide
 /// with another output's in the same folder), and a live window that deletes older segments too.
 fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     let mut options = Dictionary::new();
@@ -721,7 +723,11 @@ fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     match (plan.container.as_str(), plan.live) {
         ("hls", true) => {
             options.set("hls_time", &segment);
-            options.set("hls_flags", "delete_segments");
+            let continued = output.is_file();
+            options.set(
+                "hls_flags",
+                if continued { "delete_segments+append_list+discont_start" } else { "delete_segments" },
+            );
         }
         ("hls", false) => {
             options.set("hls_time", &segment);
