@@ -7,10 +7,14 @@ use crate::error::{Error, Result};
 
 /// Moves `staged` to `destination` together with every other file in `staged`'s folder (the
 /// segments of an HLS playlist), each under its own name into `destination`'s folder, `staged`
-/// itself last, so that what it refers to is in place before it is. Not atomic as a whole: a failure
+/// itself last, so that what it refers to is in place before it is. An HLS playlist already at
+/// `destination` is replaced with its segments: those it lists under this output's segment names
+/// that the new output does not bring are removed afterwards. Not atomic as a whole: a failure
 /// part-way leaves the files moved so far.
 pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Result<()> {
     let (staging_folder, folder) = (folder_of(staged), folder_of(destination));
+    let earlier = earlier_segments(destination);
+    let mut moved = Vec::new();
     for entry in std::fs::read_dir(staging_folder)? {
         let entry = entry?;
         let path = entry.path();
@@ -19,9 +23,31 @@ pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Resul
             && let Some(name) = path.file_name()
         {
             std::fs::rename(&path, folder.join(name))?;
+            moved.push(name.to_owned());
         }
     }
-    std::fs::rename(staged, destination)
+    std::fs::rename(staged, destination)?;
+    for name in earlier.iter().filter(|name| !moved.contains(name)) {
+        let _ = std::fs::remove_file(folder.join(name));
+    }
+    Ok(())
+}
+
+/// The segments the HLS playlist at `playlist` (if there is one) lists under the names FFmpeg gives
+/// that output's own segments (the playlist's stem, a number, `.ts` or `.m4s`, in its folder):
+/// never a file it merely refers to.
+fn earlier_segments(playlist: &Path) -> Vec<std::ffi::OsString> {
+    let is_playlist = playlist.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("m3u8"));
+    let (Some(stem), true) = (playlist.file_stem().and_then(|stem| stem.to_str()), is_playlist) else {
+        return Vec::new();
+    };
+    let Ok(text) = std::fs::read_to_string(playlist) else { return Vec::new() };
+    let own_segment = |line: &str| {
+        let numbered = line.strip_suffix(".ts").or_else(|| line.strip_suffix(".m4s"));
+        let number = numbered.and_then(|name| name.strip_prefix(stem));
+        number.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+    };
+    text.lines().map(str::trim).filter(|line| own_segment(line)).map(Into::into).collect()
 }
 
 /// The folder `path` is in: its parent, or "." for a bare file name.
@@ -52,4 +78,37 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_playlist_moved_over_a_longer_one_takes_its_extra_segments_away_and_nothing_else() {
+        let (destination_folder, staging_folder) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (folder, staging) = (destination_folder.path(), staging_folder.path());
+        let playlist = |names: &[&str]| {
+            let lines: Vec<String> = names.iter().map(|name| format!("#EXTINF:2.0,\n{name}")).collect();
+            format!("#EXTM3U\n{}\n#EXT-X-ENDLIST\n", lines.join("\n"))
+        };
+        let earlier = ["out0.ts", "out1.ts", "out2.ts", "out3.ts", "other0.ts", "song.mp3", "out.ts"];
+        std::fs::write(folder.join("out.m3u8"), playlist(&earlier)).unwrap();
+        for name in earlier {
+            std::fs::write(folder.join(name), "earlier").unwrap();
+        }
+        std::fs::write(staging.join("out.m3u8"), playlist(&["out0.ts", "out1.ts"])).unwrap();
+        for name in ["out0.ts", "out1.ts"] {
+            std::fs::write(staging.join(name), "new").unwrap();
+        }
+
+        move_with_companions(&staging.join("out.m3u8"), &folder.join("out.m3u8")).unwrap();
+
+        let mut left: Vec<String> =
+            std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["other0.ts", "out.m3u8", "out.ts", "out0.ts", "out1.ts", "song.mp3"]);
+        assert_eq!(std::fs::read_to_string(folder.join("out1.ts")).unwrap(), "new");
+        assert!(std::fs::read_dir(staging).unwrap().next().is_none(), "everything staged was moved");
+    }
 }
