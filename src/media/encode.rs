@@ -749,16 +749,24 @@ fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     options
 }
 
-/// The options that make `codec` send each frame on as soon as it is encoded: no frame reordering,
-/// no look-ahead (libvpx and libaom otherwise hold back 19–25 frames, on a CPU as many paintings),
-/// and for the VP9/AV1 encoders their real-time speed. Other encoders are opened as they are.
+/// The options that make an encoder send each frame on as soon as it is encoded: no frame
+/// reordering, no look-ahead (libvpx and libaom otherwise hold back 19–25 frames, on a CPU as many
+/// paintings), and for the VP9/AV1 encoders their real-time speed; for NVENC its ultra-low-latency
+/// tuning with frames returned at once (`delay` 0) and no B-frames. Other encoders are opened as
+/// they are. Every name is checked against the encoder's own options where FFmpeg has it.
+const LIVE_TUNING: [(&str, &[(&str, &str)]); 7] = [
+    ("libx264", &[("tune", "zerolatency")]),
+    ("libx265", &[("tune", "zerolatency")]),
+    ("libvpx", &[("deadline", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")]),
+    ("libvpx-vp9", &[("deadline", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")]),
+    ("libaom-av1", &[("usage", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")]),
+    ("h264_nvenc", &[("tune", "ull"), ("zerolatency", "1"), ("delay", "0"), ("rc-lookahead", "0"), ("bf", "0")]),
+    ("hevc_nvenc", &[("tune", "ull"), ("zerolatency", "1"), ("delay", "0"), ("rc-lookahead", "0"), ("bf", "0")]),
+];
+
+/// [`LIVE_TUNING`]'s options for the encoder named `codec`.
 fn live_options(codec: &str) -> &'static [(&'static str, &'static str)] {
-    match codec {
-        "libx264" | "libx265" => &[("tune", "zerolatency")],
-        "libvpx" | "libvpx-vp9" => &[("deadline", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")],
-        "libaom-av1" => &[("usage", "realtime"), ("lag-in-frames", "0"), ("cpu-used", "8")],
-        _ => &[],
-    }
+    LIVE_TUNING.iter().find(|(name, _)| *name == codec).map_or(&[], |(_, options)| options)
 }
 
 /// Adds the output streams in the source's order (the encoded video where the source's video was),
@@ -844,7 +852,52 @@ fn rational((num, den): (i32, i32)) -> Rational {
 
 #[cfg(test)]
 mod tests {
-    use super::{sending_url, stream_container};
+    use std::ffi::{CString, c_void};
+
+    use ffmpeg_next::ffi;
+
+    use super::{LIVE_TUNING, sending_url, stream_container};
+
+    /// Whether `option` is one of the options of the class `class` points to, and `value` one it
+    /// takes: a number, or where the option has named values, one of those names.
+    fn takes(class: *const ffi::AVClass, option: &str, value: &str) -> bool {
+        let (name, class_ref) = (CString::new(option).unwrap(), &class);
+        let object = std::ptr::from_ref(class_ref).cast_mut().cast::<c_void>();
+        // SAFETY: a fake object (a pointer to a valid AVClass pointer) is what AV_OPT_SEARCH_FAKE_OBJ
+        // asks for; the name is a valid C string; the result is static or null.
+        let found =
+            unsafe { ffi::av_opt_find(object, name.as_ptr(), std::ptr::null(), 0, ffi::AV_OPT_SEARCH_FAKE_OBJ) };
+        if found.is_null() {
+            return false;
+        }
+        // SAFETY: a non-null result points to a static AVOption.
+        let unit = unsafe { (*found).unit };
+        if value.parse::<f64>().is_ok() || unit.is_null() {
+            return true;
+        }
+        let constant = CString::new(value).unwrap();
+        // SAFETY: as above; the unit is the option's own static C string.
+        let named = unsafe { ffi::av_opt_find(object, constant.as_ptr(), unit, 0, ffi::AV_OPT_SEARCH_FAKE_OBJ) };
+        !named.is_null()
+    }
+
+    #[test]
+    fn every_live_tuning_option_is_one_its_encoder_takes() {
+        // SAFETY: returns a static class.
+        let generic = unsafe { ffi::avcodec_get_class() };
+        let mut checked = 0;
+        for (codec, options) in LIVE_TUNING {
+            let Some(encoder) = ffmpeg_next::encoder::find_by_name(codec) else { continue };
+            // SAFETY: the encoder is a static AVCodec; its private class is static or null.
+            let private = unsafe { (*encoder.as_ptr()).priv_class };
+            for (option, value) in options {
+                let taken = (!private.is_null() && takes(private, option, value)) || takes(generic, option, value);
+                assert!(taken, "{codec} takes no {option}={value}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} options of encoders this FFmpeg has were checked");
+    }
 
     #[test]
     fn rtmp_streams_go_out_as_flv_and_the_rest_as_mpeg_ts() {
