@@ -33,9 +33,9 @@ pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Resul
     Ok(())
 }
 
-/// The segments the HLS playlist at `playlist` (if there is one) lists under the names FFmpeg gives
-/// that output's own segments (the playlist's stem, a number, `.ts` or `.m4s`, in its folder):
-/// never a file it merely refers to.
+/// The segments the HLS playlist at `playlist` (if there is one) lists under the names its own
+/// segments have (the playlist's stem, `-`, a number and `.ts`, or FFmpeg's default: the stem, a
+/// number and `.ts` or `.m4s`, in its folder): never a file it merely refers to.
 fn earlier_segments(playlist: &Path) -> Vec<std::ffi::OsString> {
     let is_playlist = playlist.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("m3u8"));
     let (Some(stem), true) = (playlist.file_stem().and_then(|stem| stem.to_str()), is_playlist) else {
@@ -44,7 +44,8 @@ fn earlier_segments(playlist: &Path) -> Vec<std::ffi::OsString> {
     let Ok(text) = std::fs::read_to_string(playlist) else { return Vec::new() };
     let own_segment = |line: &str| {
         let numbered = line.strip_suffix(".ts").or_else(|| line.strip_suffix(".m4s"));
-        let number = numbered.and_then(|name| name.strip_prefix(stem));
+        let number =
+            numbered.and_then(|name| name.strip_prefix(stem)).map(|rest| rest.strip_prefix('-').unwrap_or(rest));
         number.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
     };
     text.lines().map(str::trim).filter(|line| own_segment(line)).map(Into::into).collect()
@@ -92,13 +93,13 @@ mod tests {
             let lines: Vec<String> = names.iter().map(|name| format!("#EXTINF:2.0,\n{name}")).collect();
             format!("#EXTM3U\n{}\n#EXT-X-ENDLIST\n", lines.join("\n"))
         };
-        let earlier = ["out0.ts", "out1.ts", "out2.ts", "out3.ts", "other0.ts", "song.mp3", "out.ts"];
+        let earlier = ["out-0.ts", "out-1.ts", "out-2.ts", "out3.ts", "other-0.ts", "song.mp3", "out.ts", "out-1-0.ts"];
         std::fs::write(folder.join("out.m3u8"), playlist(&earlier)).unwrap();
         for name in earlier {
             std::fs::write(folder.join(name), "earlier").unwrap();
         }
-        std::fs::write(staging.join("out.m3u8"), playlist(&["out0.ts", "out1.ts"])).unwrap();
-        for name in ["out0.ts", "out1.ts"] {
+        std::fs::write(staging.join("out.m3u8"), playlist(&["out-0.ts", "out-1.ts"])).unwrap();
+        for name in ["out-0.ts", "out-1.ts"] {
             std::fs::write(staging.join(name), "new").unwrap();
         }
 
@@ -107,8 +108,8 @@ mod tests {
         let mut left: Vec<String> =
             std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, ["other0.ts", "out.m3u8", "out.ts", "out0.ts", "out1.ts", "song.mp3"]);
-        assert_eq!(std::fs::read_to_string(folder.join("out1.ts")).unwrap(), "new");
+        assert_eq!(left, ["other-0.ts", "out-0.ts", "out-1-0.ts", "out-1.ts", "out.m3u8", "out.ts", "song.mp3"]);
+        assert_eq!(std::fs::read_to_string(folder.join("out-1.ts")).unwrap(), "new");
         assert!(std::fs::read_dir(staging).unwrap().next().is_none(), "everything staged was moved");
     }
 }

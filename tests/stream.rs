@@ -722,13 +722,13 @@ fn a_live_hls_playlist_is_written_in_place_as_the_stream_goes_and_continued_by_a
     let last_before = *first_run.iter().max().unwrap();
     let new: Vec<u64> = numbers.iter().copied().filter(|&n| n > last_before).collect();
     assert!(!new.is_empty() && numbers.windows(2).all(|pair| pair[0] < pair[1]), "{ended}\n→\n{continued}");
-    let restart_at = continued.find(&format!("live{}.ts", new[0])).unwrap();
+    let restart_at = continued.find(&format!("live-{}.ts", new[0])).unwrap();
     assert!(continued[..restart_at].contains("#EXT-X-DISCONTINUITY"), "{continued}");
     assert!(continued.contains("#EXT-X-ENDLIST"), "{continued}");
-    assert!(numbers.iter().all(|n| hls.join(format!("live{n}.ts")).is_file()), "{continued}: {:?}", entries(&hls));
+    assert!(numbers.iter().all(|n| hls.join(format!("live-{n}.ts")).is_file()), "{continued}: {:?}", entries(&hls));
 }
 
-/// The numbers of the `liveN.ts` segments a playlist lists, in its order.
+/// The numbers of the `live-N.ts` segments a playlist lists, in its order.
 fn segment_numbers(playlist: &str) -> Vec<u64> {
-    playlist.lines().filter_map(|line| line.strip_prefix("live")?.strip_suffix(".ts")?.parse().ok()).collect()
+    playlist.lines().filter_map(|line| line.strip_prefix("live-")?.strip_suffix(".ts")?.parse().ok()).collect()
 }

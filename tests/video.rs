@@ -281,13 +281,14 @@ fn an_hls_output_lands_with_its_segments_whole_or_not_at_all() {
     assert!(result.status.success(), "{}", stderr(&result));
     // the playlist and the segments it lists, nothing else; every frame and the sound, as ffprobe reads them
     let names = entries(dir.path());
-    assert_eq!(names[0], "painted.m3u8", "{names:?}");
+    let segments: Vec<&String> = names.iter().filter(|name| *name != "painted.m3u8").collect();
+    assert!(names.len() > segments.len(), "{names:?}");
     assert!(
-        names.len() > 1 && names[1..].iter().all(|name| name.starts_with("painted") && name.ends_with(".ts")),
+        !segments.is_empty() && segments.iter().all(|name| name.starts_with("painted-") && name.ends_with(".ts")),
         "{names:?}"
     );
     let playlist = std::fs::read_to_string(&output).unwrap();
-    assert!(names[1..].iter().all(|segment| playlist.contains(segment.as_str())), "{playlist}");
+    assert!(segments.iter().all(|segment| playlist.contains(segment.as_str())), "{playlist}");
     assert_eq!(stream(&ffprobe(&output), "video")["nb_read_frames"], "50");
     assert_eq!(stream_list(&ffprobe(&output)), stream_list(&ffprobe(&input)));
 }

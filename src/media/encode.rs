@@ -225,7 +225,9 @@ impl VideoWriter {
         let mut copier = spec.source.as_deref().map(|source| StreamCopier::open(source, output)).transpose()?;
         let video_stream = add_streams(output, &mut muxer, &encoder, plan.codec, copier.as_mut(), &spec)?;
         let audio_stream = audio.map(|track| add_copied_track(output, &mut muxer, track)).transpose()?.flatten();
-        let header_options = muxer_options(&plan, output);
+        // the muxer's own files go beside the file it writes: the partial output's, or the stream's
+        let written = partial.as_ref().map_or_else(|| output.to_path_buf(), PartialOutput::path);
+        let header_options = muxer_options(&plan, &written);
         muxer
             .write_header_with(header_options)
             .map_err(|e| MediaError::ffmpeg(output, "writing the container header", e))?;
@@ -711,7 +713,9 @@ fn segment_frames(container: &str, frame_rate: Option<(i32, i32)>) -> Option<u32
     SEGMENTING_CONTAINERS.contains(&container).then_some(frames.max(1))
 }
 
-/// Options for the muxer's header. HLS: a finished video's playlist lists every segment; a live
+/// Options for the muxer's header, which writes `output`. HLS: segments named `STEM-N.ts` after the playlist (FFmpeg's own
+/// `STEMN.ts` collide between `out.m3u8`'s eleventh and `out1.m3u8`'s first); a finished video's
+/// playlist lists every segment; a live
 /// one the newest, deleting those it no longer lists, so that a stream that runs for days does not
 /// fill the disk. A live playlist that is already there (a stream restarted into it) is continued:
 /// its segments stay listed, numbering goes on after them and a discontinuity marks the restart, so
@@ -720,6 +724,11 @@ fn segment_frames(container: &str, frame_rate: Option<(i32, i32)>) -> Option<u32
 fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     let mut options = Dictionary::new();
     let segment = SEGMENT_SECONDS.to_string();
+    let stem = output.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    if plan.container == "hls" {
+        let segments = output.with_file_name(format!("{stem}-%d.ts"));
+        options.set("hls_segment_filename", &segments.to_string_lossy());
+    }
     match (plan.container.as_str(), plan.live) {
         ("hls", true) => {
             options.set("hls_time", &segment);
@@ -735,7 +744,6 @@ fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
             options.set("hls_playlist_type", "vod");
         }
         ("dash", live) => {
-            let stem = output.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
             options.set("seg_duration", &segment);
             options.set("init_seg_name", &format!("{stem}-init-$RepresentationID$.$ext$"));
             options.set("media_seg_name", &format!("{stem}-chunk-$RepresentationID$-$Number%05d$.$ext$"));
