@@ -348,6 +348,10 @@ fn a_muxer_that_writes_several_files_lands_them_together_or_leaves_nothing() {
     let spec = VideoWriterSpec::new((64, 48), (1, 2));
     let refused = VideoWriter::create(dir.path().join("frame%03d.png"), &quick_settings(), spec);
     assert!(matches!(refused, Err(MediaError::Unsupported { .. })), "{:?}", refused.err());
+    // nor a playlist whose name the muxer would take for a number pattern of its segments
+    let spec = VideoWriterSpec::new((64, 48), (1, 2));
+    let refused = VideoWriter::create(dir.path().join("a%dx.m3u8"), &quick_settings(), spec);
+    assert!(matches!(refused, Err(MediaError::Unsupported { .. })), "{:?}", refused.err());
     assert_eq!(entries(dir.path()).len(), 9);
 }
 

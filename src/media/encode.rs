@@ -692,7 +692,8 @@ const SEGMENTING_CONTAINERS: [&str; 2] = ["hls", "dash"];
 const SEGMENT_SECONDS: u32 = 2;
 
 /// Refuses a muxer that writes files of its own other than HLS and DASH (numbered images, the
-/// segment muxer): their files have no one name to move into place.
+/// segment muxer): their files have no one name to move into place. Refuses a `%` in an HLS or
+/// DASH output's name, which those muxers would take for a number pattern in their segments' names.
 fn check_several_files(output: &Path, container: &str) -> Result<(), MediaError> {
     if writes_own_files(container) && !SEGMENTING_CONTAINERS.contains(&container) {
         return Err(MediaError::Unsupported {
@@ -700,6 +701,16 @@ fn check_several_files(output: &Path, container: &str) -> Result<(), MediaError>
             detail: format!(
                 "the '{container}' muxer writes numbered files of its own, which cannot be written as one output; \
                  write a video file (.mp4, .mkv) or an HLS playlist (.m3u8)"
+            ),
+        });
+    }
+    let named_with_percent = output.file_name().is_some_and(|name| name.to_string_lossy().contains('%'));
+    if SEGMENTING_CONTAINERS.contains(&container) && named_with_percent {
+        return Err(MediaError::Unsupported {
+            path: output.to_path_buf(),
+            detail: format!(
+                "the '{container}' muxer reads '%' in the name as a number pattern for its segments; \
+                 name the output without '%'"
             ),
         });
     }
