@@ -3,7 +3,7 @@
 //! and real FFmpeg, sent to another socket, server or file. Checked with ffprobe: every frame arrives
 //! painted with its timestamp (every-frame pace); a live stream drops what it has no time for but
 //! never reorders or invents a frame; Ctrl-C closes the output properly, also while a pipe is
-//! silent; bad inputs name the stream and leave nothing behind. Tiny sizes, few iterations, one
+//! silent or a named pipe has no writer yet; bad inputs name the stream and leave nothing behind. Tiny sizes, few iterations, one
 //! libtorch thread.
 #![cfg(feature = "media")]
 
@@ -616,6 +616,57 @@ fn the_first_ctrl_c_ends_a_stream_whose_input_pipe_has_gone_silent() {
     assert!(summary["frames_in"].as_u64().unwrap() >= 140, "{summary}");
     assert_eq!(frame_timestamps(&output).len() as u64, summary["frames_painted"].as_u64().unwrap());
     assert_eq!(entries(dir.path()), ["bikes.ts", "piped.ts"]);
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    let Ok(descriptors) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    descriptors.filter_map(Result::ok).any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+}
+
+#[test]
+fn a_named_pipe_is_read_when_its_writer_comes_and_one_ctrl_c_ends_the_wait_for_one() {
+    let dir = TempDir::new().unwrap();
+    let bytes = std::fs::read(bikes_stream(dir.path(), 30)).unwrap();
+    let fifo = dir.path().join("in.fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string naming a path in a fresh directory.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let output = dir.path().join("painted.ts");
+    let extra = ["--first-iterations", "2", "--pace", "every-frame"];
+
+    // no writer: impasto opens the pipe at once (open(2) of a FIFO would wait in the kernel for a
+    // writer, where no signal ends it) and the first Ctrl-C ends the wait
+    let mut child = stream_command(fifo.to_str().unwrap(), output.to_str().unwrap(), &extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let guard = std::time::Instant::now() + Duration::from_secs(120);
+    while !has_open(child.id(), &fifo) && std::time::Instant::now() < guard {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a plain signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_or_kill(&mut child, Duration::from_secs(120));
+    let mut errors = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut errors).unwrap();
+    assert!(status.expect("one Ctrl-C did not end the wait for a writer").code() == Some(1), "{errors}");
+    assert!(errors.contains("in.fifo") && errors.contains("stopped before the stream began"), "{errors}");
+    assert_eq!(entries(dir.path()), ["bikes.ts", "in.fifo"]);
+
+    // a writer that comes later: every frame painted
+    let child = stream_command(fifo.to_str().unwrap(), output.to_str().unwrap(), &extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&fifo, &bytes).unwrap();
+    let (status, run) = output_or_kill(child);
+    assert!(status.expect("the stream ended").success(), "{}", stderr(&run));
+    let summary = &events(&run, "summary")[0];
+    assert_eq!((summary["frames_in"].as_u64(), summary["frames_painted"].as_u64()), (Some(30), Some(30)), "{summary}");
+    assert_eq!(frame_timestamps(&output).len(), 30);
 }
 
 #[test]

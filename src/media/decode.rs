@@ -16,7 +16,7 @@ use super::convert::{Scaler, YuvColorimetry, buffer_from_rgb_frame};
 use super::copy::{CopiedPacket, CopiedTrack};
 use super::error::MediaError;
 use super::geometry::{WorkingSize, fit_long_side};
-use super::pipe::NonBlockingPipe;
+use super::pipe::{NamedPipe, NamedPipeError, NonBlockingPipe};
 use super::probe::{
     discard_other_streams, main_video_stream, open_live_input, open_video_input, pair, stream_frame_rate,
     summarise_streams, url_scheme,
@@ -105,6 +105,8 @@ pub struct VideoReader {
     pending: Option<frame::Video>,
     /// A live input pipe, non-blocking while it is read (after `input`: fields drop in order).
     _pipe: Option<NonBlockingPipe>,
+    /// A named pipe the input reads as `pipe:N`, closed after `input`.
+    _named_pipe: Option<NamedPipe>,
 }
 
 impl VideoReader {
@@ -124,8 +126,17 @@ impl VideoReader {
     /// too: see [`audio_track`](Self::audio_track).
     pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
         let path = Path::new(location);
-        let pipe = NonBlockingPipe::switch(location, 0);
-        let input = open_live_input(location, stop)?;
+        let named_pipe = NamedPipe::open(path, &stop).map_err(|error| match error {
+            NamedPipeError::Stopped => MediaError::Ffmpeg {
+                path: path.to_path_buf(),
+                operation: "opening the stream",
+                detail: "stopped before the stream began".into(),
+            },
+            NamedPipeError::Io(source) => MediaError::Io { path: path.to_path_buf(), source },
+        })?;
+        let read_as = named_pipe.as_ref().map_or_else(|| location.to_owned(), NamedPipe::location);
+        let pipe = NonBlockingPipe::switch(&read_as, 0);
+        let input = open_live_input(&read_as, path, stop)?;
         let Some(stream_index) = main_video_stream(&input) else {
             return Err(MediaError::NoVideoStream { path: path.to_path_buf(), streams: summarise_streams(&input) });
         };
@@ -142,6 +153,7 @@ impl VideoReader {
         reader.audio = audio;
         reader.live = true;
         reader._pipe = pipe;
+        reader._named_pipe = named_pipe;
         // a live reader may be stopped early: fewer packets than a file's index lists is no damage
         reader.packets_indexed = 0;
         Ok(reader)
@@ -203,6 +215,7 @@ impl VideoReader {
             audio_packets: Vec::new(),
             pending: None,
             _pipe: None,
+            _named_pipe: None,
         })
     }
 

@@ -5,10 +5,19 @@
 //! a wait on a silent input pipe, and an abort a send to a reader that stopped reading, as they do
 //! on a network connection. The flag belongs to the pipe's open file description, which other
 //! processes may share, so it is cleared again when the stream closes, and by
-//! [`restore_pipes`] from a signal handler that exits at once.
+//! [`restore_pipes`] from a signal handler that exits at once. A named pipe (FIFO) given by its
+//! path is opened without waiting for a writer ([`NamedPipe`]), whose arrival is awaited in a loop
+//! that a stop request ends, and read as `pipe:N`.
 
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
+
+/// How long one wait for a named pipe's writer lasts before the stop flag is asked again.
+const WRITER_POLL: Duration = Duration::from_millis(100);
 
 /// The descriptors switched now (-1: a free place): at most standard input and output.
 static SWITCHED: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
@@ -52,6 +61,66 @@ impl Drop for NonBlockingPipe {
     fn drop(&mut self) {
         let fd = SWITCHED[self.place].swap(-1, Ordering::SeqCst);
         make_blocking(fd);
+    }
+}
+
+/// A named pipe (FIFO) opened for reading without blocking: `open(2)` of a FIFO otherwise waits in
+/// the kernel until a writer opens it, where no stop request reaches it. Read through FFmpeg's
+/// pipe protocol as [`location`](Self::location), which leaves the descriptor to this value to close.
+#[derive(Debug)]
+pub(crate) struct NamedPipe {
+    file: File,
+}
+
+/// Why no named pipe was opened.
+#[derive(Debug)]
+pub(crate) enum NamedPipeError {
+    /// `stop` was raised before a writer came.
+    Stopped,
+    /// Opening or waiting failed.
+    Io(std::io::Error),
+}
+
+impl NamedPipe {
+    /// Opens `path` if it is a FIFO and waits, while `stop` stays low, until a writer has sent
+    /// something or come and gone. `Ok(None)` for anything that is not a FIFO.
+    pub(crate) fn open(path: &Path, stop: &AtomicBool) -> Result<Option<Self>, NamedPipeError> {
+        let is_fifo = std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_fifo());
+        if !is_fifo {
+            return Ok(None);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(NamedPipeError::Io)?;
+        while !writer_arrived(&file)? {
+            if stop.load(Ordering::SeqCst) {
+                return Err(NamedPipeError::Stopped);
+            }
+        }
+        Ok(Some(NamedPipe { file }))
+    }
+
+    /// The pipe as FFmpeg names it.
+    pub(crate) fn location(&self) -> String {
+        format!("pipe:{}", self.file.as_raw_fd())
+    }
+}
+
+/// Waits up to [`WRITER_POLL`] for `fifo` to have data or to have lost a writer it had (Linux
+/// reports no hang-up on a FIFO no writer has opened yet, so this waits for one).
+fn writer_arrived(fifo: &File) -> Result<bool, NamedPipeError> {
+    let mut watched = libc::pollfd { fd: fifo.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for a descriptor `fifo` holds open.
+    let ready = unsafe { libc::poll(&mut watched, 1, WRITER_POLL.as_millis() as libc::c_int) };
+    match ready {
+        0 => Ok(false),
+        1.. => Ok(watched.revents != 0),
+        _ => match std::io::Error::last_os_error() {
+            error if error.kind() == std::io::ErrorKind::Interrupted => Ok(false),
+            error => Err(NamedPipeError::Io(error)),
+        },
     }
 }
 
@@ -141,6 +210,27 @@ mod tests {
         assert!(blocking(fd));
         drop(switched);
         assert!(blocking(fd));
+    }
+
+    #[test]
+    fn a_named_pipe_opens_at_once_and_waits_for_its_writer_until_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in.fifo");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string naming a path in a fresh directory.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert!(matches!(NamedPipe::open(&fifo, &AtomicBool::new(true)), Err(NamedPipeError::Stopped)));
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || std::fs::write(fifo, b"painted")
+        });
+        let pipe = NamedPipe::open(&fifo, &AtomicBool::new(false)).unwrap().expect("a FIFO");
+        writer.join().unwrap().unwrap();
+        assert!(pipe.location().starts_with("pipe:"));
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut &pipe.file, &mut read).unwrap();
+        assert_eq!(read, "painted");
+        assert!(NamedPipe::open(&dir.path().join("missing"), &AtomicBool::new(false)).unwrap().is_none());
     }
 
     #[test]

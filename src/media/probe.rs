@@ -145,22 +145,22 @@ pub(crate) fn open_media_input(path: &Path) -> Result<Input, MediaError> {
     format::input(path).map_err(|error| classify_open_failure(path, error))
 }
 
-/// Opens a live stream for demuxing. FFmpeg polls `stop` while it waits for data, so a raised flag
-/// ends a wait that could otherwise last as long as the sender stays silent.
-pub(crate) fn open_live_input(location: &str, stop: Arc<AtomicBool>) -> Result<Input, MediaError> {
+/// Opens the live stream FFmpeg reads at `location` for demuxing, naming `path` (what the user gave)
+/// in errors. FFmpeg polls `stop` while it waits for data, so a raised flag ends a wait that could
+/// otherwise last as long as the sender stays silent.
+pub(crate) fn open_live_input(location: &str, path: &Path, stop: Arc<AtomicBool>) -> Result<Input, MediaError> {
     super::init();
     static NETWORK: std::sync::Once = std::sync::Once::new();
     NETWORK.call_once(ffmpeg_next::format::network::init);
-    let path = Path::new(location);
     if !is_url(location) {
-        std::fs::metadata(path).map_err(|source| MediaError::Io { path: path.to_path_buf(), source })?;
+        std::fs::metadata(location).map_err(|source| MediaError::Io { path: path.to_path_buf(), source })?;
     }
     let interrupted = move || stop.load(Ordering::SeqCst);
     let mut options = ffmpeg_next::Dictionary::new();
     // UDP: a painter that falls behind must not end the stream; the oldest packets give way instead
     options.set("overrun_nonfatal", "1");
     // a stream joined mid-way makes the decoder complain until its first key frame
-    let opened = super::quietly(|| format::input_with_interrupt_and_dictionary(path, interrupted, options));
+    let opened = super::quietly(|| format::input_with_interrupt_and_dictionary(location, interrupted, options));
     opened.map_err(|error| match error {
         ffmpeg_next::Error::Exit => MediaError::Ffmpeg {
             path: path.to_path_buf(),
