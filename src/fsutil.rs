@@ -33,22 +33,34 @@ pub fn move_with_companions(staged: &Path, destination: &Path) -> std::io::Resul
     Ok(())
 }
 
-/// The segments the HLS playlist at `playlist` (if there is one) lists under the names its own
-/// segments have (the playlist's stem, `-`, a number and `.ts`, or FFmpeg's default: the stem, a
-/// number and `.ts` or `.m4s`, in its folder): never a file it merely refers to.
+/// The segments the HLS playlist at `playlist` (if there is one) lists under the names impasto
+/// gives its own segments (`STEM-N.ts`, in its folder): never a file it merely refers to.
 fn earlier_segments(playlist: &Path) -> Vec<std::ffi::OsString> {
-    let is_playlist = playlist.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("m3u8"));
-    let (Some(stem), true) = (playlist.file_stem().and_then(|stem| stem.to_str()), is_playlist) else {
-        return Vec::new();
-    };
-    let Ok(text) = std::fs::read_to_string(playlist) else { return Vec::new() };
-    let own_segment = |line: &str| {
-        let numbered = line.strip_suffix(".ts").or_else(|| line.strip_suffix(".m4s"));
-        let number =
-            numbered.and_then(|name| name.strip_prefix(stem)).map(|rest| rest.strip_prefix('-').unwrap_or(rest));
-        number.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-    };
-    text.lines().map(str::trim).filter(|line| own_segment(line)).map(Into::into).collect()
+    let Some((stem, text)) = playlist_text(playlist) else { return Vec::new() };
+    text.lines().map(str::trim).filter(|line| is_own_segment(&stem, line)).map(Into::into).collect()
+}
+
+/// Whether `playlist` is an HLS playlist that lists nothing but segments under the names impasto
+/// gives its own (`STEM-N.ts`): one that a stream restarted into it may continue, whose muxer then
+/// deletes what falls out of its window. False where there is no such file.
+pub fn lists_only_own_segments(playlist: &Path) -> bool {
+    let Some((stem, text)) = playlist_text(playlist) else { return false };
+    let mut listed = text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')).peekable();
+    listed.peek().is_some() && listed.all(|line| is_own_segment(&stem, line))
+}
+
+/// The stem and text of the `.m3u8` playlist at `path`, if it is one that can be read.
+fn playlist_text(path: &Path) -> Option<(String, String)> {
+    let is_playlist = path.extension().is_some_and(|extension| extension.eq_ignore_ascii_case("m3u8"));
+    let stem = path.file_stem()?.to_str()?.to_owned();
+    is_playlist.then(|| std::fs::read_to_string(path).ok().map(|text| (stem, text))).flatten()
+}
+
+/// Whether `name` is `STEM-N.ts`, with N a number.
+fn is_own_segment(stem: &str, name: &str) -> bool {
+    let number =
+        name.strip_suffix(".ts").and_then(|name| name.strip_prefix(stem)).and_then(|rest| rest.strip_prefix('-'));
+    number.is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The folder `path` is in: its parent, or "." for a bare file name.
@@ -93,7 +105,8 @@ mod tests {
             let lines: Vec<String> = names.iter().map(|name| format!("#EXTINF:2.0,\n{name}")).collect();
             format!("#EXTM3U\n{}\n#EXT-X-ENDLIST\n", lines.join("\n"))
         };
-        let earlier = ["out-0.ts", "out-1.ts", "out-2.ts", "out3.ts", "other-0.ts", "song.mp3", "out.ts", "out-1-0.ts"];
+        let earlier =
+            ["out-0.ts", "out-1.ts", "out-2.ts", "out13.ts", "other-0.ts", "song.mp3", "out.ts", "out-1-0.ts"];
         std::fs::write(folder.join("out.m3u8"), playlist(&earlier)).unwrap();
         for name in earlier {
             std::fs::write(folder.join(name), "earlier").unwrap();
@@ -108,7 +121,14 @@ mod tests {
         let mut left: Vec<String> =
             std::fs::read_dir(folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
-        assert_eq!(left, ["other-0.ts", "out-0.ts", "out-1-0.ts", "out-1.ts", "out.m3u8", "out.ts", "song.mp3"]);
+        assert_eq!(
+            left,
+            ["other-0.ts", "out-0.ts", "out-1-0.ts", "out-1.ts", "out.m3u8", "out.ts", "out13.ts", "song.mp3"]
+        );
+        assert!(lists_only_own_segments(&folder.join("out.m3u8")));
+        std::fs::write(folder.join("out.m3u8"), playlist(&["out-0.ts", "song.mp3"])).unwrap();
+        assert!(!lists_only_own_segments(&folder.join("out.m3u8")));
+        assert!(!lists_only_own_segments(&folder.join("missing.m3u8")));
         assert_eq!(std::fs::read_to_string(folder.join("out-1.ts")).unwrap(), "new");
         assert!(std::fs::read_dir(staging).unwrap().next().is_none(), "everything staged was moved");
     }

@@ -766,15 +766,23 @@ fn a_live_hls_playlist_is_written_in_place_as_the_stream_goes_and_continued_by_a
     let restart = dir.path().join("restart");
     std::fs::create_dir(&restart).unwrap();
     let restart_input = bikes_stream(&restart, 60);
-    let output = stream_command(restart_input.to_str().unwrap(), playlist.to_str().unwrap(), &extra).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let restarted = stream_command(restart_input.to_str().unwrap(), playlist.to_str().unwrap(), &extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, output) = output_or_kill(restarted);
+    assert!(status.expect("the restarted stream ended").success(), "{}", stderr(&output));
     let continued = std::fs::read_to_string(&playlist).unwrap();
     let numbers = segment_numbers(&continued);
     let last_before = *first_run.iter().max().unwrap();
     let new: Vec<u64> = numbers.iter().copied().filter(|&n| n > last_before).collect();
     assert!(!new.is_empty() && numbers.windows(2).all(|pair| pair[0] < pair[1]), "{ended}\n→\n{continued}");
-    let restart_at = continued.find(&format!("live-{}.ts", new[0])).unwrap();
-    assert!(continued[..restart_at].contains("#EXT-X-DISCONTINUITY"), "{continued}");
+    let lines: Vec<&str> = continued.lines().collect();
+    let restart_at = lines.iter().position(|line| *line == format!("live-{}.ts", new[0])).unwrap();
+    assert!(restart_at >= 2 && lines[restart_at - 1].starts_with("#EXTINF"), "{continued}");
+    assert_eq!(lines[restart_at - 2], "#EXT-X-DISCONTINUITY", "the restart is marked: {continued}");
+    assert_eq!(continued.matches("#EXT-X-DISCONTINUITY").count(), 1, "{continued}");
     assert!(continued.contains("#EXT-X-ENDLIST"), "{continued}");
     assert!(numbers.iter().all(|n| hls.join(format!("live-{n}.ts")).is_file()), "{continued}: {:?}", entries(&hls));
 }
