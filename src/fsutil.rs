@@ -56,7 +56,14 @@ fn playlist_text(path: &Path) -> Option<(String, String)> {
     is_playlist.then(|| std::fs::read_to_string(path).ok().map(|text| (stem, text))).flatten()
 }
 
-/// Whether `name` is `STEM-N.ts`, with N a number.
+/// Where the muxer of the HLS playlist at `playlist` writes its segments: FFmpeg's pattern for
+/// `STEM-N.ts` beside it (see [`is_own_segment`]).
+pub fn hls_segment_pattern(playlist: &Path) -> PathBuf {
+    let stem = playlist.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+    playlist.with_file_name(format!("{stem}-%d.ts"))
+}
+
+/// Whether `name` is `STEM-N.ts`, with N a number: the name of segment N of playlist `STEM.m3u8`.
 fn is_own_segment(stem: &str, name: &str) -> bool {
     let number =
         name.strip_suffix(".ts").and_then(|name| name.strip_prefix(stem)).and_then(|rest| rest.strip_prefix('-'));

@@ -127,11 +127,7 @@ impl VideoReader {
     pub fn open_live(location: &str, size: WorkingSize, stop: Arc<AtomicBool>) -> Result<Self, MediaError> {
         let path = Path::new(location);
         let named_pipe = NamedPipe::open(path, &stop).map_err(|error| match error {
-            NamedPipeError::Stopped => MediaError::Ffmpeg {
-                path: path.to_path_buf(),
-                operation: "opening the stream",
-                detail: "stopped before the stream began".into(),
-            },
+            NamedPipeError::Stopped => MediaError::stopped_before_the_stream(path),
             NamedPipeError::Io(source) => MediaError::Io { path: path.to_path_buf(), source },
         })?;
         let read_as = named_pipe.as_ref().map_or_else(|| location.to_owned(), NamedPipe::location);

@@ -704,8 +704,8 @@ fn check_several_files(output: &Path, container: &str) -> Result<(), MediaError>
             ),
         });
     }
-    let named_with_percent = output.to_string_lossy().contains('%');
-    if SEGMENTING_CONTAINERS.contains(&container) && named_with_percent {
+    let path_has_percent = output.to_string_lossy().contains('%');
+    if SEGMENTING_CONTAINERS.contains(&container) && path_has_percent {
         return Err(MediaError::Unsupported {
             path: output.to_path_buf(),
             detail: format!(
@@ -724,23 +724,24 @@ fn segment_frames(container: &str, frame_rate: Option<(i32, i32)>) -> Option<u32
     SEGMENTING_CONTAINERS.contains(&container).then_some(frames.max(1))
 }
 
-/// Options for the muxer's header, which writes `output`. HLS: segments named `STEM-N.ts` after the playlist (FFmpeg's own
-/// `STEMN.ts` collide between `out.m3u8`'s eleventh and `out1.m3u8`'s first); a finished video's
-/// playlist lists every segment; a live
-/// one the newest, deleting those it no longer lists, so that a stream that runs for days does not
-/// fill the disk. A live playlist that is already there (a stream restarted into it) and lists only
-/// segments named as impasto names them is continued: they stay listed, numbering goes on after
-/// them and a discontinuity marks the restart (any other playlist is replaced, as the muxer would
-/// delete whatever it lists once it falls out of the window), so
-/// neither a player nor the new segments' names go back to 0. DASH: segment files named after the output (dashenc's own names would collide
-/// with another output's in the same folder), and a live window that deletes older segments too.
+/// Options for the muxer's header, which writes `output`.
+///
+/// HLS: segments named `STEM-N.ts` after the playlist (FFmpeg's own `STEMN.ts` collide between
+/// `out.m3u8`'s eleventh and `out1.m3u8`'s first). A finished video's playlist lists every segment; a
+/// live one the newest, deleting those it no longer lists, so that a stream that runs for days does
+/// not fill the disk. A live playlist that is already there (a stream restarted into it) and lists
+/// only segments named as impasto names them is continued: they stay listed, numbering goes on after
+/// them and a discontinuity marks the restart, so neither a player nor the new segments' names go
+/// back to 0. Any other playlist is replaced, as the muxer would delete whatever it lists once it
+/// falls out of the window.
+///
+/// DASH: segment files named after the output (dashenc's own names would collide with another
+/// output's in the same folder), and a live window that deletes older segments too.
 fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
     let mut options = Dictionary::new();
     let segment = SEGMENT_SECONDS.to_string();
-    let stem = output.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
     if plan.container == "hls" {
-        let segments = output.with_file_name(format!("{stem}-%d.ts"));
-        options.set("hls_segment_filename", &segments.to_string_lossy());
+        options.set("hls_segment_filename", &crate::fsutil::hls_segment_pattern(output).to_string_lossy());
     }
     match (plan.container.as_str(), plan.live) {
         ("hls", true) => {
@@ -754,6 +755,7 @@ fn muxer_options(plan: &OutputPlan, output: &Path) -> Dictionary<'static> {
             options.set("hls_playlist_type", "vod");
         }
         ("dash", live) => {
+            let stem = output.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
             options.set("seg_duration", &segment);
             options.set("init_seg_name", &format!("{stem}-init-$RepresentationID$.$ext$"));
             options.set("media_seg_name", &format!("{stem}-chunk-$RepresentationID$-$Number%05d$.$ext$"));

@@ -169,4 +169,13 @@ impl MediaError {
     pub(crate) fn ffmpeg(path: &std::path::Path, operation: &'static str, error: ffmpeg_next::Error) -> Self {
         MediaError::Ffmpeg { path: path.to_path_buf(), operation, detail: error.to_string() }
     }
+
+    /// A live stream at `path` that a stop request ended before it began.
+    pub(crate) fn stopped_before_the_stream(path: &std::path::Path) -> Self {
+        MediaError::Ffmpeg {
+            path: path.to_path_buf(),
+            operation: "opening the stream",
+            detail: "stopped before the stream began".into(),
+        }
+    }
 }

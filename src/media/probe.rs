@@ -162,11 +162,7 @@ pub(crate) fn open_live_input(location: &str, path: &Path, stop: Arc<AtomicBool>
     // a stream joined mid-way makes the decoder complain until its first key frame
     let opened = super::quietly(|| format::input_with_interrupt_and_dictionary(location, interrupted, options));
     opened.map_err(|error| match error {
-        ffmpeg_next::Error::Exit => MediaError::Ffmpeg {
-            path: path.to_path_buf(),
-            operation: "opening the stream",
-            detail: "stopped before the stream began".into(),
-        },
+        ffmpeg_next::Error::Exit => MediaError::stopped_before_the_stream(path),
         error => MediaError::ffmpeg(path, "opening the stream", error),
     })
 }
