@@ -54,7 +54,9 @@ pub(crate) fn image_gradient(image: &Tensor) -> Tensor {
     Tensor::cat(&[correlate_1d(image, &TAPS, true), correlate_1d(image, &TAPS, false)], 1)
 }
 
-/// Forward differences `(f(x+1) − f(x), f(y+1) − f(y))` of every channel, 0 on the last column/row.
+/// Forward differences `(f(x+1) − f(x), f(y+1) − f(y))` of every channel, 0 on the last column/row:
+/// the textbook form that the solver's in-place and fused loops are tested against.
+#[cfg(test)]
 pub(crate) fn forward_differences(field: &Tensor) -> (Tensor, Tensor) {
     let (_, _, height, width) = field.size4().expect("[N, C, H, W]");
     let along_x = (field.narrow(3, 1, width - 1) - field.narrow(3, 0, width - 1)).pad([0, 1, 0, 0], "constant", 0.0);
@@ -63,7 +65,9 @@ pub(crate) fn forward_differences(field: &Tensor) -> (Tensor, Tensor) {
 }
 
 /// Divergence of the vector field `(along_x, along_y)`, the negative adjoint of
-/// [`forward_differences`] (backward differences with the matching boundary terms).
+/// [`forward_differences`] (backward differences with the matching boundary terms); like it, the
+/// reference for the solver's loops.
+#[cfg(test)]
 pub(crate) fn divergence(along_x: &Tensor, along_y: &Tensor) -> Tensor {
     let (_, _, height, width) = along_x.size4().expect("[N, C, H, W]");
     let inner_x = along_x.narrow(3, 0, width - 1).pad([1, 1, 0, 0], "constant", 0.0);

@@ -4,17 +4,17 @@
 //! thresholds the flow pointwise against the linearised data term and takes one step of
 //! Chambolle's dual projection for the total-variation term. All of it is elementwise tensor work
 //! plus a few convolutions and one `grid_sampler_2d` per warp, with fixed iteration counts, so it
-//! runs on the GPU without host synchronisation. On the CPU the iterations and the median filter run
-//! fused instead ([`super::fused`]), two to three times faster. Forward and backward flows are
-//! solved together as one batch.
+//! runs on the GPU without host synchronisation; there an iteration is fifteen kernels, all in place.
+//! On the CPU the iterations and the median filter run fused instead ([`super::fused`]), two to
+//! three times faster. Forward and backward flows are solved together as one batch.
 
 use tch::{Device, Kind, Tensor};
 
 use super::FlowSettings;
 use super::fused;
 use super::ops::{
-    coarser_size, divergence, forward_differences, gaussian_blur, image_gradient, inside_frame, luminance,
-    median_filter, pixel_grid, resize, resize_flow, sample_bicubic,
+    coarser_size, gaussian_blur, image_gradient, inside_frame, luminance, median_filter, pixel_grid, resize,
+    resize_flow, sample_bicubic,
 };
 use crate::error::Result;
 
@@ -160,30 +160,36 @@ impl LinearisedData {
     }
 }
 
-/// Chambolle's dual variable of the total variation of each flow channel: the x and y parts,
-/// each `[N, 2, H, W]`.
-struct DualField {
-    along_x: Tensor,
-    along_y: Tensor,
-}
+/// Chambolle's dual variable of the total variation of each flow channel, `[N, 2, 2, H, W]`: the
+/// x parts, then the y parts, each `[N, 2, H, W]`.
+struct DualField(Tensor);
 
 impl DualField {
     fn zeros(flow: &Tensor) -> Self {
-        DualField { along_x: flow.zeros_like(), along_y: flow.zeros_like() }
+        let (batch, channels, height, width) = flow.size4().expect("flow [N, 2, H, W]");
+        DualField(Tensor::zeros([batch, 2, channels, height, width], (Kind::Float, flow.device())))
+    }
+
+    fn along_x(&self) -> Tensor {
+        self.0.select(1, 0)
+    }
+
+    fn along_y(&self) -> Tensor {
+        self.0.select(1, 1)
     }
 }
 
 /// `settings.iterations` primal–dual iterations on one linearised problem: this loop is where the
 /// solver spends its time. On the CPU it runs fused ([`fused::iterate`]), elsewhere as tensor
-/// operations updated in place where they can be.
+/// operations ([`iterate_tensors`]).
 fn iterate(data: &LinearisedData, flow: Tensor, dual: &mut DualField, settings: &FlowSettings) -> Tensor {
     if flow.device() != Device::Cpu {
         return iterate_tensors(data, flow, dual, settings);
     }
     let planes = fused::DataPlanes::new(&data.gradient, &data.residual_at_zero, &data.negative_inverse_norm);
     let (flow, along_x, along_y) =
-        fused::iterate(&planes, &flow, (&dual.along_x, &dual.along_y), steps(settings), settings.iterations);
-    *dual = DualField { along_x, along_y };
+        fused::iterate(&planes, &flow, (&dual.along_x(), &dual.along_y()), steps(settings), settings.iterations);
+    *dual = DualField(Tensor::stack(&[along_x, along_y], 1));
     flow
 }
 
@@ -196,32 +202,65 @@ fn steps(settings: &FlowSettings) -> fused::Steps {
     }
 }
 
-/// [`iterate`] as tensor operations, on any device.
+/// [`iterate`] as tensor operations, on any device. On a GPU every operation is a kernel launch and
+/// a pass over memory, so an iteration is fifteen of them, all in place on buffers made once per
+/// call: no allocation, and no host synchronisation (the scalars live on the device).
 fn iterate_tensors(data: &LinearisedData, mut flow: Tensor, dual: &mut DualField, settings: &FlowSettings) -> Tensor {
     let threshold = settings.data_weight * settings.coupling;
-    let dual_rate = settings.dual_step / settings.coupling;
+    let scalar = |value: f64| Tensor::full([0i64; 0], value, (Kind::Float, flow.device()));
+    let (coupling, negative_coupling) = (scalar(settings.coupling), scalar(-settings.coupling));
+    let dual_rate = scalar(settings.dual_step / settings.coupling);
+    // The thresholding's step −ρ(u)/|∇target|² = ρ̃ + g̃·u, with ρ̃ and g̃ scaled once here.
+    let step_at_zero = &data.residual_at_zero * &data.negative_inverse_norm;
+    let step_gradient = &data.gradient * &data.negative_inverse_norm;
+    let step_gradient_x = step_gradient.narrow(1, 0, 1);
+    let step_gradient_y = step_gradient.narrow(1, 1, 1);
+    let (flow_x, flow_y) = (flow.narrow(1, 0, 1), flow.narrow(1, 1, 1));
+    let mut step = step_at_zero.empty_like();
+    // u += θ·div p as two shifted adds per direction (the boundary terms of `ops::divergence`).
+    let (dual_x, dual_y) = (dual.along_x(), dual.along_y());
+    let [mut flow_left, mut flow_right] = ends(&flow, 3);
+    let [mut flow_top, mut flow_bottom] = ends(&flow, 2);
+    let [dual_x_left, _] = ends(&dual_x, 3);
+    let [dual_y_top, _] = ends(&dual_y, 2);
+    // ∇u by forward differences into a buffer whose last column (x) and row (y) stay 0.
+    let differences = dual.0.zeros_like();
+    let [difference_x_left, _] = ends(&differences.select(1, 0), 3);
+    let [difference_y_top, _] = ends(&differences.select(1, 1), 2);
+    let (differences_x, differences_y) = (differences.select(1, 0), differences.select(1, 1));
+    let mut shrink = flow.empty_like();
+    let shrink_per_part = shrink.unsqueeze(1);
     for _ in 0..settings.iterations {
         // Pointwise minimiser of λ|ρ(v)| + |v − u|²/(2θ): move u along ∇target by
         // −ρ(u)/|∇target|², clamped to ±λθ.
-        let mut along_gradient = (&data.gradient * &flow).sum_dim_intlist(1, true, Kind::Float);
-        let _ = along_gradient.g_add_(&data.residual_at_zero).g_mul_(&data.negative_inverse_norm);
-        let _ = along_gradient.clamp_(-threshold, threshold);
-        let _ = flow.addcmul_(&data.gradient, &along_gradient);
+        let _ = step_at_zero.addcmul_out(&step, &step_gradient_x, &flow_x);
+        let _ = step.addcmul_(&step_gradient_y, &flow_y).clamp_(-threshold, threshold);
+        let _ = flow.addcmul_(&data.gradient, &step);
         // Total-variation step: u = v + θ·div p, then the projected dual ascent
-        // p ← (p + (τ/θ)∇u) / (1 + (τ/θ)|∇u|), separately for each flow channel.
-        let _ = flow.g_add_(&divergence(&dual.along_x, &dual.along_y).g_mul_scalar_(settings.coupling));
-        let (mut flow_x, mut flow_y) = forward_differences(&flow);
-        let mut shrink = flow_x.square();
-        let _ = shrink.addcmul_(&flow_y, &flow_y).sqrt_().g_mul_scalar_(dual_rate).g_add_scalar_(1.0);
-        let _ = dual.along_x.g_add_(&flow_x.g_mul_scalar_(dual_rate)).g_div_(&shrink);
-        let _ = dual.along_y.g_add_(&flow_y.g_mul_scalar_(dual_rate)).g_div_(&shrink);
+        // p ← (p + (τ/θ)∇u) / (1 + (τ/θ)|∇u|), both parts of both flow channels at once.
+        let _ = flow_left.addcmul_(&dual_x_left, &coupling);
+        let _ = flow_right.addcmul_(&dual_x_left, &negative_coupling);
+        let _ = flow_top.addcmul_(&dual_y_top, &coupling);
+        let _ = flow_bottom.addcmul_(&dual_y_top, &negative_coupling);
+        let _ = flow_right.sub_out(&difference_x_left, &flow_left);
+        let _ = flow_bottom.sub_out(&difference_y_top, &flow_top);
+        let _ = differences_x.hypot_out(&shrink, &differences_y);
+        let _ = shrink.g_mul_(&dual_rate).g_add_scalar_(1.0);
+        let _ = dual.0.addcmul_(&differences, &dual_rate).g_div_(&shrink_per_part);
     }
     flow
+}
+
+/// The views of `field` without its last and without its first element along `dimension`.
+fn ends(field: &Tensor, dimension: i64) -> [Tensor; 2] {
+    let length = field.size()[dimension as usize];
+    [field.narrow(dimension, 0, length - 1), field.narrow(dimension, 1, length - 1)]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flow::ops::{divergence, forward_differences};
     use tch::Device;
 
     /// A smooth random texture `[1, 3, H, W]` in 0..1.
@@ -244,11 +283,8 @@ mod tests {
                 gradient,
             };
             let flow = Tensor::randn([2, 2, height, width], options);
-            let start = DualField {
-                along_x: Tensor::rand([2, 2, height, width], options) - 0.5,
-                along_y: Tensor::rand([2, 2, height, width], options) - 0.5,
-            };
-            let dual = || DualField { along_x: start.along_x.copy(), along_y: start.along_y.copy() };
+            let start = Tensor::rand([2, 2, 2, height, width], options) - 0.5;
+            let dual = || DualField(start.copy());
             let settings = FlowSettings::default();
             let mut tensor_dual = dual();
             let by_tensors = iterate_tensors(&data, flow.copy(), &mut tensor_dual, &settings);
@@ -258,8 +294,38 @@ mod tests {
             let shape = format!("{height}×{width}");
             assert!(largest(&by_tensors, &flow) > 0.01, "{shape}: the iterations moved the flow");
             assert!(largest(&by_tensors, &fused) < 1e-4, "{shape}: flow differs by {}", largest(&by_tensors, &fused));
-            assert!(largest(&tensor_dual.along_x, &fused_dual.along_x) < 1e-5, "{shape}");
-            assert!(largest(&tensor_dual.along_y, &fused_dual.along_y) < 1e-5, "{shape}");
+            assert!(largest(&tensor_dual.0, &fused_dual.0) < 1e-5, "{shape}");
+        }
+    }
+
+    #[test]
+    fn a_tensor_iteration_is_the_textbook_step() {
+        let options = (Kind::Float, Device::Cpu);
+        for (height, width) in [(5, 7), (1, 4), (3, 1)] {
+            tch::manual_seed(11);
+            let gradient = Tensor::randn([2, 2, height, width], options) * 20.0;
+            let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
+            let data = LinearisedData {
+                residual_at_zero: Tensor::randn([2, 1, height, width], options) * 10.0,
+                negative_inverse_norm: -norm.reciprocal(),
+                gradient,
+            };
+            let flow = Tensor::randn([2, 2, height, width], options);
+            let (along_x, along_y) = (Tensor::rand_like(&flow) - 0.5, Tensor::rand_like(&flow) - 0.5);
+            let settings = FlowSettings { iterations: 1, ..FlowSettings::default() };
+            let mut dual = DualField(Tensor::stack(&[&along_x, &along_y], 1));
+            let iterated = iterate_tensors(&data, flow.copy(), &mut dual, &settings);
+            // Zach et al.'s step written out: threshold, add θ·div p, then the dual ascent.
+            let (threshold, rate) = (settings.data_weight * settings.coupling, settings.dual_step / settings.coupling);
+            let rho = (&data.gradient * &flow).sum_dim_intlist(1, true, Kind::Float) + &data.residual_at_zero;
+            let thresholded = &flow + &data.gradient * (rho * &data.negative_inverse_norm).clamp(-threshold, threshold);
+            let expected = thresholded + divergence(&along_x, &along_y) * settings.coupling;
+            let (dx, dy) = forward_differences(&expected);
+            let shrink = (dx.square() + dy.square()).sqrt() * rate + 1.0;
+            let expected_dual = Tensor::stack(&[(along_x + dx * rate) / &shrink, (along_y + dy * rate) / &shrink], 1);
+            let largest = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+            assert!(largest(&iterated, &expected) < 1e-4, "{height}×{width}: {}", largest(&iterated, &expected));
+            assert!(largest(&dual.0, &expected_dual) < 1e-5, "{height}×{width}");
         }
     }
 
