@@ -3,12 +3,37 @@
 //! filtering, pyramid resizing and sampling at pixel positions. Each works on `[N, C, H, W]` tensors
 //! on any device.
 
-use tch::{Kind, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
 
 /// Interpolation code of libtorch's `grid_sampler_2d` for bicubic (Keys, a = −0.75).
 const BICUBIC: i64 = 2;
 /// Padding code of `grid_sampler_2d`: samples outside the frame take the nearest edge value.
 const BORDER: i64 = 1;
+
+/// How many [`constant`]s a thread keeps before it starts over.
+const KEPT_CONSTANTS: usize = 256;
+
+/// A small constant (filter taps, per-channel scales) as a tensor of `shape` on `device`. Copying
+/// from the host to a GPU waits until the device has finished all the work queued before it (a
+/// copy from pageable memory synchronises), which would stall the solver at every level and warp;
+/// so each constant is copied once per thread, device and value and then kept. The tensors are
+/// shared: never change one in place.
+pub(crate) fn constant(values: &[f32], shape: &[i64], device: Device) -> Tensor {
+    type Key = (Vec<u32>, Vec<i64>, Device);
+    thread_local! {
+        static KEPT: RefCell<HashMap<Key, Tensor>> = RefCell::new(HashMap::new());
+    }
+    let key = (values.iter().map(|v| v.to_bits()).collect(), shape.to_vec(), device);
+    KEPT.with_borrow_mut(|kept| {
+        if kept.len() >= KEPT_CONSTANTS && !kept.contains_key(&key) {
+            kept.clear();
+        }
+        kept.entry(key).or_insert_with(|| Tensor::from_slice(values).to_device(device).view(shape)).shallow_clone()
+    })
+}
 
 /// Rec. 601 luma of an RGB image `[N, 3, H, W]` (a one-channel image is returned as it is).
 pub(crate) fn luminance(image: &Tensor) -> Tensor {
@@ -16,7 +41,7 @@ pub(crate) fn luminance(image: &Tensor) -> Tensor {
     if channels == 1 {
         return image.shallow_clone();
     }
-    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).to_device(image.device()).view([1, 3, 1, 1]);
+    let weights = constant(&[0.299, 0.587, 0.114], &[1, 3, 1, 1], image.device());
     (image * weights).sum_dim_intlist(1, true, Kind::Float)
 }
 
@@ -25,7 +50,7 @@ fn correlate_1d(image: &Tensor, taps: &[f32], horizontal: bool) -> Tensor {
     let channels = image.size()[1];
     let radius = (taps.len() / 2) as i64;
     let shape = if horizontal { [1, 1, 1, taps.len() as i64] } else { [1, 1, taps.len() as i64, 1] };
-    let kernel = Tensor::from_slice(taps).to_device(image.device()).view(shape).repeat([channels, 1, 1, 1]);
+    let kernel = constant(taps, &shape, image.device()).repeat([channels, 1, 1, 1]);
     let padding = if horizontal { [radius, radius, 0, 0] } else { [0, 0, radius, radius] };
     image.pad(padding, "replicate", None).conv2d(&kernel, None::<Tensor>, [1, 1], [0, 0], [1, 1], channels)
 }
@@ -142,7 +167,7 @@ pub(crate) fn resize(image: &Tensor, (height, width): (i64, i64)) -> Tensor {
 pub(crate) fn resize_flow(flow: &Tensor, (height, width): (i64, i64)) -> Tensor {
     let (_, _, old_height, old_width) = flow.size4().expect("flow [N, 2, H, W]");
     let ratios = [width as f32 / old_width as f32, height as f32 / old_height as f32];
-    let ratios = Tensor::from_slice(&ratios).to_device(flow.device()).view([1, 2, 1, 1]);
+    let ratios = constant(&ratios, &[1, 2, 1, 1], flow.device());
     resize(flow, (height, width)) * ratios
 }
 
@@ -159,7 +184,7 @@ pub(crate) fn pixel_grid(height: i64, width: i64, device: tch::Device) -> Tensor
 pub(crate) fn sample_bicubic(image: &Tensor, positions: &Tensor) -> Tensor {
     let (_, _, height, width) = image.size4().expect("image [N, C, H, W]");
     let to_unit = [2.0 / (width - 1).max(1) as f32, 2.0 / (height - 1).max(1) as f32];
-    let to_unit = Tensor::from_slice(&to_unit).to_device(image.device()).view([1, 2, 1, 1]);
+    let to_unit = constant(&to_unit, &[1, 2, 1, 1], image.device());
     let grid = (positions * to_unit - 1.0).permute([0, 2, 3, 1]);
     image.grid_sampler_2d(&grid, BICUBIC, BORDER, true)
 }
@@ -181,6 +206,25 @@ mod tests {
     fn ramp(height: i64, width: i64) -> Tensor {
         let grid = pixel_grid(height, width, Device::Cpu);
         (grid.narrow(1, 0, 1) * 0.5 + grid.narrow(1, 1, 1) * 2.0).square()
+    }
+
+    #[test]
+    fn constants_are_kept_per_value_shape_and_device() {
+        let taps = constant(&[0.25, 0.5, 0.25], &[1, 1, 1, 3], Device::Cpu);
+        assert_eq!(Vec::<f32>::try_from(taps.view(-1)).unwrap(), [0.25, 0.5, 0.25]);
+        assert_eq!(taps.size(), [1, 1, 1, 3]);
+        let again = constant(&[0.25, 0.5, 0.25], &[1, 1, 1, 3], Device::Cpu);
+        assert_eq!(again.data_ptr(), taps.data_ptr(), "the same constant is kept, not copied again");
+        let other_value = constant(&[0.25, 0.5, 0.5], &[1, 1, 1, 3], Device::Cpu);
+        let other_shape = constant(&[0.25, 0.5, 0.25], &[1, 1, 3, 1], Device::Cpu);
+        assert_ne!(other_value.data_ptr(), taps.data_ptr());
+        assert_eq!(other_shape.size(), [1, 1, 3, 1]);
+        for step in 0..KEPT_CONSTANTS {
+            let _ = constant(&[step as f32], &[1], Device::Cpu);
+        }
+        let after_the_bound = constant(&[0.25, 0.5, 0.25], &[1, 1, 1, 3], Device::Cpu);
+        assert_ne!(after_the_bound.data_ptr(), taps.data_ptr(), "a thread keeps at most {KEPT_CONSTANTS}");
+        assert!(after_the_bound.equal(&taps));
     }
 
     #[test]
