@@ -80,6 +80,18 @@ fn clear_item(tensor: &Tensor, item: usize) {
     let _ = tensor.narrow(0, item as i64, 1).fill_(0.0);
 }
 
+/// A curvature pair is taken for rounding noise when the gradient changed by at most this share of
+/// itself (‖y‖ ≤ 10⁻⁴·‖g‖) and not along the step (yᵀs ≤ [`NOISE_ALIGNMENT`]·‖y‖‖s‖). A step too small
+/// to change the image the loss sees (it sees it in 8 bits) leaves the gradient as it was up to
+/// rounding, and in a batch that rounding depends on the other images. Seen: ‖y‖/‖g‖ = 2·10⁻⁶ at an
+/// angle cosine of 0.015 gave γ = 1077 where real pairs give 1–10 (cosines 0.35–0.8), and then a
+/// step a million times too long. A small but real change lies along the step, as on a quadratic
+/// of any scale, and is kept.
+const LEAST_GRADIENT_CHANGE: f64 = 1e-4;
+
+/// See [`LEAST_GRADIENT_CHANGE`]: the cosine between `y` and `s` below which a tiny change is noise.
+const NOISE_ALIGNMENT: f64 = 0.1;
+
 /// One curvature pair (s, y) and ρ = 1/(yᵀs) per item; rejected items hold zeros (a no-op in the
 /// two-loop recursion).
 struct Pair {
@@ -139,15 +151,20 @@ impl Lbfgs {
     }
 
     /// Adds the pair from the previous proposal to this gradient. The scale-free curvature test
-    /// (yᵀs > 1e-10·‖y‖‖s‖) is taken per item; a rejected item's pair is stored as zeros.
+    /// (yᵀs > 1e-10·‖y‖‖s‖) is taken per item, and a pair that looks like rounding noise is refused
+    /// too ([`LEAST_GRADIENT_CHANGE`]); a rejected item's pair is stored as zeros.
     fn remember(&mut self, grad: &Tensor) {
         let Some((old_grad, old_step)) = self.previous.take() else { return };
-        let y = grad - old_grad;
+        let y = grad - &old_grad;
         let (ys, yy, ss) = (item_dots(&y, &old_step), item_dots(&y, &y), item_dots(&old_step, &old_step));
+        let length_product = (&yy * &ss).sqrt();
+        let least_change = item_dots(&old_grad, &old_grad) * (LEAST_GRADIENT_CHANGE * LEAST_GRADIENT_CHANGE);
+        let noise = yy.le_tensor(&least_change).logical_and(&ys.le_tensor(&(&length_product * NOISE_ALIGNMENT)));
         let items = self.items(grad);
         let accept = ys
-            .gt_tensor(&((&yy * &ss).sqrt() * 1e-10))
+            .gt_tensor(&(length_product * 1e-10))
             .logical_and(&yy.gt(0.0))
+            .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not());
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
         let rho = ys.reciprocal().where_scalarother(&accept, 0.0);
@@ -362,6 +379,29 @@ mod tests {
     fn lbfgs_solves_rosenbrock() {
         let x = minimise(&mut Lbfgs::new(100, 1.0), &points(&[[-1.2, 1.0]]), 400, rosenbrock);
         assert!(x.allclose(&points(&[[1.0, 1.0]]), 1e-3, 1e-3, false), "{:?}", Vec::<f64>::try_from(x.view([-1])));
+    }
+
+    #[test]
+    fn a_gradient_changed_only_by_rounding_teaches_no_curvature() {
+        // Two gradients `[2, 4096]` in f32: item 0's second differs from its first by rounding-sized
+        // noise across the step; item 1's by little, but along the step, as a real (if very flat)
+        // curvature does. Item 0's second step must be the plain −g of an empty memory.
+        let options = (Kind::Float, Device::Cpu);
+        let first = (Tensor::arange(2 * 4096, options) * 0.37).sin().view([2, 4096]);
+        let mut lbfgs = Lbfgs::new(10, 1.0);
+        let first_step = lbfgs.propose(&first).step;
+        // ‖y‖/‖g‖ ≈ 1.4·10⁻⁶, at a cosine of about 0.03 to the step (so yᵀs > 0: the old test took it)
+        let pattern = (Tensor::arange(2 * 4096, options) * 1.91).cos().view([2, 4096]);
+        let unit_step = &first_step / first_step.norm_scalaropt_dim(2.0, [1], true);
+        let noise = (&pattern + unit_step * pattern.norm_scalaropt_dim(2.0, [1], true) * 0.03) * 1e-6;
+        // ‖y‖/‖g‖ ≈ 10⁻⁵ along the step: γ ≈ 38
+        let along_the_step = &first_step * 0.026;
+        let second = &first + Tensor::cat(&[noise.narrow(0, 0, 1), along_the_step.narrow(0, 1, 1)], 0);
+        let second_step = lbfgs.propose(&second).step;
+        let plain = -&second;
+        assert!(second_step.get(0).allclose(&plain.get(0), 1e-5, 1e-7, false), "noise was taken for curvature");
+        let scaled = (second_step.get(1) / plain.get(1)).mean(Kind::Float).double_value(&[]);
+        assert!(scaled > 10.0, "a small change along the step is curvature (γ ≈ 38 here), got {scaled}");
     }
 
     #[test]
