@@ -1,8 +1,8 @@
 //! Devices and precisions: parsing `cpu`, `cuda:N` and `auto`, loading libtorch's CUDA backend at
 //! start so that a GPU is seen at all (the linker drops `libtorch_cuda.so` otherwise), cuDNN
 //! autotuning on CUDA devices, and the network precision (f32, TF32 on CUDA, or bf16; the optimised
-//! image always stays f32; `auto` picks bf16 where the device computes it natively). `tf32` holds the
-//! TF32 switch, `memory` the device-memory reading, `bf16` the hardware check behind `auto`,
+//! image always stays f32; `auto` picks bf16 where it is the faster). `tf32` holds the TF32 switch,
+//! `memory` the device-memory reading, `bf16` the hardware check and CPU measurement behind `auto`,
 //! `threads` the per-thread CPU thread count.
 
 pub mod bf16;
@@ -144,14 +144,15 @@ impl Precision {
     }
 }
 
-/// The precision as the user asks for it: a fixed one, or `auto` — bf16 where the device computes it
-/// natively (a CPU with AVX-512 BF16 or AMX, an ARM CPU with BF16, a CUDA card of compute capability
-/// 8.0 or newer), f32 elsewhere. bf16 measured 1.2–2.5× faster per iteration than f32 on a CPU with
-/// AVX-512 BF16 at equal quality, and 27× slower on one without (BENCHMARKS.md).
+/// The precision as the user asks for it: a fixed one, or `auto` — bf16 where it is the faster (a
+/// CUDA card of compute capability 8.0 or newer; a CPU with bf16 instructions where a short
+/// measurement, made once per machine, finds it faster than f32), f32 elsewhere. bf16 measured
+/// 1.6–2.6× faster per iteration than f32 at equal quality on two CPUs with bf16 instructions, 1.5×
+/// slower on a third, and 27× slower on one without (BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum PrecisionChoice {
-    /// bf16 where native, else f32.
+    /// bf16 where it is the faster, else f32.
     #[default]
     Auto,
     /// This precision wherever it runs.
@@ -163,13 +164,13 @@ impl PrecisionChoice {
     pub fn resolve(self, device: Device) -> Precision {
         match self {
             PrecisionChoice::Fixed(precision) => precision,
-            PrecisionChoice::Auto => Self::auto_for(bf16::native_on(device)),
+            PrecisionChoice::Auto => Self::auto_for(bf16::faster_on(device)),
         }
     }
 
-    /// What `auto` means for a device that does (or does not) compute bf16 natively.
-    pub fn auto_for(bf16_native: bool) -> Precision {
-        if bf16_native { Precision::Bf16 } else { Precision::F32 }
+    /// What `auto` means for a device where bf16 is (or is not) the faster precision.
+    pub fn auto_for(bf16_faster: bool) -> Precision {
+        if bf16_faster { Precision::Bf16 } else { Precision::F32 }
     }
 }
 
@@ -310,7 +311,8 @@ mod tests {
         assert_eq!(PrecisionChoice::auto_for(false), Precision::F32);
         assert_eq!(PrecisionChoice::Fixed(Precision::Tf32).resolve(Device::Cpu), Precision::Tf32);
         let on_cpu = PrecisionChoice::Auto.resolve(Device::Cpu);
-        assert_eq!(on_cpu == Precision::Bf16, bf16::cpu_has_bf16(), "auto on this CPU gave {on_cpu}");
+        let faster = bf16::cpu_has_bf16() && bf16::cpu_bf16_is_faster();
+        assert_eq!(on_cpu == Precision::Bf16, faster, "auto on this CPU gave {on_cpu}");
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         if cfg!(target_arch = "x86_64") && !cpuinfo.is_empty() {
             let listed = cpuinfo.split_whitespace().any(|flag| flag == "avx512_bf16");

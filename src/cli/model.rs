@@ -29,7 +29,7 @@ pub struct ModelFlags {
     /// Device: auto, cpu or cuda:N.
     #[arg(long)]
     pub device: Option<DeviceChoice>,
-    /// Network precision: auto (bf16 where the device computes it natively, else f32), f32, tf32 (TF32
+    /// Network precision: auto (bf16 where it is the faster on the device, else f32), f32, tf32 (TF32
     /// tensor cores on CUDA; f32 elsewhere) or bf16 (the image stays f32).
     #[arg(long)]
     pub precision: Option<PrecisionChoice>,

@@ -41,7 +41,7 @@ pub struct ModelSettings {
     pub normalize: bool,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: DeviceChoice,
-    /// Network precision: `auto` (bf16 where the device computes it natively, else f32), `f32`, `tf32`
+    /// Network precision: `auto` (bf16 where it is the faster on the device, else f32), `f32`, `tf32`
     /// (TF32 tensor cores on CUDA, f32 elsewhere) or `bf16` (the image stays f32).
     pub precision: PrecisionChoice,
     /// Activation memory layout: `channels-first` or `channels-last`.

@@ -103,10 +103,27 @@ pub fn impasto(cache: &str) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_impasto"));
     command
         .env("IMPASTO_MODEL", vgg16_weights())
-        .env("IMPASTO_CACHE_DIR", std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache))
+        .env("IMPASTO_CACHE_DIR", cache_dir(cache))
         .env("OMP_NUM_THREADS", "1")
         .env_remove("IMPASTO_LOG");
     command
+}
+
+/// The cache directory of the commands made with [`impasto`]`(cache)`.
+pub fn cache_dir(cache: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache)
+}
+
+/// What `precision = "auto"` became on this CPU for the commands run with [`impasto`]`(cache)`: f32
+/// without bf16 instructions, else what their measurement, kept in that cache, found the faster.
+pub fn auto_precision(cache: &str) -> String {
+    use impasto::device::{PrecisionChoice, bf16};
+    let faster = bf16::cpu_has_bf16() && {
+        let kept = cache_dir(cache).join("cpu-precision.json");
+        let measured = bf16::read_measurement(&kept, &bf16::machine_key());
+        measured.unwrap_or_else(|| panic!("no measurement of bf16 kept in {}", kept.display())).bf16_is_faster()
+    };
+    PrecisionChoice::auto_for(faster).to_string()
 }
 
 /// What a finished command wrote to stderr.
