@@ -171,7 +171,8 @@ pub fn measure_cpu() -> CpuMeasurement {
     let probe = ProbeNetwork::new();
     let time = |kind: Kind| {
         let start = Instant::now();
-        probe.pass(kind);
+        // with gradients on whatever the caller set: the daemon loads its networks under no_grad
+        tch::with_grad(|| probe.pass(kind));
         start.elapsed().as_secs_f64()
     };
     let (mut f32_seconds, mut bf16_seconds) = (f64::INFINITY, f64::INFINITY);
@@ -267,7 +268,10 @@ mod tests {
 
     #[test]
     fn the_probe_network_runs_in_both_precisions() {
-        let measured = measure_cpu();
+        let measured = {
+            let _no_grad = tch::no_grad_guard(); // as `impasto serve` loads its networks
+            measure_cpu()
+        };
         assert!(measured.f32_seconds.is_finite() && measured.f32_seconds > 0.0, "{measured:?}");
         assert!(measured.bf16_seconds.is_finite() && measured.bf16_seconds > 0.0, "{measured:?}");
         let key = machine_key();
