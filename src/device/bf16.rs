@@ -145,22 +145,28 @@ pub fn machine_key() -> String {
 
 /// The measurement kept for `machine` in the cache file at `path`, if any.
 pub fn read_measurement(path: &Path, machine: &str) -> Option<CpuMeasurement> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let kept: BTreeMap<String, CpuMeasurement> = serde_json::from_str(&text).ok()?;
-    kept.get(machine).copied()
+    kept_measurements(path).get(machine).copied()
+}
+
+/// Every measurement kept in the cache file at `path`, by machine (none when it is missing or damaged).
+fn kept_measurements(path: &Path) -> BTreeMap<String, CpuMeasurement> {
+    std::fs::read_to_string(path).ok().and_then(|text| serde_json::from_str(&text).ok()).unwrap_or_default()
 }
 
 /// Adds `measured` for `machine` to the cache file at `path` (written to a temporary name and
 /// renamed); a cache that cannot be written only costs a measurement next time.
 pub fn keep_measurement(path: &Path, machine: &str, measured: CpuMeasurement) {
-    let mut kept: BTreeMap<String, CpuMeasurement> =
-        std::fs::read_to_string(path).ok().and_then(|text| serde_json::from_str(&text).ok()).unwrap_or_default();
+    let mut kept = kept_measurements(path);
     kept.insert(machine.to_string(), measured);
-    let result = path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
-        let temp = crate::fsutil::temp_path_for(path);
-        std::fs::write(&temp, serde_json::to_string_pretty(&kept).expect("plain numbers"))?;
-        std::fs::rename(&temp, path)
-    });
+    let text = serde_json::to_string_pretty(&kept).expect("plain numbers");
+    let result =
+        path.parent().map(std::fs::create_dir_all).transpose().map_err(|e| crate::error::Error::io(path, e)).and_then(
+            |_| {
+                crate::fsutil::write_atomically(path, |temp| {
+                    std::fs::write(temp, &text).map_err(|e| crate::error::Error::io(temp, e))
+                })
+            },
+        );
     if let Err(problem) = result {
         tracing::warn!(path = %path.display(), %problem, "could not keep the CPU's precision measurement");
     }

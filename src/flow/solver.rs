@@ -270,18 +270,25 @@ mod tests {
         noise.upsample_bicubic2d([height, width], false, None, None).clamp(0.0, 1.0)
     }
 
+    /// A linearised data term of a batch of two `height` × `width` frames with random gradients and
+    /// residuals (from the global generator, seeded by the caller).
+    fn random_data(height: i64, width: i64) -> LinearisedData {
+        let options = (Kind::Float, Device::Cpu);
+        let gradient = Tensor::randn([2, 2, height, width], options) * 20.0;
+        let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
+        LinearisedData {
+            residual_at_zero: Tensor::randn([2, 1, height, width], options) * 10.0,
+            negative_inverse_norm: -norm.reciprocal(),
+            gradient,
+        }
+    }
+
     #[test]
     fn fused_iterations_match_the_tensor_operations() {
         let options = (Kind::Float, Device::Cpu);
         for (height, width) in [(13, 17), (1, 9), (7, 1), (2, 2), (1, 1)] {
             tch::manual_seed(3);
-            let gradient = Tensor::randn([2, 2, height, width], options) * 20.0;
-            let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
-            let data = LinearisedData {
-                residual_at_zero: Tensor::randn([2, 1, height, width], options) * 10.0,
-                negative_inverse_norm: -norm.reciprocal(),
-                gradient,
-            };
+            let data = random_data(height, width);
             let flow = Tensor::randn([2, 2, height, width], options);
             let start = Tensor::rand([2, 2, 2, height, width], options) - 0.5;
             let dual = || DualField(start.copy());
@@ -303,13 +310,7 @@ mod tests {
         let options = (Kind::Float, Device::Cpu);
         for (height, width) in [(5, 7), (1, 4), (3, 1)] {
             tch::manual_seed(11);
-            let gradient = Tensor::randn([2, 2, height, width], options) * 20.0;
-            let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
-            let data = LinearisedData {
-                residual_at_zero: Tensor::randn([2, 1, height, width], options) * 10.0,
-                negative_inverse_norm: -norm.reciprocal(),
-                gradient,
-            };
+            let data = random_data(height, width);
             let flow = Tensor::randn([2, 2, height, width], options);
             let (along_x, along_y) = (Tensor::rand_like(&flow) - 0.5, Tensor::rand_like(&flow) - 0.5);
             let settings = FlowSettings { iterations: 1, ..FlowSettings::default() };
