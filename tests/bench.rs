@@ -3,6 +3,8 @@
 //! (`benches/gpu.sh --quick`), and the end-to-end video
 //! benchmark on the sample clip. Only the shape of the output is checked, never a time.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -15,11 +17,15 @@ fn json_lines(text: &str) -> Vec<serde_json::Value> {
 #[test]
 fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     let out = tempfile::tempdir().unwrap();
+    // a measurement in which bf16 wins, so `auto` must read it to choose bf16 on a CPU that has it
+    let cache = out.path().join("cache");
+    common::keep_cpu_measurement(&cache, common::BF16_IS_FASTER);
     let output = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu.sh"))
         .arg("--quick")
         .env("IMPASTO_BIN", env!("CARGO_BIN_EXE_impasto"))
         .env("OUT", out.path())
+        .env("IMPASTO_CACHE_DIR", &cache)
         .env("OMP_NUM_THREADS", "1")
         .env_remove("IMPASTO_MODEL")
         .env_remove("IMPASTO_LOG")
@@ -101,7 +107,7 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(painting_table.contains("| 32² | ahead |"), "{painting_table}");
     // the default precision settled for this CPU, and the log says what it became
     let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
-    let expected = impasto::device::PrecisionChoice::Auto.resolve(tch::Device::Cpu).to_string();
+    let expected = common::auto_precision_with(common::BF16_IS_FASTER);
     assert_eq!(auto.len(), 1, "{auto:?}");
     assert_eq!(auto[0]["precision"], expected.as_str(), "{auto:?}");
     assert!(log.contains(&format!("precision auto on cpu: {expected}")), "{log}");
@@ -111,8 +117,11 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
 #[test]
 fn video_bench_reports_seconds_per_frame_and_stage_shares() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cache = tempfile::tempdir().unwrap();
+    common::keep_cpu_measurement(cache.path(), common::F32_IS_FASTER);
     let output = Command::new(env!("CARGO_BIN_EXE_impasto"))
         .current_dir(root)
+        .env("IMPASTO_CACHE_DIR", cache.path())
         .args(["bench", "--video", "samples/video/bigbuckbunny-2s.mp4", "--size", "32"])
         .args(["--first-iterations", "2", "--later-iterations", "1", "--random", "vgg16", "--device", "cpu"])
         .args(["--segments", "2"])

@@ -120,7 +120,7 @@ fn bigbuckbunny_keeps_frames_duration_audio_and_timestamps_and_eval_agrees() {
     let report = read_json(&report);
     assert_eq!(report["frame_count"], 132);
     assert_eq!(report["working_size"], serde_json::json!([32, 18]));
-    let auto = common::auto_precision("video-cache");
+    let auto = common::auto_precision_with(common::F32_IS_FASTER);
     assert_eq!((&report["device"], &report["precision"]), (&Value::from("cpu"), &Value::from(auto)), "{report}");
     let frames = report["frames"].as_array().unwrap();
     assert_eq!(frames[0]["start"], "first");

@@ -4,9 +4,11 @@
 //! without them libtorch converts every bf16 value on the way, 27× slower per iteration than f32 on
 //! an AVX2-only CPU. They are not enough: on an AMD EPYC with AVX-512 BF16 bf16 was 1.6× faster, on
 //! an Intel Xeon with AMX 2.6× faster, but on the same Xeon model with AMX hidden by its hypervisor
-//! 1.5× slower (BENCHMARKS.md). So a CPU with the instructions is measured once: a small VGG-like
-//! network's forward and backward pass in f32 and in bf16, kept in `cpu-precision.json` in the
-//! cache directory under the CPU's name, bf16 flags and libtorch.
+//! 1.1× slower at 160×90 and 1.5–1.8× slower at 256² (BENCHMARKS.md). So a CPU with the
+//! instructions is measured once: a small VGG-like network's forward and backward pass in f32 and in
+//! bf16, kept in `cpu-precision.json` in the cache directory under the CPU's name, bf16 flags, thread
+//! count and libtorch (the ratio moves with the threads: 1.27 on one, 1.42 on two). Deleting the
+//! file measures again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -92,33 +94,36 @@ impl CpuMeasurement {
     }
 }
 
-/// Whether bf16 measured faster than f32 on this CPU: measured once per machine and libtorch (the
-/// cached answer is read afterwards) and once per process at most.
+/// Whether bf16 measured faster than f32 on this CPU with the calling thread's libtorch thread
+/// count: measured once per machine, thread count and libtorch (the kept answer is read afterwards)
+/// and decided once per process.
 pub fn cpu_bf16_is_faster() -> bool {
     static DECIDED: OnceLock<bool> = OnceLock::new();
     *DECIDED.get_or_init(|| {
         let path = crate::model::cache_dir().join("cpu-precision.json");
-        let machine = machine_key();
-        let measured = match read_measurement(&path, &machine) {
-            Some(measured) => measured,
-            None => {
-                let measured = measure_cpu();
-                tracing::info!(
-                    f32_seconds = measured.f32_seconds,
-                    bf16_seconds = measured.bf16_seconds,
-                    bf16 = measured.bf16_is_faster(),
-                    "measured bf16 against f32 on this CPU (once per machine)"
-                );
-                keep_measurement(&path, &machine, measured);
-                measured
-            }
-        };
-        measured.bf16_is_faster()
+        kept_or_measured(&path, &machine_key(tch::get_num_threads())).bf16_is_faster()
     })
 }
 
-/// What the measurement depends on: the CPU's name and model, its bf16 flags, and the libtorch.
-pub fn machine_key() -> String {
+/// The measurement kept for `machine` in the cache file at `path`, or a new one, then kept there.
+pub fn kept_or_measured(path: &Path, machine: &str) -> CpuMeasurement {
+    if let Some(kept) = read_measurement(path, machine) {
+        return kept;
+    }
+    let measured = measure_cpu();
+    tracing::info!(
+        f32_seconds = measured.f32_seconds,
+        bf16_seconds = measured.bf16_seconds,
+        bf16 = measured.bf16_is_faster(),
+        "measured bf16 against f32 on this CPU (once per machine and thread count)"
+    );
+    keep_measurement(path, machine, measured);
+    measured
+}
+
+/// What the measurement depends on: the CPU's name and model, its bf16 flags, the libtorch thread
+/// count `threads` and the libtorch.
+pub fn machine_key(threads: i32) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
         cpuinfo.lines().find_map(|line| {
@@ -135,7 +140,7 @@ pub fn machine_key() -> String {
         .collect::<Vec<_>>()
         .join(" / ");
     format!(
-        "{} / {} [{}] / libtorch {}",
+        "{} / {} [{}] / {threads} threads / libtorch {}",
         std::env::consts::ARCH,
         name,
         bf16_flags.join(" "),
@@ -273,6 +278,20 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_measurement_is_used_without_measuring_again() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("cpu-precision.json");
+        // no CPU measures exactly these
+        let kept = CpuMeasurement { f32_seconds: 3.0, bf16_seconds: 2.0 };
+        keep_measurement(&path, &machine_key(3), kept);
+        assert_eq!(kept_or_measured(&path, &machine_key(3)), kept);
+        let on_one_thread = kept_or_measured(&path, &machine_key(1));
+        assert_ne!(on_one_thread, kept, "another thread count is measured for itself");
+        assert_eq!(read_measurement(&path, &machine_key(1)), Some(on_one_thread));
+        assert_eq!(read_measurement(&path, &machine_key(3)), Some(kept));
+    }
+
+    #[test]
     fn the_probe_network_runs_in_both_precisions() {
         let measured = {
             let _no_grad = tch::no_grad_guard(); // as `impasto serve` loads its networks
@@ -280,7 +299,7 @@ mod tests {
         };
         assert!(measured.f32_seconds.is_finite() && measured.f32_seconds > 0.0, "{measured:?}");
         assert!(measured.bf16_seconds.is_finite() && measured.bf16_seconds > 0.0, "{measured:?}");
-        let key = machine_key();
-        assert!(key.starts_with(std::env::consts::ARCH) && key.contains("libtorch"), "{key}");
+        let key = machine_key(2);
+        assert!(key.starts_with(std::env::consts::ARCH) && key.contains(" 2 threads / libtorch"), "{key}");
     }
 }

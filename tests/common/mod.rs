@@ -7,7 +7,8 @@ use std::path::PathBuf;
 #[cfg(feature = "service")]
 pub mod postgres;
 
-use impasto::device::{DeviceChoice, Precision};
+use impasto::device::bf16::{self, CpuMeasurement};
+use impasto::device::{DeviceChoice, Precision, PrecisionChoice};
 use impasto::model::{self, ModelSettings, Pooling, Vgg};
 
 /// The shared folder of real weights, photos, paintings and clips (`$IMPASTO_SHARED` or `../shared`).
@@ -97,9 +98,12 @@ pub fn damaged_bikes(dir: &std::path::Path) -> PathBuf {
     damaged
 }
 
-/// The `impasto` binary with the real weights, a normalisation cache named `cache` shared by the
-/// tests of one file, and one libtorch thread (far faster for tiny frames on a shared CPU).
+/// The `impasto` binary with the real weights, a cache folder named `cache` shared by the tests of
+/// one file, and one libtorch thread (far faster for tiny frames on a shared CPU). The cache holds
+/// [`F32_IS_FASTER`] as this CPU's bf16 measurement, so `precision = "auto"` is decided the same way
+/// in every command, none of them measuring.
 pub fn impasto(cache: &str) -> std::process::Command {
+    keep_cpu_measurement(&cache_dir(cache), F32_IS_FASTER);
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_impasto"));
     command
         .env("IMPASTO_MODEL", vgg16_weights())
@@ -114,16 +118,26 @@ pub fn cache_dir(cache: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache)
 }
 
-/// What `precision = "auto"` became on this CPU for the commands run with [`impasto`]`(cache)`: f32
-/// without bf16 instructions, else what their measurement, kept in that cache, found the faster.
-pub fn auto_precision(cache: &str) -> String {
-    use impasto::device::{PrecisionChoice, bf16};
-    let faster = bf16::cpu_has_bf16() && {
-        let kept = cache_dir(cache).join("cpu-precision.json");
-        let measured = bf16::read_measurement(&kept, &bf16::machine_key());
-        measured.unwrap_or_else(|| panic!("no measurement of bf16 kept in {}", kept.display())).bf16_is_faster()
-    };
-    PrecisionChoice::auto_for(faster).to_string()
+/// A bf16 measurement no CPU makes, in which f32 is the faster.
+pub const F32_IS_FASTER: CpuMeasurement = CpuMeasurement { f32_seconds: 1.0, bf16_seconds: 2.0 };
+
+/// A bf16 measurement no CPU makes, in which bf16 is the faster.
+pub const BF16_IS_FASTER: CpuMeasurement = CpuMeasurement { f32_seconds: 2.0, bf16_seconds: 1.0 };
+
+/// Keeps `measured` in the cache folder `dir` as this CPU's bf16 measurement for commands run with
+/// one libtorch thread (`OMP_NUM_THREADS=1`), as `precision = "auto"` reads it.
+pub fn keep_cpu_measurement(dir: &std::path::Path, measured: CpuMeasurement) {
+    let path = dir.join("cpu-precision.json");
+    let machine = bf16::machine_key(1);
+    if bf16::read_measurement(&path, &machine) != Some(measured) {
+        bf16::keep_measurement(&path, &machine, measured);
+    }
+}
+
+/// What `precision = "auto"` becomes on this CPU when `measured` is kept: f32 without bf16
+/// instructions (nothing is measured then), else the faster in `measured`.
+pub fn auto_precision_with(measured: CpuMeasurement) -> String {
+    PrecisionChoice::auto_for(bf16::cpu_has_bf16() && measured.bf16_is_faster()).to_string()
 }
 
 /// What a finished command wrote to stderr.
