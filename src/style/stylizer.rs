@@ -924,8 +924,15 @@ pub(crate) mod tests {
     use crate::model::{Arch, ModelSettings};
     use tch::Device;
 
+    /// A random VGG-16 in f32: fixed, so no test depends on what `auto` measures on the machine.
     pub(crate) fn network() -> Vgg {
-        let settings = ModelSettings { device: DeviceChoice::Cpu, ..ModelSettings::default() };
+        network_in(crate::device::Precision::F32)
+    }
+
+    /// A random VGG-16 in `precision`.
+    pub(crate) fn network_in(precision: crate::device::Precision) -> Vgg {
+        let settings =
+            ModelSettings { device: DeviceChoice::Cpu, precision: precision.into(), ..ModelSettings::default() };
         crate::bench::random_vgg(Arch::Vgg16, &settings, Device::Cpu).unwrap()
     }
 
