@@ -147,8 +147,8 @@ impl Precision {
 /// The precision as the user asks for it: a fixed one, or `auto` — bf16 where it is the faster (a
 /// CUDA card of compute capability 8.0 or newer; a CPU with bf16 instructions where a short
 /// measurement, made once per machine and thread count, finds it faster than f32), f32 elsewhere.
-/// bf16 measured 1.6–2.6× faster per iteration than f32 at equal quality on two CPUs with bf16
-/// instructions, 1.1× (160×90) to 1.5–1.8× (256²) slower on a third, and 27× slower on one without
+/// bf16 measured 1.6× and 1.9–2.7× faster per iteration than f32 at equal quality on two CPUs with
+/// bf16 instructions, 1.1× (160×90) to 1.5–1.8× (256²) slower on a third, and 27× slower on one without
 /// (BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -75,11 +75,14 @@ pub fn folder_of(path: &Path) -> &Path {
     path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// A hidden temporary name in the same directory as `path` (same file system, so rename is atomic).
+/// A hidden temporary name in the same directory as `path` (same file system, so rename is atomic),
+/// new at each call: two threads writing the same file never share one.
 pub fn temp_path_for(path: &Path) -> PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
     let extension = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.partial{extension}", std::process::id()))
+    path.with_file_name(format!(".{name}.{}-{call}.partial{extension}", std::process::id()))
 }
 
 /// Writes through `write` to a temporary file, then renames it to `path`; removes it on failure.

@@ -111,6 +111,10 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert_eq!(auto.len(), 1, "{auto:?}");
     assert_eq!(auto[0]["precision"], expected.as_str(), "{auto:?}");
     assert!(log.contains(&format!("precision auto on cpu: {expected}")), "{log}");
+    // read, not measured: a command that measured would have kept a second entry
+    let kept = std::fs::read_to_string(cache.join("cpu-precision.json")).unwrap();
+    let entries = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&kept).unwrap();
+    assert_eq!(entries.len(), 1, "{kept}");
 }
 
 #[cfg(feature = "media")]

@@ -3,7 +3,7 @@
 //! On a CPU the bf16 instructions (x86 AVX-512 BF16 or AMX-BF16, ARM's BF16 extension) are needed:
 //! without them libtorch converts every bf16 value on the way, 27× slower per iteration than f32 on
 //! an AVX2-only CPU. They are not enough: on an AMD EPYC with AVX-512 BF16 bf16 was 1.6× faster, on
-//! an Intel Xeon with AMX 2.6× faster, but on the same Xeon model with AMX hidden by its hypervisor
+//! an Intel Xeon with AMX 1.9–2.7× faster, but on the same Xeon model with AMX hidden by its hypervisor
 //! 1.1× slower at 160×90 and 1.5–1.8× slower at 256² (BENCHMARKS.md). So a CPU with the
 //! instructions is measured once: a small VGG-like network's forward and backward pass in f32 and in
 //! bf16, kept in `cpu-precision.json` in the cache directory under the CPU's name, bf16 flags, thread
@@ -278,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_measurement_is_used_without_measuring_again() {
+    fn a_kept_measurement_is_read_and_another_thread_count_is_measured() {
         let folder = tempfile::tempdir().unwrap();
         let path = folder.path().join("cpu-precision.json");
         // no CPU measures exactly these

@@ -404,9 +404,11 @@ mod tests {
 
     #[test]
     fn two_jobs_share_one_batch_and_each_frame_is_painted_as_if_alone() {
-        // in both precisions: rounding differs with the batch's other images, more so in bf16
-        for precision in [Precision::F32, Precision::Bf16] {
-            two_jobs_in_one_batch(&network_in(precision));
+        // in both precisions: rounding differs with the batch's other images, more so in bf16 (run
+        // where the CPU computes bf16; without the instructions it is some 27× slower)
+        two_jobs_in_one_batch(&network_in(Precision::F32));
+        if crate::device::bf16::cpu_has_bf16() {
+            two_jobs_in_one_batch(&network_in(Precision::Bf16));
         }
     }
 

@@ -30,7 +30,8 @@ pub fn media(relative: &str) -> PathBuf {
     shared().join("media").join(relative)
 }
 
-/// Model settings for the real VGG-16 on the CPU, with a private cache directory.
+/// Model settings for the real VGG-16 on the CPU in f32. Its normalisation is cached in the cache
+/// directory (`target/test-cache` under `scripts/test.sh`).
 pub fn vgg16_settings(pooling: Pooling, normalize: bool) -> ModelSettings {
     ModelSettings {
         path: Some(vgg16_weights()),
@@ -48,9 +49,15 @@ pub fn vgg16(pooling: Pooling, normalize: bool) -> Vgg {
     model::load(&vgg16_settings(pooling, normalize)).expect("shared VGG-16 loads")
 }
 
-/// The real VGG-16 with impasto's default model settings (on the CPU).
+/// The real VGG-16 with impasto's default model settings on the CPU, except the precision: f32, so no
+/// test depends on what `auto` measures on the machine.
 pub fn default_vgg16() -> Vgg {
-    let settings = ModelSettings { path: Some(vgg16_weights()), device: DeviceChoice::Cpu, ..ModelSettings::default() };
+    let settings = ModelSettings {
+        path: Some(vgg16_weights()),
+        device: DeviceChoice::Cpu,
+        precision: Precision::F32.into(),
+        ..ModelSettings::default()
+    };
     model::load(&settings).expect("shared VGG-16 loads")
 }
 
