@@ -103,6 +103,18 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     result
 }
 
+/// Writes the cache file at `path` through `write`, its folder made first and the file written as
+/// [`write_atomically`] writes it. A cache is best effort: a failure is logged, naming `contents`,
+/// and costs only recomputing next time.
+pub fn write_cache_file(path: &Path, contents: &str, write: impl FnOnce(&Path) -> Result<()>) {
+    let folder = folder_of(path);
+    let result =
+        std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e)).and_then(|()| write_atomically(path, write));
+    if let Err(problem) = result {
+        tracing::warn!(path = %path.display(), %problem, "could not cache {contents}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

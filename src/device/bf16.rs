@@ -164,17 +164,9 @@ pub fn keep_measurement(path: &Path, machine: &str, measured: CpuMeasurement) {
     let mut kept = kept_measurements(path);
     kept.insert(machine.to_string(), measured);
     let text = serde_json::to_string_pretty(&kept).expect("plain numbers");
-    let result =
-        path.parent().map(std::fs::create_dir_all).transpose().map_err(|e| crate::error::Error::io(path, e)).and_then(
-            |_| {
-                crate::fsutil::write_atomically(path, |temp| {
-                    std::fs::write(temp, &text).map_err(|e| crate::error::Error::io(temp, e))
-                })
-            },
-        );
-    if let Err(problem) = result {
-        tracing::warn!(path = %path.display(), %problem, "could not keep the CPU's precision measurement");
-    }
+    crate::fsutil::write_cache_file(path, "the CPU's precision measurement", |temp| {
+        std::fs::write(temp, &text).map_err(|e| crate::error::Error::io(temp, e))
+    });
 }
 
 /// Times the probe network in both precisions, alternating, the best of three after a warm-up each.

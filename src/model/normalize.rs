@@ -110,12 +110,7 @@ pub fn read_cached(path: &std::path::Path, layers: &[LayerId]) -> Option<Vec<Ten
 pub fn write_cached(path: &std::path::Path, layers: &[LayerId], means: &[Tensor]) {
     let named: Vec<(String, Tensor)> =
         layers.iter().map(|l| l.to_string()).zip(means.iter().map(|m| m.shallow_clone())).collect();
-    let result = path.parent().map(std::fs::create_dir_all).transpose().map_err(|e| e.to_string()).and_then(|_| {
-        let temp = crate::fsutil::temp_path_for(path);
-        Tensor::write_safetensors(&named, &temp).map_err(|e| e.to_string())?;
-        std::fs::rename(&temp, path).map_err(|e| e.to_string())
+    crate::fsutil::write_cache_file(path, "normalisation statistics", |temp| {
+        Tensor::write_safetensors(&named, temp).map_err(|e| crate::error::Error::Torch(e.to_string()))
     });
-    if let Err(problem) = result {
-        tracing::warn!(path = %path.display(), %problem, "could not cache normalisation statistics");
-    }
 }

@@ -220,8 +220,8 @@ pub fn save_safetensors(path: &Path, arch: Arch, convs: &[ConvWeights], conventi
     ]
     .into_iter()
     .collect();
-    let temp = crate::fsutil::temp_path_for(path);
-    safetensors::serialize_to_file(views, Some(metadata), &temp)
-        .map_err(|e| Error::weights(path, format!("cannot write: {e}")))?;
-    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
+    crate::fsutil::write_atomically(path, |temp| {
+        safetensors::serialize_to_file(views, Some(metadata), temp)
+            .map_err(|e| Error::weights(path, format!("cannot write: {e}")))
+    })
 }
