@@ -19,16 +19,12 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     let out = tempfile::tempdir().unwrap();
     // a measurement in which bf16 wins, so `auto` must read it to choose bf16 on a CPU that has it
     let cache = out.path().join("cache");
-    common::keep_cpu_measurement(&cache, common::BF16_IS_FASTER);
-    let output = Command::new("bash")
+    let output = common::in_test_cache(&mut Command::new("bash"), &cache, common::BF16_IS_FASTER)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/gpu.sh"))
         .arg("--quick")
         .env("IMPASTO_BIN", env!("CARGO_BIN_EXE_impasto"))
         .env("OUT", out.path())
-        .env("IMPASTO_CACHE_DIR", &cache)
-        .env("OMP_NUM_THREADS", "1")
         .env_remove("IMPASTO_MODEL")
-        .env_remove("IMPASTO_LOG")
         .output()
         .unwrap();
     let log = std::fs::read_to_string(out.path().join("gpu-bench.log")).unwrap_or_default();
@@ -122,17 +118,14 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
 fn video_bench_reports_seconds_per_frame_and_stage_shares() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cache = tempfile::tempdir().unwrap();
-    common::keep_cpu_measurement(cache.path(), common::F32_IS_FASTER);
-    let output = Command::new(env!("CARGO_BIN_EXE_impasto"))
-        .current_dir(root)
-        .env("IMPASTO_CACHE_DIR", cache.path())
-        .args(["bench", "--video", "samples/video/bigbuckbunny-2s.mp4", "--size", "32"])
-        .args(["--first-iterations", "2", "--later-iterations", "1", "--random", "vgg16", "--device", "cpu"])
-        .args(["--segments", "2"])
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("IMPASTO_LOG")
-        .output()
-        .unwrap();
+    let output =
+        common::in_test_cache(&mut Command::new(env!("CARGO_BIN_EXE_impasto")), cache.path(), common::F32_IS_FASTER)
+            .current_dir(root)
+            .args(["bench", "--video", "samples/video/bigbuckbunny-2s.mp4", "--size", "32"])
+            .args(["--first-iterations", "2", "--later-iterations", "1", "--random", "vgg16", "--device", "cpu"])
+            .args(["--segments", "2"])
+            .output()
+            .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let rows = json_lines(&String::from_utf8(output.stdout).unwrap());
     assert_eq!(rows.len(), 1, "{rows:?}");

@@ -5,13 +5,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn impasto(cache: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
-    command.env("IMPASTO_MODEL", common::vgg16_weights()).env("IMPASTO_CACHE_DIR", cache).env_remove("IMPASTO_LOG");
-    command
-}
+use common::impasto_with_cache as impasto;
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

@@ -34,14 +34,10 @@ impl Daemon {
             .unwrap()
             .lines()
             .find_map(|line| line.strip_prefix("token = \"").map(|rest| rest.trim_end_matches('"').to_string()));
-        let cache = common::cache_dir("serve-cache");
-        common::keep_cpu_measurement(&cache, common::F32_IS_FASTER);
         let mut command = Command::new(env!("CARGO_BIN_EXE_impasto"));
-        command
+        common::in_test_cache(&mut command, &common::cache_dir("serve-cache"), common::F32_IS_FASTER)
             .args(["serve", "--config"])
             .arg(config)
-            .env("IMPASTO_CACHE_DIR", cache)
-            .env("OMP_NUM_THREADS", "1")
             .env("IMPASTO_LOG", "info,impasto::pipeline=warn")
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())

@@ -39,9 +39,9 @@ pub fn cached_model_path() -> PathBuf {
 /// Downloads, verifies, converts and caches `source`; returns the cached file.
 /// `progress` is called with (bytes so far, total bytes if known).
 pub fn fetch(source: &Source, destination: &Path, progress: &mut dyn FnMut(u64, Option<u64>)) -> Result<PathBuf> {
-    let dir = destination.parent().unwrap_or(Path::new("."));
+    let dir = crate::fsutil::folder_of(destination);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let download = dir.join(format!(".download-{}.pth", std::process::id()));
+    let download = crate::fsutil::temp_path_for(&dir.join("download.pth"));
     let result = download_to(source, &download, progress).and_then(|()| convert(source, &download, destination));
     let _ = std::fs::remove_file(&download);
     result.map(|()| destination.to_path_buf())

@@ -110,14 +110,26 @@ pub fn damaged_bikes(dir: &std::path::Path) -> PathBuf {
 /// [`F32_IS_FASTER`] as this CPU's bf16 measurement, so `precision = "auto"` is decided the same way
 /// in every command, none of them measuring.
 pub fn impasto(cache: &str) -> std::process::Command {
-    keep_cpu_measurement(&cache_dir(cache), F32_IS_FASTER);
+    impasto_with_cache(&cache_dir(cache))
+}
+
+/// [`impasto`] with the cache folder `cache`, wherever it is.
+pub fn impasto_with_cache(cache: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_impasto"));
+    in_test_cache(&mut command, cache, F32_IS_FASTER).env("IMPASTO_MODEL", vgg16_weights());
     command
-        .env("IMPASTO_MODEL", vgg16_weights())
-        .env("IMPASTO_CACHE_DIR", cache_dir(cache))
-        .env("OMP_NUM_THREADS", "1")
-        .env_remove("IMPASTO_LOG");
-    command
+}
+
+/// Runs `command` as the tests run impasto: with the cache folder `cache`, holding `measured` as
+/// this CPU's bf16 measurement (so `precision = "auto"` reads it and never measures), one libtorch
+/// thread, and no `IMPASTO_LOG` from the caller's shell.
+pub fn in_test_cache<'a>(
+    command: &'a mut std::process::Command,
+    cache: &std::path::Path,
+    measured: CpuMeasurement,
+) -> &'a mut std::process::Command {
+    keep_cpu_measurement(cache, measured);
+    command.env("IMPASTO_CACHE_DIR", cache).env("OMP_NUM_THREADS", "1").env_remove("IMPASTO_LOG")
 }
 
 /// The cache directory of the commands made with [`impasto`]`(cache)`.
