@@ -18,7 +18,20 @@ fn as_matrix(features: &Tensor) -> Tensor {
 /// The Gram matrix G = F Fᵀ of features `[1, N, h, w]`, computed in f32.
 pub fn gram(features: &Tensor) -> Tensor {
     let f = as_matrix(&features.to_kind(Kind::Float));
-    f.matmul(&f.tr())
+    symmetric_product(&f, &f)
+}
+
+/// `left` `[N, M]` times `right`ᵀ, where both are the same features (`left` perhaps weighted per
+/// position), so the product is symmetric and so is the gradient any loss of it here sends back
+/// (Σ (G − A)² with A symmetric). The gradient is then 2·∂G·F through `left` alone: one matrix
+/// product in the backward pass, where autograd's own would take two, one of them into a
+/// transposed matrix (a third of the Gram's time at 256², measured on a CPU).
+pub fn symmetric_product(left: &Tensor, right: &Tensor) -> Tensor {
+    let product = left.mm(&right.detach().tr());
+    if !product.requires_grad() {
+        return product;
+    }
+    &product * 2.0 - product.detach()
 }
 
 /// Each item's Gram matrix, `[B, N, N]` in f32, of features `[B, N, h, w]`: one matrix product

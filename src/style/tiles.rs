@@ -147,7 +147,7 @@ pub fn weighted_gram(features: &Tensor, weight: &Tensor) -> Tensor {
     let features = features.to_kind(Kind::Float);
     let channels = features.size()[1];
     let weighted = (&features * weight).reshape([channels, -1]);
-    weighted.matmul(&features.reshape([channels, -1]).tr())
+    super::loss::symmetric_product(&weighted, &features.reshape([channels, -1]))
 }
 
 /// ½ Σ w (F − P)², the content loss with each position weighted.
@@ -181,6 +181,22 @@ mod tests {
             let (low, high) = (total.min().double_value(&[]), total.max().double_value(&[]));
             assert!((low - 1.0).abs() < 1e-4 && (high - 1.0).abs() < 1e-4, "stride {stride}: {low}..{high}");
         }
+    }
+
+    #[test]
+    fn the_weighted_grams_gradient_is_the_whole_products() {
+        tch::manual_seed(3);
+        let features = Tensor::rand([1, 3, 4, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let weight = Tensor::rand([1, 1, 4, 5], (Kind::Float, Device::Cpu)) + 0.1;
+        let other = Tensor::rand([3, 20], (Kind::Float, Device::Cpu));
+        let target = other.mm(&other.tr());
+        let loss = |gram: Tensor| (gram - &target).square().sum(Kind::Float);
+        loss(weighted_gram(&features, &weight)).backward();
+        let ours = features.grad().copy();
+        features.grad().zero_();
+        let matrix = features.reshape([3, -1]);
+        loss((&features * &weight).reshape([3, -1]).mm(&matrix.tr())).backward();
+        assert!(ours.allclose(&features.grad(), 1e-5, 1e-5, false), "{ours} {}", features.grad());
     }
 
     #[test]
