@@ -33,7 +33,7 @@ pub struct ModelFlags {
     /// tensor cores on CUDA; f32 elsewhere) or bf16 (the image stays f32).
     #[arg(long)]
     pub precision: Option<PrecisionChoice>,
-    /// Activation memory layout: channels-first or channels-last.
+    /// Activation memory layout: channels-last (default) or channels-first.
     #[arg(long)]
     pub layout: Option<model::Layout>,
 }

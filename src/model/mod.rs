@@ -44,7 +44,7 @@ pub struct ModelSettings {
     /// Network precision: `auto` (bf16 where it is the faster on the device, else f32), `f32`, `tf32`
     /// (TF32 tensor cores on CUDA, f32 elsewhere) or `bf16` (the image stays f32).
     pub precision: PrecisionChoice,
-    /// Activation memory layout: `channels-first` or `channels-last`.
+    /// Activation memory layout: `channels-last` (the default) or `channels-first`.
     pub layout: Layout,
 }
 
@@ -57,7 +57,7 @@ impl Default for ModelSettings {
             normalize: false,
             device: DeviceChoice::Auto,
             precision: PrecisionChoice::Auto,
-            layout: Layout::ChannelsFirst,
+            layout: Layout::ChannelsLast,
         }
     }
 }

@@ -30,9 +30,9 @@ pub struct Vgg {
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
     /// Plain NCHW.
-    #[default]
     ChannelsFirst,
     /// NHWC strides.
+    #[default]
     ChannelsLast,
 }
 

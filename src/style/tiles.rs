@@ -193,7 +193,7 @@ mod tests {
         let loss = |gram: Tensor| (gram - &target).square().sum(Kind::Float);
         loss(weighted_gram(&features, &weight)).backward();
         let ours = features.grad().copy();
-        features.grad().zero_();
+        let _ = features.grad().zero_();
         let matrix = features.reshape([3, -1]);
         loss((&features * &weight).reshape([3, -1]).mm(&matrix.tr())).backward();
         assert!(ours.allclose(&features.grad(), 1e-5, 1e-5, false), "{ours} {}", features.grad());
