@@ -3,9 +3,10 @@
 //! autotuning on CUDA devices, and the network precision (f32, TF32 on CUDA, or bf16; the optimised
 //! image always stays f32; `auto` picks bf16 where it is the faster). `tf32` holds the TF32 switch,
 //! `memory` the device-memory reading, `bf16` the hardware check and CPU measurement behind `auto`,
-//! `threads` the per-thread CPU thread count.
+//! `threads` the per-thread CPU thread count, `heap` the process heap's settings for CPU tensors.
 
 pub mod bf16;
+pub mod heap;
 pub mod memory;
 pub mod tf32;
 pub mod threads;

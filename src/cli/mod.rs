@@ -104,6 +104,7 @@ fn media_exit_code(error: &impasto::media::MediaError) -> i32 {
 
 /// Runs the program; returns the exit code.
 pub fn main() -> i32 {
+    impasto::device::heap::keep_freed_memory();
     let cli = Cli::parse();
     quiet_torch_panics();
     if let Some(threads) = cli.threads {
