@@ -6,7 +6,7 @@
 //! an Intel Xeon with AMX 1.9–2.7× faster, but on the same Xeon model with AMX hidden by its hypervisor
 //! 1.1× slower at 160×90 and 1.5–1.8× slower at 256² (BENCHMARKS.md). So a CPU with the
 //! instructions is measured once: a small VGG-like network's forward and backward pass in f32 and in
-//! bf16, kept in `cpu-precision.json` in the cache directory under the CPU's name, bf16 flags, thread
+//! bf16, channels-last as the network runs by default, kept in `cpu-precision.json` in the cache directory under the CPU's name, bf16 flags, thread
 //! count and libtorch (the ratio moves with the threads: 1.27 on one, 1.42 on two). Deleting the
 //! file measures again.
 
@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use crate::model::Layout;
 
 #[cfg(impasto_cpp_layer)]
 unsafe extern "C" {
@@ -122,7 +124,8 @@ pub fn kept_or_measured(path: &Path, machine: &str) -> CpuMeasurement {
 }
 
 /// What the measurement depends on: the CPU's name and model, its bf16 flags, the libtorch thread
-/// count `threads` and the libtorch.
+/// count `threads`, the libtorch, and the probe's layout (measurements of the channels-first probe
+/// before it are not taken for it).
 pub fn machine_key(threads: i32) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -140,7 +143,7 @@ pub fn machine_key(threads: i32) -> String {
         .collect::<Vec<_>>()
         .join(" / ");
     format!(
-        "{} / {} [{}] / {threads} threads / libtorch {}",
+        "{} / {} [{}] / {threads} threads / libtorch {} / channels-last",
         std::env::consts::ARCH,
         name,
         bf16_flags.join(" "),
@@ -189,8 +192,9 @@ pub fn measure_cpu() -> CpuMeasurement {
     CpuMeasurement { f32_seconds, bf16_seconds }
 }
 
-/// VGG's first eight 3×3 convolutions with max pooling (64 to 512 channels) on a 64² image: the
-/// layer shapes the style losses run through, at a size measured in a few tens of milliseconds.
+/// VGG's first eight 3×3 convolutions with max pooling (64 to 512 channels) on a 64² image, in the
+/// network's default layout (channels-last): the layer shapes the style losses run through, at a
+/// size measured in a few tens of milliseconds.
 /// Its weights are fixed (made without the random generator, whose state the program's other users
 /// rely on).
 struct ProbeNetwork {
@@ -220,7 +224,7 @@ impl ProbeNetwork {
                 let count = outputs * inputs * 9;
                 let scale = (2.0 / (inputs * 9) as f64).sqrt();
                 let weight = (Tensor::arange(count, options) * 0.7).sin() * scale;
-                let weight = weight.view([outputs, inputs, 3, 3]);
+                let weight = Layout::ChannelsLast.apply(&weight.view([outputs, inputs, 3, 3]));
                 let in_bf16 = weight.to_kind(Kind::BFloat16);
                 (weight, in_bf16, pool)
             })
@@ -233,7 +237,7 @@ impl ProbeNetwork {
     /// One forward and backward pass down to the image, the network in `kind` (f32 or bf16).
     fn pass(&self, kind: Kind) {
         let image = self.image.copy().set_requires_grad(true);
-        let mut features = image.to_kind(kind);
+        let mut features = Layout::ChannelsLast.apply(&image.to_kind(kind));
         for (in_f32, in_bf16, pool) in &self.weights {
             let weight = if kind == Kind::BFloat16 { in_bf16 } else { in_f32 };
             features = features.conv2d(weight, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1).relu();
