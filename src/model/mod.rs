@@ -57,7 +57,7 @@ impl Default for ModelSettings {
             normalize: false,
             device: DeviceChoice::Auto,
             precision: PrecisionChoice::Auto,
-            layout: Layout::ChannelsLast,
+            layout: Layout::default(),
         }
     }
 }

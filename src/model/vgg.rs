@@ -29,7 +29,7 @@ pub struct Vgg {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
-    /// Plain NCHW.
+    /// Plain NCHW: weights and activations contiguous in that order, whatever strides they came in.
     ChannelsFirst,
     /// NHWC strides.
     #[default]
@@ -40,7 +40,7 @@ impl Layout {
     /// `tensor` (4-D) with this layout's strides.
     pub fn apply(self, tensor: &Tensor) -> Tensor {
         match self {
-            Layout::ChannelsFirst => tensor.shallow_clone(),
+            Layout::ChannelsFirst => tensor.contiguous(),
             Layout::ChannelsLast => tensor.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]),
         }
     }
@@ -170,6 +170,77 @@ impl Vgg {
         match self.pooling {
             Pooling::Avg => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None::<i64>),
             Pooling::Max => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_channels_last(tensor: &Tensor) -> bool {
+        !tensor.is_contiguous() && tensor.permute([0, 2, 3, 1]).is_contiguous()
+    }
+
+    #[test]
+    fn each_layout_gives_its_own_strides_from_either() {
+        let nchw = Tensor::rand([1, 4, 3, 5], (Kind::Float, Device::Cpu));
+        let nhwc = Layout::ChannelsLast.apply(&nchw);
+        assert!(is_channels_last(&nhwc));
+        assert!(Layout::ChannelsFirst.apply(&nhwc).is_contiguous());
+        assert!(is_channels_last(&Layout::ChannelsLast.apply(&nhwc)));
+        assert!(Layout::ChannelsLast.apply(&nchw).equal(&Layout::ChannelsFirst.apply(&nhwc)));
+    }
+
+    #[test]
+    fn a_network_rebuilt_in_a_layout_holds_its_weights_in_it() {
+        // as the loader does: a network in the default layout first, then rebuilt in the settings'
+        let convs = || {
+            Arch::Vgg16
+                .convs()
+                .into_iter()
+                .take(2)
+                .map(|(layer, _)| ConvWeights {
+                    layer,
+                    weight: Tensor::rand([64, Arch::Vgg16.in_channels(layer), 3, 3], (Kind::Float, Device::Cpu)),
+                    bias: Tensor::zeros([64], (Kind::Float, Device::Cpu)),
+                })
+                .collect::<Vec<_>>()
+        };
+        let build = |layout| {
+            Vgg::with_layout(
+                Arch::Vgg16,
+                convs(),
+                Convention::Torchvision,
+                Pooling::Max,
+                Device::Cpu,
+                Precision::F32,
+                layout,
+            )
+        };
+        for raw in [build(Layout::ChannelsFirst), build(Layout::ChannelsLast)] {
+            let again = |layout| {
+                let convs = raw
+                    .convs()
+                    .iter()
+                    .map(|c| ConvWeights {
+                        layer: c.layer,
+                        weight: c.weight.shallow_clone(),
+                        bias: c.bias.shallow_clone(),
+                    })
+                    .collect();
+                Vgg::with_layout(
+                    Arch::Vgg16,
+                    convs,
+                    Convention::Torchvision,
+                    Pooling::Max,
+                    Device::Cpu,
+                    Precision::F32,
+                    layout,
+                )
+            };
+            assert!(again(Layout::ChannelsFirst).convs().iter().all(|c| c.weight.is_contiguous()));
+            assert!(again(Layout::ChannelsLast).convs().iter().all(|c| is_channels_last(&c.weight)));
         }
     }
 }
