@@ -3,15 +3,22 @@
 //! mapping of its own. glibc applies the arena setting only to threads started after it, so the
 //! check runs in a fresh process of this file without the test harness (no other threads), twice:
 //! with the settings, and with glibc's defaults, where the same tensor must be mapped on its own (so
-//! the check can tell the two apart).
+//! the check can tell the two apart). glibc only: elsewhere the settings are not made.
+#![cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code, unused_imports))]
 
 use std::process::Command;
+
+use impasto::device::heap::Parameter;
 
 /// The environment variable that makes a run of this file one of the two measuring children.
 const CHILD: &str = "IMPASTO_HEAP_CHILD";
 /// The tensor's size, larger than the 64 MiB heaps of a thread's own arena.
 const BLOCK_BYTES: usize = 256 << 20;
 
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn main() {}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn main() {
     match std::env::var(CHILD).as_deref() {
         Ok("settings") => {
@@ -33,11 +40,12 @@ fn parent() {
 }
 
 /// Bytes mapped on their own while a [`BLOCK_BYTES`] tensor is alive, in a run of this file as `kind`,
-/// without the user's malloc settings.
+/// without the user's settings of the parameters impasto sets.
 fn child(kind: &str) -> usize {
     let mut command = Command::new(std::env::current_exe().unwrap());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MALLOC_") || name == "GLIBC_TUNABLES" {
+    for (name, value) in std::env::vars() {
+        let parameters = [Parameter::MmapThreshold, Parameter::TrimThreshold, Parameter::ArenaMax];
+        if parameters.iter().any(|p| p.set_by_user([(name.as_str(), value.as_str())])) {
             command.env_remove(name);
         }
     }
@@ -48,6 +56,7 @@ fn child(kind: &str) -> usize {
 }
 
 /// How much glibc's memory mapped on its own grows while a thread holds a [`BLOCK_BYTES`] tensor.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn mapped_growth_of_a_tensor() -> usize {
     std::thread::spawn(|| {
         let before = mapped_bytes();
@@ -61,6 +70,7 @@ fn mapped_growth_of_a_tensor() -> usize {
 }
 
 /// Bytes glibc holds in blocks mapped on their own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn mapped_bytes() -> usize {
     // SAFETY: mallinfo2 only reads glibc's statistics.
     unsafe { libc::mallinfo2() }.hblkhd

@@ -128,6 +128,7 @@ fn run_job(shared: &Shared, slot: &mut Slot, job: Job) {
     if let Err(error) = shared.runtime.block_on(settle(shared, &job, &live, result)) {
         tracing::error!(%error, "could not record the job's outcome; it will be taken back when stale");
     }
+    crate::device::heap::give_back_freed_memory();
 }
 
 /// Prepares and runs the video job with the slot's network.

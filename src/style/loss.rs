@@ -22,11 +22,13 @@ pub fn gram(features: &Tensor) -> Tensor {
 }
 
 /// `left` `[N, M]` times `right`ᵀ, where both are the same features (`left` perhaps weighted per
-/// position), so the product is symmetric and so is the gradient any loss of it here sends back
-/// (Σ (G − A)² with A symmetric). The gradient is then 2·∂G·F through `left` alone: one matrix
-/// product in the backward pass, where autograd's own would take two, one of them into a
-/// transposed matrix (a third of the Gram's time at 256², measured on a CPU).
+/// position), so the product is symmetric. The gradient is taken as 2·∂G·F through `left` alone:
+/// one matrix product in the backward pass, where autograd's own would take two, one of them into a
+/// transposed matrix (a third of the Gram's time at 256², measured on a CPU). That is the whole
+/// gradient only if what the caller makes of the product sends back a symmetric ∂G, as every loss
+/// here does (Σ (G − A)² with A symmetric, and sums and scalings of such).
 pub fn symmetric_product(left: &Tensor, right: &Tensor) -> Tensor {
+    debug_assert!(left.requires_grad() || !right.requires_grad(), "the gradient goes through `left`");
     let product = left.mm(&right.detach().tr());
     if !product.requires_grad() {
         return product;
