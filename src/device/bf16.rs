@@ -6,9 +6,9 @@
 //! an Intel Xeon with AMX 1.9–2.7× faster, but on the same Xeon model with AMX hidden by its hypervisor
 //! 1.1× slower at 160×90 and 1.5–1.8× slower at 256² (BENCHMARKS.md). So a CPU with the
 //! instructions is measured once: a small VGG-like network's forward and backward pass in f32 and in
-//! bf16, channels-last as the network runs by default, kept in `cpu-precision.json` in the cache directory under the CPU's name, bf16 flags, thread
-//! count and libtorch (the ratio moves with the threads: 1.27 on one, 1.42 on two). Deleting the
-//! file measures again.
+//! bf16, channels-last as the network runs by default, kept in `cpu-precision.json` in the cache
+//! directory under the CPU's name, bf16 flags, thread count and libtorch (the ratio moves with the
+//! threads: 1.27 on one, 1.42 on two). Deleting the file measures again.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -166,3 +166,36 @@ pub fn identity(settings: &ModelSettings) -> Result<serde_json::Value> {
         "precision": settings.precision.to_string(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::vgg::tests::is_channels_last;
+    use super::*;
+
+    /// A network of VGG-16's first two convolutions, random, in `layout`.
+    fn network(layout: Layout) -> Vgg {
+        let convs = Arch::Vgg16
+            .convs()
+            .into_iter()
+            .take(2)
+            .map(|(layer, _)| weights::ConvWeights {
+                layer,
+                weight: tch::Tensor::rand([64, Arch::Vgg16.in_channels(layer), 3, 3], (tch::Kind::Float, Device::Cpu)),
+                bias: tch::Tensor::zeros([64], (tch::Kind::Float, Device::Cpu)),
+            })
+            .collect();
+        Vgg::with_layout(Arch::Vgg16, convs, Convention::Torchvision, Pooling::Max, Device::Cpu, Precision::F32, layout)
+    }
+
+    #[test]
+    fn the_loaders_rebuild_holds_the_weights_in_the_settings_layout() {
+        for raw_layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+            let rebuilt = |layout| {
+                let settings = ModelSettings { layout, ..ModelSettings::default() };
+                rebuild(network(raw_layout), &settings, Precision::F32, None)
+            };
+            assert!(rebuilt(Layout::ChannelsFirst).convs().iter().all(|c| c.weight.is_contiguous()));
+            assert!(rebuilt(Layout::ChannelsLast).convs().iter().all(|c| is_channels_last(&c.weight)));
+        }
+    }
+}
