@@ -44,8 +44,7 @@ fn parent() {
 fn child(kind: &str) -> usize {
     let mut command = Command::new(std::env::current_exe().unwrap());
     for (name, value) in std::env::vars() {
-        let parameters = [Parameter::MmapThreshold, Parameter::TrimThreshold, Parameter::ArenaMax];
-        if parameters.iter().any(|p| p.set_by_user([(name.as_str(), value.as_str())])) {
+        if Parameter::ALL.iter().any(|p| p.set_by_user([(name.as_str(), value.as_str())])) {
             command.env_remove(name);
         }
     }

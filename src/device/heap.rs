@@ -30,6 +30,9 @@ pub enum Parameter {
 }
 
 impl Parameter {
+    /// Every parameter set here, in the order they are set.
+    pub const ALL: [Parameter; 3] = [Parameter::MmapThreshold, Parameter::TrimThreshold, Parameter::ArenaMax];
+
     /// The environment variable a user sets it by.
     pub fn variable(self) -> &'static str {
         match self {

@@ -172,19 +172,10 @@ mod tests {
     use super::vgg::tests::is_channels_last;
     use super::*;
 
-    /// A network of VGG-16's first two convolutions, random, in `layout`.
+    /// VGG-16 with random weights, in `layout`.
     fn network(layout: Layout) -> Vgg {
-        let convs = Arch::Vgg16
-            .convs()
-            .into_iter()
-            .take(2)
-            .map(|(layer, _)| weights::ConvWeights {
-                layer,
-                weight: tch::Tensor::rand([64, Arch::Vgg16.in_channels(layer), 3, 3], (tch::Kind::Float, Device::Cpu)),
-                bias: tch::Tensor::zeros([64], (tch::Kind::Float, Device::Cpu)),
-            })
-            .collect();
-        Vgg::with_layout(Arch::Vgg16, convs, Convention::Torchvision, Pooling::Max, Device::Cpu, Precision::F32, layout)
+        let settings = ModelSettings { layout, precision: Precision::F32.into(), ..ModelSettings::default() };
+        crate::bench::random_vgg(Arch::Vgg16, &settings, Device::Cpu).unwrap()
     }
 
     #[test]
