@@ -2,14 +2,16 @@
 //! records that directory so the program can load the CUDA backend (`libtorch_cuda.so`) at start,
 //! and compiles the small C++ layer (`src/device/tf32.cpp`: the TF32 switches of libtorch's global
 //! context; `src/device/allocator.cpp`: the CUDA caching allocator's peak statistics;
-//! `src/device/bf16.cpp`: whether the GPU runs bf16 convolutions natively) against the same libtorch
-//! headers tch itself is built with.
+//! `src/device/bf16.cpp`: whether the GPU runs bf16 convolutions natively; `src/device/products.cpp`:
+//! the precision of float32 matrix products on the CPU) against the same libtorch headers tch itself is
+//! built with.
 //! torch-sys (a direct dependency for this reason) exports the directory as `DEP_TCH_LIBTORCH_LIB`.
 
 use std::path::Path;
 
 /// The C++ layer: what libtorch offers that tch does not expose.
-const CPP_SOURCES: [&str; 3] = ["src/device/tf32.cpp", "src/device/allocator.cpp", "src/device/bf16.cpp"];
+const CPP_SOURCES: [&str; 4] =
+    ["src/device/tf32.cpp", "src/device/allocator.cpp", "src/device/bf16.cpp", "src/device/products.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

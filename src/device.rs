@@ -3,11 +3,13 @@
 //! autotuning on CUDA devices, and the network precision (f32, TF32 on CUDA, or bf16; the optimised
 //! image always stays f32; `auto` picks bf16 where it is the faster). `tf32` holds the TF32 switch,
 //! `memory` the device-memory reading, `bf16` the hardware check and CPU measurement behind `auto`,
-//! `threads` the per-thread CPU thread count, `heap` the process heap's settings for CPU tensors.
+//! `threads` the per-thread CPU thread count, `heap` the process heap's settings for CPU tensors,
+//! `products` the precision of the CPU's f32 matrix products (bf16 inputs for a bf16 network's Grams).
 
 pub mod bf16;
 pub mod heap;
 pub mod memory;
+pub mod products;
 pub mod tf32;
 pub mod threads;
 

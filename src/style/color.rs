@@ -39,10 +39,13 @@ fn matrix(rows: [[f32; 3]; 3], like: &Tensor) -> Tensor {
     Tensor::from_slice(rows.as_flattened()).view([3, 3]).to_device(like.device())
 }
 
-/// Applies a 3×3 colour matrix to `[1, 3, H, W]`.
+/// Applies a 3×3 colour matrix to `[1, 3, H, W]`. The product is taken in f64: f32 products on the
+/// CPU may run with bf16 inputs while a bf16 network evaluates on another thread
+/// (`device::products`), which would round the colours.
 fn apply(m: &Tensor, image: &Tensor) -> Tensor {
     let (_, _, h, w) = image.size4().expect("image [1, 3, H, W]");
-    m.matmul(&image.view([3, -1])).view([1, 3, h, w])
+    let pixels = image.view([3, -1]).to_kind(Kind::Double);
+    m.to_kind(Kind::Double).matmul(&pixels).to_kind(image.kind()).view([1, 3, h, w])
 }
 
 /// RGB → YIQ.

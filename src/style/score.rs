@@ -36,6 +36,7 @@ fn relative_distance(a: &Tensor, reference: &Tensor) -> f64 {
 
 fn positional_grams(vgg: &Vgg, image: &RgbImage) -> Vec<Tensor> {
     let tensor = imageio::rgb_to_tensor(image).to_device(vgg.device());
+    let _products = crate::device::products::hold(vgg.device(), vgg.precision());
     vgg.features(&tensor, &style_layers()).iter().map(|f| gram(f) / (f.size()[2] * f.size()[3]) as f64).collect()
 }
 

@@ -17,6 +17,7 @@ use super::loss;
 use super::optim::{Adam, Lbfgs, Optimizer, OptimizerKind, where_items};
 use super::settings::{Init, LayerBalance, StyleSettings};
 use super::tiles::{Tile, TileGrid, weighted_content_loss, weighted_gram};
+use crate::device::products;
 use crate::error::{Error, Result};
 use crate::imageio;
 use crate::model::{LayerId, Layout, Vgg};
@@ -175,6 +176,7 @@ impl<'m> Stylizer<'m> {
     /// Blended Gram matrices of the styles, each resized to `style_scale` × `long_side`.
     pub fn style_targets(&self, styles: &[StyleImage], long_side: u32) -> Vec<Tensor> {
         let _guard = tch::no_grad_guard();
+        let _products = products::hold(self.vgg.device(), self.vgg.precision());
         let side = ((long_side as f64 * self.settings.style_scale).round() as u32).max(16);
         let weights = blend_weights(styles, &self.settings.style_blend);
         let mut blended: Option<Vec<Tensor>> = None;
@@ -505,6 +507,7 @@ impl<'m> Stylizer<'m> {
         balance: &Balance,
         grid: Option<&TileGrid>,
     ) -> (Tensor, Tensor) {
+        let _products = products::hold(self.vgg.device(), self.vgg.precision());
         let (total, parts, gradient) = match grid {
             None => {
                 let (total, parts) = self.evaluate(point, targets, balance);
@@ -955,7 +958,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// Loss and gradient without tiles.
     /// The point to differentiate at, with the run's balance and stacked targets (a batch of one).
     fn prepared(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (Tensor, Balance, BatchTargets) {
         let point = image.detach().set_requires_grad(true);
@@ -964,14 +966,18 @@ pub(crate) mod tests {
         (point, balance, batch)
     }
 
+    /// Loss and gradient without tiles.
     fn whole(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (f64, Tensor) {
+        let _products = products::hold(Device::Cpu, stylizer.network().precision());
         let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _) = stylizer.evaluate(&point, &batch, &balance);
         total.sum(Kind::Float).backward();
         (total.double_value(&[0]), point.grad())
     }
 
+    /// Loss and gradient in tiles.
     fn tiled(stylizer: &Stylizer, targets: &Targets, image: &Tensor, grid: &TileGrid) -> (f64, Tensor) {
+        let _products = products::hold(Device::Cpu, stylizer.network().precision());
         let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _, gradient) = stylizer.evaluate_tiled(&point, &batch, &balance, grid);
         (total.double_value(&[0]), gradient)
