@@ -1,8 +1,11 @@
 // The precision of libtorch's oneDNN matrix products on float32 CPU tensors, which tch does not
-// expose: IEEE float32, or bf16 inputs with float32 accumulation (libtorch's "bf16" float32
-// precision for oneDNN matrix products; libtorch uses it only where the CPU has bf16 instructions
-// and keeps plain float32 products elsewhere). Compiled against libtorch's headers like the TF32
-// switches.
+// expose: IEEE float32, or bf16 inputs allowed with float32 accumulation (libtorch's "bf16" float32
+// precision for oneDNN matrix products). libtorch takes the permission only where oneDNN supports
+// bf16 on the CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT, so also CPUs without bf16 instructions, where
+// it would emulate them: the caller asks only on CPUs with them). Compiled against libtorch's headers
+// like the TF32 switches. The setting is one value in libtorch's global context, read by every f32
+// product on every thread without a lock; the caller serialises its changes and keeps them to the
+// moments no product of the other mode runs.
 
 #include <ATen/Context.h>
 

@@ -140,8 +140,10 @@ impl Vgg {
     }
 
     /// ReLU features of `rgb` (`[N, 3, H, W]`, RGB 0..1, f32) at each of `layers`, in the order asked,
-    /// as f32 tensors `[N, C, h, w]`. Stops after the deepest requested layer.
+    /// as f32 tensors `[N, C, h, w]`. Stops after the deepest requested layer. Holds the CPU's matrix
+    /// products in this network's precision (`device::products`) while it runs.
     pub fn features(&self, rgb: &Tensor, layers: &[LayerId]) -> Vec<Tensor> {
+        let _products = crate::device::products::hold(self.device, self.precision);
         let wanted: BTreeSet<LayerId> = layers.iter().copied().collect();
         let Some(&deepest) = wanted.iter().next_back() else { return Vec::new() };
         let mut found: Vec<(LayerId, Tensor)> = Vec::with_capacity(wanted.len());

@@ -176,12 +176,12 @@ impl<'m> Stylizer<'m> {
     /// Blended Gram matrices of the styles, each resized to `style_scale` × `long_side`.
     pub fn style_targets(&self, styles: &[StyleImage], long_side: u32) -> Vec<Tensor> {
         let _guard = tch::no_grad_guard();
-        let _products = products::hold(self.vgg.device(), self.vgg.precision());
         let side = ((long_side as f64 * self.settings.style_scale).round() as u32).max(16);
         let weights = blend_weights(styles, &self.settings.style_blend);
         let mut blended: Option<Vec<Tensor>> = None;
         for (style, weight) in styles.iter().zip(weights) {
             let image = self.prepare(&imageio::resize_long_side(&style.image, side));
+            let _products = products::hold(self.vgg.device(), self.vgg.precision());
             let layers = &self.settings.style_layers;
             let grams: Vec<Tensor> = match self.grid_for(&image) {
                 None => {
@@ -968,7 +968,7 @@ pub(crate) mod tests {
 
     /// Loss and gradient without tiles.
     fn whole(stylizer: &Stylizer, targets: &Targets, image: &Tensor) -> (f64, Tensor) {
-        let _products = products::hold(Device::Cpu, stylizer.network().precision());
+        let _products = products::hold(stylizer.network().device(), stylizer.network().precision());
         let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _) = stylizer.evaluate(&point, &batch, &balance);
         total.sum(Kind::Float).backward();
@@ -977,7 +977,7 @@ pub(crate) mod tests {
 
     /// Loss and gradient in tiles.
     fn tiled(stylizer: &Stylizer, targets: &Targets, image: &Tensor, grid: &TileGrid) -> (f64, Tensor) {
-        let _products = products::hold(Device::Cpu, stylizer.network().precision());
+        let _products = products::hold(stylizer.network().device(), stylizer.network().precision());
         let (point, balance, batch) = prepared(stylizer, targets, image);
         let (total, _, gradient) = stylizer.evaluate_tiled(&point, &batch, &balance, grid);
         (total.double_value(&[0]), gradient)
