@@ -20,7 +20,8 @@
 # against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
 # in one shared batch and each in its own), gpu-flow.jsonl/.md (seconds for the optical flow into one
 # frame at each size, which a video job measures beside the painting), gpu-painting.jsonl/.md (synthetic
-# moving frames painted as a video job does, the flow measured inline or a frame ahead), gpu-auto.jsonl (one row: what
+# moving frames painted as a video job does, the flow measured inline or a frame ahead),
+# gpu-optimizer.jsonl/.md (L-BFGS's proposals alone with a full memory of 100 pairs), gpu-auto.jsonl (one row: what
 # `--precision auto` becomes on this device) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
@@ -142,6 +143,17 @@ flow_md="$out/gpu-flow.md"
 budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --at-once "$flows_at_once" \
     --iterations 3 --warmup 1 --device "$device" || count_failure $?
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
+
+# L-BFGS's proposals alone, with its full memory of 100 pairs (as from a frame's 100th iteration on):
+# what the optimiser adds to each iteration, in a few launches per 8 pairs.
+optimizer_jsonl="$out/gpu-optimizer.jsonl"
+optimizer_md="$out/gpu-optimizer.md"
+: >"$optimizer_jsonl"
+optimizer_sizes="512,1280x720"
+[[ "$quick" == 1 ]] && optimizer_sizes="32,48x32"
+budgeted "optimizer $optimizer_sizes" "$optimizer_jsonl" "$bin" bench --optimizer --sizes "$optimizer_sizes" \
+    --iterations 5 --warmup 1 --device "$device" || count_failure $?
+CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py optimizer "$optimizer_jsonl" >"$optimizer_md"
 
 # Synthetic moving frames painted as a video job paints them (flow mode, fixed iterations), the flow
 # into each measured on the painting thread before it or a frame ahead on its own: bf16, channels-last.

@@ -83,6 +83,12 @@ def paintings(rows):
                    f"| {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
 
 
+def optimizers(rows):
+    header = ["size", "batch", "pairs", "s per proposal", "peak RSS MiB", "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['batch']} | {r['pairs']} | {r['seconds_per_proposal']:.5f} "
+                   f"| {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
+
+
 KINDS = {
     "iterations": ("", iterations),
     "memory": (" f32, one process per row.", large_frames),
@@ -90,6 +96,8 @@ KINDS = {
     "jobs": (" bf16, channels-last; each job paints its frames one after another on its own thread.", jobs),
     "flow": (" The optical flow into one frame: both ways, reliability and scene-cut test; several at once each on"
              " its own thread (seconds per frame over all of them).", flows),
+    "optimizer": (" L-BFGS's proposals alone with a full memory, f32 images (a separable quadratic's gradients).",
+                  optimizers),
     "painting": (" bf16, channels-last; synthetic frames moving 2 px right and 1 down per frame, flow mode, no early"
                  " stop; the first frame is not timed.", paintings),
 }

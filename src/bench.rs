@@ -5,13 +5,16 @@
 //! Engine-only, so it runs where only libtorch is. [`bench_jobs`] times several jobs' frames on one
 //! device, in one shared batch or each in its own. [`bench_flow`] times the optical flow into one
 //! frame (the motion a video job measures beside the painting), and [`bench_painting`] paints
-//! synthetic moving frames with that motion measured ahead or inline. [`VideoBenchRow`] sums up a real
+//! synthetic moving frames with that motion measured ahead or inline. [`bench_optimizer`] times
+//! L-BFGS's proposals with a full memory alone. [`VideoBenchRow`] sums up a real
 //! video job's report (end-to-end seconds per frame and each stage's share) for `impasto bench --video`.
 
 use std::time::Instant;
 
+mod optimizer;
 mod painting;
 
+pub use optimizer::{OptimizerBenchRow, OptimizerCase, bench_optimizer};
 pub use painting::{MotionPlace, PaintingBenchRow, PaintingCase, bench_painting};
 
 use image::RgbImage;

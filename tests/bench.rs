@@ -101,6 +101,16 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(painted.iter().all(|r| r["flow_seconds_per_frame"].as_f64().is_some_and(|s| s > 0.0)), "{painted:?}");
     let painting_table = std::fs::read_to_string(out.path().join("gpu-painting.md")).unwrap();
     assert!(painting_table.contains("| 32² | ahead |"), "{painting_table}");
+    // L-BFGS's proposals with a full memory of the default 100 pairs, one row per size
+    let proposals = json_lines(&std::fs::read_to_string(out.path().join("gpu-optimizer.jsonl")).unwrap());
+    let optimized: Vec<(u64, u64, u64)> = proposals
+        .iter()
+        .map(|r| (r["width"].as_u64().unwrap(), r["height"].as_u64().unwrap(), r["pairs"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(optimized, [(32, 32, 100), (48, 32, 100)], "{proposals:?}");
+    assert!(proposals.iter().all(|r| r["seconds_per_proposal"].as_f64().is_some_and(|s| s > 0.0)), "{proposals:?}");
+    let optimizer_table = std::fs::read_to_string(out.path().join("gpu-optimizer.md")).unwrap();
+    assert!(optimizer_table.contains("| 48×32 | 1 | 100 |"), "{optimizer_table}");
     // the default precision settled for this CPU, and the log says what it became
     let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
     let expected = common::auto_precision_with(common::BF16_IS_FASTER);

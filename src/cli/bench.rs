@@ -3,12 +3,12 @@
 //! builds with FFmpeg, `--video CLIP` paints a real clip with the video job instead and prints one
 //! JSON line: seconds per frame and the share of decode, flow, optimisation and encode; with
 //! `--jobs N`, N copies of it at once, their frames in one shared batch as the daemon paints them.
-//! Without a clip, `--jobs 1,4` times that many jobs painting synthetic frames at once, and `--flow`
-//! times the optical flow instead of the network.
+//! Without a clip, `--jobs 1,4` times that many jobs painting synthetic frames at once, `--flow`
+//! times the optical flow instead of the network, and `--optimizer` L-BFGS's proposals alone.
 
 use anyhow::Result;
 use clap::Args;
-use impasto::bench::{BenchCase, FlowCase, JobsCase, MotionPlace, PaintingCase};
+use impasto::bench::{BenchCase, FlowCase, JobsCase, MotionPlace, OptimizerCase, PaintingCase};
 use impasto::model::{self, Arch, ModelSettings, Vgg};
 use impasto::pipeline::VideoSettings;
 use impasto::style::StyleSettings;
@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// e.g. `inline,ahead`: one JSON row each, seconds per frame after the first.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["jobs", "flow"])]
     pub motion: Vec<MotionPlace>,
+    /// Time L-BFGS's proposals with a full memory (the profile's `lbfgs_history` pairs) instead of
+    /// the network: per size and batch, one JSON row with seconds per proposal. Needs no weights.
+    #[arg(long, conflicts_with_all = ["jobs", "random", "flow", "motion"])]
+    pub optimizer: bool,
     /// With `--flow`: flows measured at once, each on its own thread (as that many segments' motion
     /// stages), e.g. `1,2,4`.
     #[arg(long, value_delimiter = ',', default_value = "1", requires = "flow",
@@ -96,6 +100,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device_name = settings.device.to_string();
     if args.flow {
         super::catch_torch(&device_name, || bench_flow(&profile.video, &settings, &sizes, &args))?;
+        return Ok(());
+    }
+    if args.optimizer {
+        super::catch_torch(&device_name, || bench_optimizer(&style, &settings, &sizes, &args))?;
         return Ok(());
     }
     super::catch_torch(&device_name, || {
@@ -176,6 +184,31 @@ fn bench_flow(
         for &at_once in &args.at_once {
             let case = FlowCase { width, height, warmup, iterations, threads, at_once: at_once as usize };
             let row = impasto::bench::bench_flow(&video.flow, device, case)?;
+            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        }
+    }
+    Ok(())
+}
+
+/// `impasto bench --optimizer`: per size and batch, one JSON row timing L-BFGS's proposals.
+fn bench_optimizer(
+    style: &StyleSettings,
+    settings: &ModelSettings,
+    sizes: &[(u32, u32)],
+    args: &BenchArgs,
+) -> impasto::Result<()> {
+    let device = settings.device.resolve()?;
+    for &(width, height) in sizes {
+        for &batch in &args.batch {
+            let case = OptimizerCase {
+                width,
+                height,
+                batch,
+                history: style.lbfgs_history,
+                warmup: args.warmup,
+                iterations: args.iterations,
+            };
+            let row = impasto::bench::bench_optimizer(device, case);
             println!("{}", serde_json::to_string(&row).expect("serialisable"));
         }
     }

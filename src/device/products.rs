@@ -175,6 +175,13 @@ pub fn hold(device: Device, precision: Precision) -> Option<ProductsHold> {
     Products::for_network(device, precision).map(hold_mode)
 }
 
+/// Holds IEEE float32 products on the CPU for work that needs them whatever network runs beside it
+/// (the optimiser's dot products); `None` off the CPU, or where this build has no switch.
+#[must_use = "the products are held only while the returned hold lives"]
+pub fn hold_ieee(device: Device) -> Option<ProductsHold> {
+    (cfg!(impasto_cpp_layer) && device == Device::Cpu).then(|| hold_mode(Products::Ieee))
+}
+
 /// Holds the switch in `mode`, waiting while the other mode is held; within a hold of the same mode
 /// on this thread, only counts.
 ///
@@ -258,6 +265,16 @@ mod tests {
         assert_eq!(Products::for_network(Device::Cpu, Precision::F32), Some(Products::Ieee));
         assert_eq!(Products::for_network(Device::Cpu, Precision::Tf32), Some(Products::Ieee));
         assert_eq!(Products::for_network(Device::Cuda(0), Precision::Bf16), None);
+    }
+
+    #[test]
+    fn the_optimiser_holds_ieee_products_on_the_cpu_only() {
+        assert!(hold_ieee(Device::Cuda(0)).is_none());
+        let held = hold_ieee(Device::Cpu);
+        assert_eq!(held.is_some(), cfg!(impasto_cpp_layer));
+        if held.is_some() {
+            assert_eq!(current(), Some(Products::Ieee));
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod color;
+mod curvature;
 pub mod loss;
 pub mod optim;
 pub mod score;

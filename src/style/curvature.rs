@@ -1,0 +1,479 @@
+//! The memory of L-BFGS: its curvature pairs (s, y) per item of a batch, and the step they give, in
+//! the compact form of Byrd, Nocedal & Schnabel (1994) instead of the two-loop recursion. Both give
+//! the same product of the inverse-Hessian approximation H with the gradient. The two-loop
+//! recursion takes some eleven small operations per pair, one after the other: at the default
+//! memory of 100 pairs about 1,100 kernel launches per iteration on a GPU. Here the pairs lie as
+//! rows of a few matrices (chunks of [`CHUNK_PAIRS`]), and an iteration reads them in a handful of
+//! products per chunk: the products of every s and y with the gradient and with the newest y, then
+//! the step, a combination of them all. What lies between is arithmetic on `[B, L, L]` matrices of
+//! dot products kept in f64: sᵢᵀyⱼ (whose upper triangle is R) and yᵢᵀyⱼ. So
+//! H g = γg + S u − γY x, with x = R⁻¹Sᵀg and u = R⁻ᵀ((D + γYᵀY)x − γYᵀg), D the diagonal of R.
+//! On the CPU both forms are bound by memory bandwidth and cost about the same (BENCHMARKS.md): the
+//! two-loop recursion reads each s and y twice per iteration, with temporaries between, and this
+//! form reads them three times (two matrix-vector products and the combination), without.
+//!
+//! An item's refused pair is stored as zeros, as in the two-loop recursion, where it is a no-op: its
+//! row and column of R are zero, so its diagonal is taken as 1 and its coefficients come out zero.
+//! The pairs lie in a ring of slots: the newest takes the slot after the newest before it, and the
+//! oldest goes when the memory is full. Chunks are added while the memory grows, so it takes no
+//! more room than the pairs it holds (plus the unused rows of the last chunk).
+//!
+//! The dot products are float32 matrix products, which libtorch may take at lower precision when
+//! asked to for a network: the caller holds IEEE products on the CPU (`device::products`), and
+//! where TF32 is allowed for CUDA's matrix products this module takes matrix-vector products
+//! instead, which TF32 leaves alone.
+
+use std::collections::VecDeque;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::device::tf32;
+
+/// Pairs per chunk of the memory's storage: few enough that the last chunk wastes little room,
+/// many enough that the memory is read in a handful of matrix products.
+const CHUNK_PAIRS: usize = 8;
+
+/// `[B]` values shaped to broadcast over rows `[B, n]`.
+fn per_row(values: &Tensor) -> Tensor {
+    values.unsqueeze(1)
+}
+
+/// aᵀb of each row of `[B, n]` tensors: `[B]` in f64.
+pub(super) fn row_dots(a: &Tensor, b: &Tensor) -> Tensor {
+    (a * b).sum_dim_intlist(1, false, Kind::Double)
+}
+
+/// The newest pair, stored, whose products with the older pairs are taken with the next gradient's.
+struct Pending {
+    /// Its y, `[B, n]` (zero for the items that refused it).
+    y: Tensor,
+    /// yᵀs per item, `[B]` f64 (zero where refused).
+    ys: Tensor,
+    /// yᵀy per item, `[B]` f64 (zero where refused).
+    yy: Tensor,
+}
+
+/// Up to `history` curvature pairs of a batch and the dot products among them.
+pub(super) struct Curvature {
+    history: usize,
+    /// `[B, 2k, n]` each, in the gradients' kind: the s of the chunk's k slots, then their y.
+    chunks: Vec<Tensor>,
+    /// The slot of the oldest pair.
+    start: usize,
+    /// The serial number of each pair kept, oldest first.
+    serials: VecDeque<u64>,
+    /// sᵢᵀyⱼ of the pairs kept, oldest first, `[B, L, L]` f64, for i ≤ j (zero below).
+    s_y: Tensor,
+    /// yᵢᵀyⱼ, `[B, L, L]` f64.
+    y_y: Tensor,
+    pending: Option<Pending>,
+}
+
+impl Curvature {
+    /// An empty memory for `history` pairs of a batch of `batch` items on `device`.
+    pub fn new(history: usize, batch: i64, device: Device) -> Self {
+        let empty = Tensor::zeros([batch, 0, 0], (Kind::Double, device));
+        Curvature {
+            history: history.max(1),
+            chunks: Vec::new(),
+            start: 0,
+            serials: VecDeque::new(),
+            s_y: empty.shallow_clone(),
+            y_y: empty,
+            pending: None,
+        }
+    }
+
+    /// Pairs kept.
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+
+    /// The serial number of the oldest pair kept.
+    pub fn oldest_serial(&self) -> Option<u64> {
+        self.serials.front().copied()
+    }
+
+    fn capacity(&self) -> usize {
+        self.chunks.iter().map(chunk_pairs).sum()
+    }
+
+    /// The chunk holding `slot`, and the slot's row among the chunk's s.
+    fn locate(&self, mut slot: usize) -> (&Tensor, usize) {
+        for chunk in &self.chunks {
+            let pairs = chunk_pairs(chunk);
+            if slot < pairs {
+                return (chunk, slot);
+            }
+            slot -= pairs;
+        }
+        unreachable!("slot beyond the memory's capacity")
+    }
+
+    /// Stores the pair (s, y) of rows `[B, n]`, zero for the items that refused it, with its yᵀs
+    /// and yᵀy per item (`[B]` f64, zero where refused); the oldest pair goes if the memory is full.
+    pub fn push(&mut self, s: &Tensor, y: &Tensor, ys: Tensor, yy: Tensor, serial: u64) {
+        assert!(self.pending.is_none(), "a pair was pushed before the last one's products were taken");
+        if self.len() == self.history {
+            self.drop_oldest();
+        }
+        if self.len() == self.capacity() {
+            self.grow(s);
+        }
+        let slot = (self.start + self.len()) % self.capacity();
+        let (chunk, row) = self.locate(slot);
+        let pairs = chunk_pairs(chunk) as i64;
+        chunk.narrow(1, row as i64, 1).copy_(&s.unsqueeze(1));
+        chunk.narrow(1, pairs + row as i64, 1).copy_(&y.unsqueeze(1));
+        self.serials.push_back(serial);
+        self.pending = Some(Pending { y: y.shallow_clone(), ys, yy });
+    }
+
+    /// Forgets the oldest pair.
+    pub fn drop_oldest(&mut self) {
+        if self.serials.pop_front().is_none() {
+            return;
+        }
+        let kept = self.len() as i64;
+        self.s_y = self.s_y.narrow(1, 1, kept).narrow(2, 1, kept);
+        self.y_y = self.y_y.narrow(1, 1, kept).narrow(2, 1, kept);
+        self.start = if kept == 0 { 0 } else { (self.start + 1) % self.capacity() };
+    }
+
+    /// Zeroes every pair of item `item`, as if it had refused them all.
+    pub fn forget(&mut self, item: usize) {
+        let item = item as i64;
+        for tensor in self.chunks.iter().chain([&self.s_y, &self.y_y]) {
+            let _ = tensor.narrow(0, item, 1).fill_(0.0);
+        }
+    }
+
+    /// Adds a chunk, first moving the pairs to the first slots if the ring wraps.
+    fn grow(&mut self, like: &Tensor) {
+        if self.start != 0 {
+            self.rebase();
+        }
+        let (batch, width) = (like.size()[0], like.size()[1]);
+        let pairs = CHUNK_PAIRS.min(self.history - self.capacity()) as i64;
+        self.chunks.push(Tensor::zeros([batch, 2 * pairs, width], (like.kind(), like.device())));
+    }
+
+    /// Copies the pairs, oldest first, to slots 0, 1, … (rare: only when a batch's items have all
+    /// been reset while the memory was still growing).
+    fn rebase(&mut self) {
+        let moved: Vec<Tensor> = self.chunks.iter().map(Tensor::zeros_like).collect();
+        let capacity = self.capacity();
+        for index in 0..self.len() {
+            let (from, from_row) = self.locate((self.start + index) % capacity);
+            let (to_chunk, to_row) = locate_in(&moved, index);
+            let (from_pairs, to_pairs) = (chunk_pairs(from) as i64, chunk_pairs(to_chunk) as i64);
+            for (from_offset, to_offset) in [(0, 0), (from_pairs, to_pairs)] {
+                to_chunk.narrow(1, to_offset + to_row as i64, 1).copy_(&from.narrow(
+                    1,
+                    from_offset + from_row as i64,
+                    1,
+                ));
+            }
+        }
+        self.chunks = moved;
+        self.start = 0;
+    }
+
+    /// The step direction −H·g for gradients `grad` (rows `[B, n]`), with H₀ = γI per item (`gamma`
+    /// `[B]` f64). The same pass over the memory also takes the newest pair's products with the
+    /// older ones.
+    pub fn direction(&mut self, grad: &Tensor, gamma: &Tensor) -> Tensor {
+        self.direction_reading(grad, gamma, reads_by_matrix_products(grad.device()))
+    }
+
+    /// [`Curvature::direction`], reading the memory by batched matrix products or else by
+    /// matrix-vector products.
+    fn direction_reading(&mut self, grad: &Tensor, gamma: &Tensor, by_matrix_products: bool) -> Tensor {
+        let steepest = grad * per_row(&-gamma).to_kind(grad.kind());
+        if self.serials.is_empty() {
+            self.pending = None;
+            return steepest;
+        }
+        let pending = self.pending.take();
+        let vectors: Vec<&Tensor> = pending.iter().map(|p| &p.y).chain([grad]).collect();
+        let (s_dots, y_dots) = self.products(&vectors, by_matrix_products);
+        let last = vectors.len() as i64 - 1;
+        if let Some(pending) = pending {
+            self.extend(&s_dots.select(2, 0), &y_dots.select(2, 0), pending);
+        }
+        let (x, u) = self.coefficients(&s_dots.select(2, last), &y_dots.select(2, last), gamma);
+        // −H g = −γg − S u + γY x
+        self.combine(steepest, &-u, &(x * per_row(gamma)), by_matrix_products)
+    }
+
+    /// x = R⁻¹Sᵀg and u = R⁻ᵀ((D + γYᵀY)x − γYᵀg), each `[B, L]`, from Sᵀg and Yᵀg (`[B, L]`).
+    fn coefficients(&self, s_g: &Tensor, y_g: &Tensor, gamma: &Tensor) -> (Tensor, Tensor) {
+        let upper = self.s_y.triu(0);
+        let diagonal = upper.diagonal(0, 1, 2);
+        // a refused pair's row and column are zero: a unit diagonal makes its coefficients zero
+        let r = &upper + diagonal.eq(0.0).to_kind(Kind::Double).diag_embed(0, 1, 2);
+        let x = r.linalg_solve_triangular(&s_g.unsqueeze(2), true, true, false);
+        let gamma = gamma.view([-1, 1, 1]);
+        let inner = diagonal.unsqueeze(2) * &x + (self.y_y.matmul(&x) - y_g.unsqueeze(2)) * &gamma;
+        let u = r.transpose(1, 2).linalg_solve_triangular(&inner, false, true, false);
+        (x.squeeze_dim(2), u.squeeze_dim(2))
+    }
+
+    /// Sᵀv and Yᵀv of the pairs kept, oldest first, for each of `vectors` (rows `[B, n]`): two
+    /// `[B, L, vectors]` f64 tensors, from one read of each chunk (per vector, by matrix-vector
+    /// products).
+    fn products(&self, vectors: &[&Tensor], by_matrix_products: bool) -> (Tensor, Tensor) {
+        let columns = by_matrix_products.then(|| Tensor::stack(vectors, 2));
+        let per_chunk: Vec<(Tensor, i64)> = self
+            .chunks
+            .iter()
+            .map(|chunk| {
+                let products = match &columns {
+                    Some(columns) => chunk.bmm(columns),
+                    None => matrix_vector_products(chunk, vectors),
+                };
+                (products, chunk_pairs(chunk) as i64)
+            })
+            .collect();
+        let part = |offset: fn(i64) -> i64| {
+            let parts: Vec<Tensor> = per_chunk.iter().map(|(p, pairs)| p.narrow(1, offset(*pairs), *pairs)).collect();
+            self.oldest_first(&Tensor::cat(&parts, 1)).to_kind(Kind::Double)
+        };
+        (part(|_| 0), part(|pairs| pairs))
+    }
+
+    /// Adds the newest pair's row and column to sᵢᵀyⱼ and yᵢᵀyⱼ, from its products with all pairs
+    /// kept (`[B, L]`, oldest first; its own entries are taken from `pending`, summed in f64).
+    fn extend(&mut self, s_dot_new_y: &Tensor, y_dot_new_y: &Tensor, pending: Pending) {
+        let older = self.len() as i64 - 1;
+        let column =
+            |products: &Tensor, own: &Tensor| Tensor::cat(&[products.narrow(1, 0, older), own.unsqueeze(1)], 1);
+        let (s_y_column, y_y_column) = (column(s_dot_new_y, &pending.ys), column(y_dot_new_y, &pending.yy));
+        let (batch, device) = (s_dot_new_y.size()[0], s_dot_new_y.device());
+        let below = Tensor::zeros([batch, 1, older], (Kind::Double, device));
+        let s_y_top = Tensor::cat(&[&self.s_y, &s_y_column.narrow(1, 0, older).unsqueeze(2)], 2);
+        let s_y_bottom = Tensor::cat(&[below, pending.ys.view([-1, 1, 1])], 2);
+        self.s_y = Tensor::cat(&[s_y_top, s_y_bottom], 1);
+        let y_y_top = Tensor::cat(&[&self.y_y, &y_y_column.narrow(1, 0, older).unsqueeze(2)], 2);
+        self.y_y = Tensor::cat(&[y_y_top, y_y_column.unsqueeze(1)], 1);
+    }
+
+    /// `start` (rows `[B, n]`) plus Σ sᵢ·s_coefficientsᵢ + yᵢ·y_coefficientsᵢ (`[B, L]`, oldest
+    /// first), in one product per chunk (per item, by matrix-vector products).
+    fn combine(
+        &self,
+        start: Tensor,
+        s_coefficients: &Tensor,
+        y_coefficients: &Tensor,
+        by_matrix_products: bool,
+    ) -> Tensor {
+        let kind = start.kind();
+        let by_slot = |coefficients: &Tensor| self.by_slot(coefficients).to_kind(kind);
+        let (s_by_slot, y_by_slot) = (by_slot(s_coefficients), by_slot(y_coefficients));
+        let mut sum = start.unsqueeze(1);
+        let mut offset = 0;
+        for chunk in &self.chunks {
+            let pairs = chunk_pairs(chunk) as i64;
+            let coefficients =
+                Tensor::cat(&[s_by_slot.narrow(1, offset, pairs), y_by_slot.narrow(1, offset, pairs)], 1).unsqueeze(1);
+            if by_matrix_products {
+                let _ = sum.baddbmm_(&coefficients, chunk);
+            } else {
+                add_matrix_vector_products(&sum, &coefficients, chunk);
+            }
+            offset += pairs;
+        }
+        sum.squeeze_dim(1)
+    }
+
+    /// Per-slot values `[B, capacity]` (in slot order, ring rotated) as the pairs kept, oldest first.
+    fn oldest_first(&self, by_slot: &Tensor) -> Tensor {
+        by_slot.roll([-(self.start as i64)], [1]).narrow(1, 0, self.len() as i64)
+    }
+
+    /// Values of the pairs kept, oldest first (`[B, L]`), laid out by slot (`[B, capacity]`, zero in
+    /// the free slots).
+    fn by_slot(&self, oldest_first: &Tensor) -> Tensor {
+        let free = (self.capacity() - self.len()) as i64;
+        let padding = Tensor::zeros([oldest_first.size()[0], free], (oldest_first.kind(), oldest_first.device()));
+        Tensor::cat(&[oldest_first, &padding], 1).roll([self.start as i64], [1])
+    }
+}
+
+/// Pairs a chunk `[B, 2k, n]` holds: k.
+fn chunk_pairs(chunk: &Tensor) -> usize {
+    (chunk.size()[1] / 2) as usize
+}
+
+/// [`Curvature::locate`] among `chunks`.
+fn locate_in(chunks: &[Tensor], mut slot: usize) -> (&Tensor, usize) {
+    for chunk in chunks {
+        let pairs = chunk_pairs(chunk);
+        if slot < pairs {
+            return (chunk, slot);
+        }
+        slot -= pairs;
+    }
+    unreachable!("slot beyond the memory's capacity")
+}
+
+/// Whether to read the memory by batched matrix products (on CUDA: one launch per chunk) rather
+/// than matrix-vector products. Not where TF32 is allowed for CUDA's matrix products (it would round
+/// the dot products), and not on the CPU, where the BLAS takes a chunk's product with two vectors
+/// as two reads of it or worse (a 16 × 786,432 chunk: 5.4 ms as a matrix product, 1.4 ms per
+/// matrix-vector product).
+fn reads_by_matrix_products(device: Device) -> bool {
+    match device {
+        Device::Cuda(_) => !tf32::current().is_ok_and(|allowed| allowed.matmuls),
+        _ => false,
+    }
+}
+
+/// `chunk` `[B, 2k, n]` times each of `vectors` (`[B, n]`) by matrix-vector products: `[B, 2k, vectors]`.
+fn matrix_vector_products(chunk: &Tensor, vectors: &[&Tensor]) -> Tensor {
+    let items: Vec<Tensor> = (0..chunk.size()[0])
+        .map(|item| {
+            let rows = chunk.get(item);
+            let columns: Vec<Tensor> = vectors.iter().map(|vector| rows.mv(&vector.get(item))).collect();
+            Tensor::stack(&columns, 1)
+        })
+        .collect();
+    Tensor::stack(&items, 0)
+}
+
+/// `sum` `[B, 1, n]` += `coefficients` `[B, 1, 2k]` · `chunk` `[B, 2k, n]`, by matrix-vector products.
+fn add_matrix_vector_products(sum: &Tensor, coefficients: &Tensor, chunk: &Tensor) {
+    for item in 0..chunk.size()[0] {
+        let mut row = sum.get(item).get(0);
+        let _ = row.addmv_(&chunk.get(item).tr(), &coefficients.get(item).get(0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The two-loop recursion over explicit pairs `(s, y)` of rows `[B, n]` (oldest first; a zero
+    /// pair is skipped per item): the reference the compact form must match.
+    fn two_loop(pairs: &[(Tensor, Tensor)], grad: &Tensor, gamma: &Tensor) -> Tensor {
+        let rho = |s: &Tensor, y: &Tensor| {
+            let ys = row_dots(y, s);
+            ys.reciprocal().where_scalarother(&ys.ne(0.0), 0.0)
+        };
+        let mut q = -grad;
+        let mut alphas = Vec::new();
+        for (s, y) in pairs.iter().rev() {
+            let alpha = row_dots(s, &q) * rho(s, y);
+            q -= y * per_row(&alpha);
+            alphas.push(alpha);
+        }
+        let mut r = q * per_row(gamma);
+        for ((s, y), alpha) in pairs.iter().zip(alphas.into_iter().rev()) {
+            let beta = row_dots(y, &r) * rho(s, y);
+            r += s * per_row(&(alpha - beta));
+        }
+        r
+    }
+
+    /// A pair for a random convex quadratic's curvature (yᵀs > 0), rows `[B, n]` in f64.
+    fn random_pair(batch: i64, width: i64, hessian: &Tensor) -> (Tensor, Tensor) {
+        let s = Tensor::randn([batch, width], (Kind::Double, Device::Cpu));
+        let y = &s * hessian;
+        (s, y)
+    }
+
+    /// Pushes `pushes` random pairs into a memory of `history` for `batch` items (item 0 refuses
+    /// every fourth; `forget` lists (push, item) to forget before a push), takes a direction after
+    /// each push, and checks every one against the two-loop recursion over the pairs kept.
+    fn matches_two_loop(
+        history: usize,
+        pushes: usize,
+        batch: i64,
+        forget: &[(usize, usize)],
+        by_matrix_products: bool,
+    ) {
+        tch::manual_seed(7);
+        let width = 37;
+        let hessian = Tensor::rand([batch, width], (Kind::Double, Device::Cpu)) + 0.1;
+        let mut memory = Curvature::new(history, batch, Device::Cpu);
+        let mut kept: VecDeque<(Tensor, Tensor)> = VecDeque::new();
+        for serial in 0..pushes {
+            for &(_, item) in forget.iter().filter(|(at, _)| *at == serial) {
+                memory.forget(item);
+                for (s, y) in &kept {
+                    let _ = s.narrow(0, item as i64, 1).fill_(0.0);
+                    let _ = y.narrow(0, item as i64, 1).fill_(0.0);
+                }
+            }
+            let (s, y) = random_pair(batch, width, &hessian);
+            if serial % 4 == 3 {
+                // item 0 refuses this pair
+                let _ = s.narrow(0, 0, 1).fill_(0.0);
+                let _ = y.narrow(0, 0, 1).fill_(0.0);
+            }
+            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial as u64);
+            if kept.len() == history {
+                kept.pop_front();
+            }
+            kept.push_back((s.copy(), y.copy()));
+            let grad = Tensor::randn([batch, width], (Kind::Double, Device::Cpu));
+            let gamma = Tensor::rand([batch], (Kind::Double, Device::Cpu)) + 0.5;
+            let compact = memory.direction_reading(&grad, &gamma, by_matrix_products);
+            let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
+            let error = (&compact - &reference).abs().max().double_value(&[]);
+            let scale = reference.abs().max().double_value(&[]);
+            assert!(error <= 1e-9 * scale, "push {serial}: {error} against {scale}");
+            assert_eq!(memory.len(), kept.len());
+        }
+    }
+
+    #[test]
+    fn the_compact_form_is_the_two_loop_recursion() {
+        // 20 pairs in chunks of 8, 8 and 4; the ring turns over after the 20th
+        matches_two_loop(20, 45, 2, &[], true);
+    }
+
+    #[test]
+    fn a_memory_smaller_than_a_chunk_turns_over() {
+        matches_two_loop(3, 10, 1, &[], true);
+    }
+
+    #[test]
+    fn forgotten_items_and_refused_pairs_are_no_ops() {
+        matches_two_loop(12, 30, 3, &[(5, 1), (17, 2), (18, 1)], true);
+    }
+
+    #[test]
+    fn matrix_vector_products_give_the_same_steps() {
+        matches_two_loop(20, 45, 2, &[], false);
+        matches_two_loop(10, 14, 2, &[(6, 0)], false);
+    }
+
+    #[test]
+    fn a_ring_that_wraps_while_growing_is_rebased() {
+        // history 20: at the 11th push the 6 oldest of 10 pairs go (as dead pairs do), so the ring
+        // starts at slot 6 and wraps past the 16 slots of two chunks before a third chunk is added
+        tch::manual_seed(3);
+        let hessian = Tensor::rand([1, 9], (Kind::Double, Device::Cpu)) + 0.1;
+        let mut memory = Curvature::new(20, 1, Device::Cpu);
+        let mut kept = VecDeque::new();
+        for serial in 0..25u64 {
+            if serial == 10 {
+                for _ in 0..6 {
+                    memory.drop_oldest();
+                    kept.pop_front();
+                }
+            }
+            let (s, y) = random_pair(1, 9, &hessian);
+            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
+            kept.push_back((s, y));
+            let grad = Tensor::randn([1, 9], (Kind::Double, Device::Cpu));
+            let gamma = Tensor::from_slice(&[1.3f64]);
+            let compact = memory.direction(&grad, &gamma);
+            let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
+            assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
+        }
+        assert_eq!((memory.len(), memory.oldest_serial()), (19, Some(6)));
+        assert_eq!(memory.capacity(), 20);
+    }
+}
