@@ -500,8 +500,8 @@ mod tests {
             let step_mixed = mixed.propose(&if iteration % 2 == 0 { channels_last(&g) } else { g.contiguous() }).step;
             assert_eq!(step_mixed.stride(), [60, 1, 15, 3], "steps keep the first gradient's layout");
             assert!(step_mixed.allclose(&step_plain, 1e-12, 1e-14, false), "iteration {iteration}");
-            x_plain = x_plain + step_plain;
-            x_mixed = x_mixed + step_mixed;
+            x_plain += step_plain;
+            x_mixed += step_mixed;
         }
         assert!(x_plain.allclose(&target, 1e-6, 1e-6, false));
     }
