@@ -68,7 +68,8 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
         let gradient = (&image - &target) * &curvature;
         image += optimizer.propose(&gradient).step;
     };
-    for _ in 0..case.history.max(1) + case.warmup {
+    // the first proposal remembers no pair: history + 1 fill the memory
+    for _ in 0..case.history.max(1) + 1 + case.warmup {
         propose();
     }
     synchronize(device);

@@ -88,6 +88,9 @@ fn parse_size(text: &str) -> Result<(u32, u32)> {
 pub fn run(args: BenchArgs) -> Result<()> {
     #[cfg(feature = "media")]
     if let Some(clip) = &args.video_flags.video {
+        if args.optimizer {
+            anyhow::bail!("--optimizer times L-BFGS alone; it takes no --video");
+        }
         return video::run(clip, &args);
     }
     let profile = args.style_flags.profile()?;

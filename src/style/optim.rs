@@ -1,13 +1,14 @@
 //! Optimisers over a batch of images, in the ask/tell form the stylizer's loop needs: given the
 //! gradient at the current points `[B, …]`, each proposes the steps to add. Every item of the batch
 //! is its own problem: products, curvature tests and step scales are taken per item, so a batch of
-//! frames optimises exactly as the frames would one by one. Everything stays on the device (per-item
-//! decisions are masks, not branches), so a GPU runs iteration after iteration without waiting for
-//! the host. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line search, history
-//! ~100, first step scaled by 1/‖g‖₁), with its memory's product taken in the compact form
-//! (`curvature`) rather than by the two-loop recursion: the same steps from two reads of the memory
-//! per iteration. Adam is the usual bias-corrected one. Curvature pairs are accepted by a scale-free
-//! test, so the loss needs no particular magnitude.
+//! frames optimises as the frames would one by one (up to rounding). Everything stays on the device
+//! (per-item decisions are masks, not branches), so a GPU runs iteration after iteration without
+//! waiting for the host. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
+//! search, history ~100, first step scaled by 1/‖g‖₁), with its memory's product taken in the
+//! compact form (`curvature`) rather than by the two-loop recursion: the same steps from a few
+//! products per chunk of the memory instead of about eleven small operations per pair. Adam is the
+//! usual bias-corrected one. Curvature pairs are accepted by a scale-free test, so the loss needs
+//! no particular magnitude.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -48,6 +49,8 @@ pub struct Proposal {
 /// Proposes steps from gradients.
 pub trait Optimizer {
     /// The steps to add to the current points, given the gradients there (`[B, …]`, item first).
+    /// L-BFGS holds IEEE products on the CPU for its dot products (`device::products`), so this
+    /// must not be called inside a bf16 hold of the same thread.
     fn propose(&mut self, grad: &Tensor) -> Proposal;
 
     /// Forgets what was learnt about item `item` (after a step of it had to be undone).
@@ -161,11 +164,11 @@ impl Lbfgs {
         let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
         let (ys, yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
         items.memory.push(&s, &y, ys, yy, serial);
-        self.drop_dead_pairs();
     }
 
     /// Drops the oldest pairs while every item has been reset since they were remembered (they hold
-    /// only zeros, and each costs every iteration a read of two images).
+    /// only zeros, and each costs every iteration a read of two images). Only a reset makes pairs
+    /// dead, so only a reset calls this.
     fn drop_dead_pairs(&mut self) {
         let oldest_live = self.since.iter().copied().min().unwrap_or(0);
         let Some(items) = &mut self.items else { return };
