@@ -21,7 +21,7 @@
 # in one shared batch and each in its own), gpu-flow.jsonl/.md (seconds for the optical flow into one
 # frame at each size, which a video job measures beside the painting), gpu-painting.jsonl/.md (synthetic
 # moving frames painted as a video job does, the flow measured inline or a frame ahead),
-# gpu-optimizer.jsonl/.md (L-BFGS's proposals alone with a full memory of 100 pairs), gpu-auto.jsonl (one row: what
+# gpu-optimizer.jsonl/.md (L-BFGS's proposals alone with a full memory), gpu-auto.jsonl (one row: what
 # `--precision auto` becomes on this device) and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
@@ -144,12 +144,13 @@ budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --at-o
     --iterations 3 --warmup 1 --device "$device" || count_failure $?
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
 
-# L-BFGS's proposals alone, with its full memory of 100 pairs (as from a frame's 100th iteration on):
-# what the optimiser adds to each iteration, in a few launches per 8 pairs.
+# L-BFGS's proposals alone, with its full memory of 100 pairs (as from a frame's 100th iteration on;
+# at 4K the 26 that lbfgs_memory_mib allows): what the optimiser adds to each iteration, in a few
+# launches per 8 pairs, and the memory the pairs take.
 optimizer_jsonl="$out/gpu-optimizer.jsonl"
 optimizer_md="$out/gpu-optimizer.md"
 : >"$optimizer_jsonl"
-optimizer_sizes="512,1280x720"
+optimizer_sizes="512,1280x720,3840x2160"
 [[ "$quick" == 1 ]] && optimizer_sizes="32,48x32"
 budgeted "optimizer $optimizer_sizes" "$optimizer_jsonl" "$bin" bench --optimizer --sizes "$optimizer_sizes" \
     --iterations 5 --warmup 1 --device "$device" || count_failure $?

@@ -1,5 +1,6 @@
 //! L-BFGS's proposals alone, with a full memory: what the optimiser adds to each iteration once it
-//! remembers `lbfgs_history` pairs (from the 100th iteration of a frame on, by default). The
+//! remembers `lbfgs_history` pairs (from the 100th iteration of a frame on, by default; fewer where
+//! `lbfgs_memory_mib` binds). The
 //! gradients come from a separable quadratic over channels-last `[B, 3, H, W]` images in f32, so the
 //! memory fills with real curvature pairs and no network runs.
 
@@ -22,8 +23,10 @@ pub struct OptimizerCase {
     pub height: u32,
     /// Images per batch.
     pub batch: usize,
-    /// Curvature pairs remembered.
+    /// Curvature pairs remembered (fewer where they would take more than `memory_limit_mib`).
     pub history: usize,
+    /// The most memory the pairs may take per image, MiB.
+    pub memory_limit_mib: u64,
     /// Untimed proposals after the memory is full.
     pub warmup: usize,
     /// Timed proposals.
@@ -63,7 +66,8 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
     let curvature = channels_last((Tensor::rand(shape, (Kind::Float, device)) * -3.0 * 10f64.ln()).exp());
     let target = channels_last(Tensor::rand(shape, (Kind::Float, device)));
     let mut image = channels_last(Tensor::zeros(shape, (Kind::Float, device)));
-    let mut optimizer = Lbfgs::new(case.history.max(1), 1.0);
+    let mut optimizer =
+        Lbfgs::new(case.history.max(1), 1.0).with_memory_limit(case.memory_limit_mib.saturating_mul(1 << 20));
     let mut propose = || {
         let gradient = (&image - &target) * &curvature;
         image += optimizer.propose(&gradient).step;

@@ -55,8 +55,9 @@ pub struct BenchArgs {
     /// e.g. `inline,ahead`: one JSON row each, seconds per frame after the first.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["jobs", "flow"])]
     pub motion: Vec<MotionPlace>,
-    /// Time L-BFGS's proposals with a full memory (the profile's `lbfgs_history` pairs) instead of
-    /// the network: per size and batch, one JSON row with seconds per proposal. Needs no weights.
+    /// Time L-BFGS's proposals with a full memory (the profile's `lbfgs_history` pairs, fewer where
+    /// `lbfgs_memory_mib` binds) instead of the network: per size and batch, one JSON row with
+    /// seconds per proposal. Needs no weights.
     #[arg(long, conflicts_with_all = ["jobs", "random", "flow", "motion"])]
     pub optimizer: bool,
     /// With `--flow`: flows measured at once, each on its own thread (as that many segments' motion
@@ -208,6 +209,7 @@ fn bench_optimizer(
                 height,
                 batch,
                 history: style.lbfgs_history,
+                memory_limit_mib: style.lbfgs_memory_mib,
                 warmup: args.warmup,
                 iterations: args.iterations,
             };

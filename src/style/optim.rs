@@ -107,6 +107,8 @@ struct LbfgsItems {
 /// L-BFGS without line search (as torch.optim.LBFGS with `line_search_fn=None`), per item.
 pub struct Lbfgs {
     history: usize,
+    /// The most bytes the pairs may take per item.
+    memory_limit: u64,
     learning_rate: f64,
     /// Pairs remembered so far.
     serials: u64,
@@ -120,7 +122,34 @@ pub struct Lbfgs {
 impl Lbfgs {
     /// An L-BFGS keeping `history` curvature pairs, with step scale `learning_rate` (1 in the references).
     pub fn new(history: usize, learning_rate: f64) -> Self {
-        Lbfgs { history: history.max(1), learning_rate, serials: 0, since: Vec::new(), previous: None, items: None }
+        Lbfgs {
+            history: history.max(1),
+            memory_limit: u64::MAX,
+            learning_rate,
+            serials: 0,
+            since: Vec::new(),
+            previous: None,
+            items: None,
+        }
+    }
+
+    /// Keeps fewer pairs than asked where they would take more than `bytes` per item (at least one).
+    pub fn with_memory_limit(self, bytes: u64) -> Self {
+        Lbfgs { memory_limit: bytes, ..self }
+    }
+
+    /// The pairs kept for items of `elements` values of `element_bytes` each.
+    fn pairs_within_limit(&self, elements: i64, element_bytes: usize) -> usize {
+        let pair_bytes = 2 * elements.max(1) as u64 * element_bytes as u64;
+        let fit = usize::try_from(self.memory_limit / pair_bytes).unwrap_or(usize::MAX);
+        if fit < self.history {
+            tracing::debug!(
+                history = self.history,
+                kept = fit.max(1),
+                "L-BFGS keeps fewer pairs within its memory limit"
+            );
+        }
+        self.history.min(fit.max(1))
     }
 
     /// Curvature pairs kept.
@@ -130,6 +159,10 @@ impl Lbfgs {
 
     /// The per-item state, created for `grad` (`[B, …]`) at the first call.
     fn items(&mut self, grad: &Tensor) -> &mut LbfgsItems {
+        if self.items.is_none() {
+            let elements = grad.numel() as i64 / grad.size()[0].max(1);
+            self.history = self.pairs_within_limit(elements, grad.kind().elt_size_in_bytes());
+        }
         let history = self.history;
         self.items.get_or_insert_with(|| {
             let count = grad.size()[0];
@@ -507,6 +540,20 @@ mod tests {
             x_mixed += step_mixed;
         }
         assert!(x_plain.allclose(&target, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn the_memory_limit_keeps_fewer_pairs() {
+        // 64 f32 values per item: a pair takes 512 bytes, so 3 KiB hold 6 pairs
+        let gradient = |x: &Tensor| x - 1.0;
+        for (limit, kept) in [(u64::MAX, 10), (3 << 10, 6), (100, 1)] {
+            let mut lbfgs = Lbfgs::new(10, 1.0).with_memory_limit(limit);
+            let mut x = Tensor::zeros([2, 64], (Kind::Float, Device::Cpu));
+            for _ in 0..15 {
+                x += lbfgs.propose(&gradient(&x)).step;
+            }
+            assert_eq!(lbfgs.pairs(), kept, "limit {limit}");
+        }
     }
 
     #[test]

@@ -535,7 +535,10 @@ impl<'m> Stylizer<'m> {
 
     fn optimizer(&self) -> Box<dyn Optimizer> {
         match self.settings.optimizer {
-            OptimizerKind::Lbfgs => Box::new(Lbfgs::new(self.settings.lbfgs_history, 1.0)),
+            OptimizerKind::Lbfgs => Box::new(
+                Lbfgs::new(self.settings.lbfgs_history, 1.0)
+                    .with_memory_limit(self.settings.lbfgs_memory_mib.saturating_mul(1 << 20)),
+            ),
             OptimizerKind::Adam => Box::new(Adam::new(self.settings.learning_rate)),
         }
     }
