@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::{peak_rss_mib, synchronize};
 use crate::device::{device_name, memory};
 use crate::style::optim::{Lbfgs, Optimizer};
+use crate::style::stylizer::memory_limit_bytes;
 
 /// How much to time: `batch` images of `width` × `height`, a memory of `history` pairs filled first,
 /// then `iterations` proposals timed after `warmup` more.
@@ -25,7 +26,7 @@ pub struct OptimizerCase {
     pub batch: usize,
     /// Curvature pairs remembered (fewer where they would take more than `memory_limit_mib`).
     pub history: usize,
-    /// The most memory the pairs may take per image, MiB.
+    /// The most memory the pairs may take per image, MiB (0: no limit).
     pub memory_limit_mib: u64,
     /// Untimed proposals after the memory is full.
     pub warmup: usize,
@@ -67,20 +68,24 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
     let target = channels_last(Tensor::rand(shape, (Kind::Float, device)));
     let mut image = channels_last(Tensor::zeros(shape, (Kind::Float, device)));
     let mut optimizer =
-        Lbfgs::new(case.history.max(1), 1.0).with_memory_limit(case.memory_limit_mib.saturating_mul(1 << 20));
-    let mut propose = || {
+        Lbfgs::new(case.history.max(1), 1.0).with_memory_limit(memory_limit_bytes(case.memory_limit_mib));
+    let mut propose = |optimizer: &mut Lbfgs| {
         let gradient = (&image - &target) * &curvature;
         image += optimizer.propose(&gradient).step;
     };
-    // the first proposal remembers no pair: history + 1 fill the memory
-    for _ in 0..case.history.max(1) + 1 + case.warmup {
-        propose();
+    // the first proposal remembers no pair and settles the history within the memory limit
+    propose(&mut optimizer);
+    while optimizer.pairs() < optimizer.history() {
+        propose(&mut optimizer);
+    }
+    for _ in 0..case.warmup {
+        propose(&mut optimizer);
     }
     synchronize(device);
     let iterations = case.iterations.max(1);
     let started = Instant::now();
     for _ in 0..iterations {
-        propose();
+        propose(&mut optimizer);
     }
     synchronize(device);
     let seconds_per_proposal = started.elapsed().as_secs_f64() / iterations as f64;

@@ -275,11 +275,11 @@ mod tests {
 
     #[test]
     #[cfg(impasto_cpp_layer)]
-    #[should_panic(expected = "inside a hold of the other mode")]
     fn the_optimisers_hold_is_a_real_ieee_hold() {
-        // inside a bf16 hold, an IEEE hold is the nesting bug that panics: it is not a no-op
-        let _bf16 = hold_mode(Products::Bf16);
-        let _ieee = hold_ieee(Device::Cpu);
+        let held = hold_ieee(Device::Cpu);
+        assert_eq!(HELD_HERE.get(), Some((Products::Ieee, 1)));
+        drop(held);
+        assert_eq!(HELD_HERE.get(), None);
     }
 
     #[test]

@@ -457,20 +457,23 @@ mod tests {
 
     #[test]
     fn a_memory_emptied_and_filled_again_matches_the_two_loop_recursion() {
+        // history 20: emptied at the 12th push, while two chunks (16 slots) hold 11 pairs; the
+        // ring starts again at slot 0 and grows a third chunk later
         tch::manual_seed(5);
         let hessian = Tensor::rand([2, 11], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut memory = Curvature::new(6, 2, Device::Cpu);
+        let mut memory = Curvature::new(20, 2, Device::Cpu);
         let mut kept = VecDeque::new();
-        for serial in 0..16u64 {
-            if serial == 5 {
+        for serial in 0..40u64 {
+            if serial == 11 {
                 while memory.len() > 0 {
                     memory.drop_oldest();
                 }
                 kept.clear();
+                assert_eq!(memory.start, 0);
             }
             let (s, y) = random_pair(2, 11, &hessian);
             memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
-            if kept.len() == 6 {
+            if kept.len() == 20 {
                 kept.pop_front();
             }
             kept.push_back((s, y));
@@ -480,10 +483,46 @@ mod tests {
             let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
             assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
         }
+        assert_eq!(memory.capacity(), 20);
+    }
+
+    #[test]
+    fn turning_the_ring_puts_the_oldest_pair_in_slot_0() {
+        // full rings of 8 and 16 slots started at 5, 6, 8 and 9 (one, two, eight and one cycles)
+        for (history, start) in [(16usize, 5usize), (24, 6), (24, 8), (24, 9)] {
+            let mut memory = Curvature::new(history, 1, Device::Cpu);
+            let pair = |serial: u64| {
+                let s = Tensor::full([1, 3], serial as f64, (Kind::Double, Device::Cpu));
+                (s.shallow_clone(), -s)
+            };
+            let push = |memory: &mut Curvature, serial: u64| {
+                let (s, y) = pair(serial);
+                memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
+                let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
+            };
+            // fill `history - 8` slots, drop `start` of them, fill the ring: it starts at `start`
+            let filled = (history - CHUNK_PAIRS) as u64;
+            (0..filled).for_each(|serial| push(&mut memory, serial));
+            (0..start).for_each(|_| memory.drop_oldest());
+            let next = filled + (memory.capacity() - memory.len()) as u64;
+            (filled..next).for_each(|serial| push(&mut memory, serial));
+            assert_eq!((memory.start, memory.len(), memory.capacity()), (start, history - CHUNK_PAIRS, history - 8));
+            memory.turn_to_start();
+            for slot in 0..memory.len() {
+                let [s, _] = memory.pair_at(slot);
+                assert_eq!(
+                    s.double_value(&[0, 0, 0]),
+                    (start + slot) as f64,
+                    "ring {history} from {start}: slot {slot}"
+                );
+            }
+        }
     }
 
     #[test]
     fn in_float32_the_steps_agree_with_the_two_loop_recursion_to_its_rounding() {
+        // the matrix-vector products in IEEE float32, whatever another test holds meanwhile
+        let _ieee = crate::device::products::hold_ieee(Device::Cpu);
         // 4096-wide f32 pairs of a quadratic whose curvatures span 10⁻³…1, every pair after the
         // first nearly along the one before (cosine about 0.99); the reference runs in f64 on the
         // same f32 values

@@ -133,7 +133,9 @@ impl Lbfgs {
         }
     }
 
-    /// Keeps fewer pairs than asked where they would take more than `bytes` per item (at least one).
+    /// Keeps fewer pairs than asked where they would take more than `bytes` per item (at least one;
+    /// settled at the first proposal, so set before it). The memory holds up to one pair more for a
+    /// moment when it turns its ring.
     pub fn with_memory_limit(self, bytes: u64) -> Self {
         Lbfgs { memory_limit: bytes, ..self }
     }
@@ -150,6 +152,12 @@ impl Lbfgs {
             );
         }
         self.history.min(fit.max(1))
+    }
+
+    /// The most pairs kept: the history asked for, or fewer within the memory limit once the first
+    /// proposal has settled it.
+    pub fn history(&self) -> usize {
+        self.history
     }
 
     /// Curvature pairs kept.
@@ -546,6 +554,7 @@ mod tests {
     fn the_memory_limit_keeps_fewer_pairs() {
         // 64 f32 values per item: a pair takes 512 bytes, so 3 KiB hold 6 pairs
         let gradient = |x: &Tensor| x - 1.0;
+        // (per item: a batch of 2 keeps as many as one image would)
         for (limit, kept) in [(u64::MAX, 10), (3 << 10, 6), (100, 1)] {
             let mut lbfgs = Lbfgs::new(10, 1.0).with_memory_limit(limit);
             let mut x = Tensor::zeros([2, 64], (Kind::Float, Device::Cpu));

@@ -100,9 +100,10 @@ pub struct StyleSettings {
     pub optimizer: OptimizerKind,
     /// Curvature pairs L-BFGS keeps.
     pub lbfgs_history: usize,
-    /// The most memory, MiB, L-BFGS's pairs may take per image: fewer pairs are kept where
-    /// `lbfgs_history` of them would take more (each pair is two images in f32: 100 pairs take
-    /// 600 MiB at 512², 4.7 GiB at 1080p and 19 GiB at 4K, where the default keeps 26).
+    /// The most memory, MiB, L-BFGS's pairs may take per image (0: no limit): fewer pairs are kept
+    /// where `lbfgs_history` of them would take more. Each pair is two images in f32: 100 pairs take
+    /// 600 MiB at 512², 4.6 GiB at 1080p and 18.5 GiB at 4K, where the default keeps 26. A batch
+    /// of B images holds B times as much.
     pub lbfgs_memory_mib: u64,
     /// Adam's learning rate (image in 0..1); L-BFGS uses 1.
     pub learning_rate: f64,

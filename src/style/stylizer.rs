@@ -537,7 +537,7 @@ impl<'m> Stylizer<'m> {
         match self.settings.optimizer {
             OptimizerKind::Lbfgs => Box::new(
                 Lbfgs::new(self.settings.lbfgs_history, 1.0)
-                    .with_memory_limit(self.settings.lbfgs_memory_mib.saturating_mul(1 << 20)),
+                    .with_memory_limit(memory_limit_bytes(self.settings.lbfgs_memory_mib)),
             ),
             OptimizerKind::Adam => Box::new(Adam::new(self.settings.learning_rate)),
         }
@@ -627,6 +627,11 @@ impl<'m> Stylizer<'m> {
         };
         coloured.clamp(0.0, 1.0)
     }
+}
+
+/// `lbfgs_memory_mib` in bytes (0: no limit).
+pub(crate) fn memory_limit_bytes(mib: u64) -> u64 {
+    if mib == 0 { u64::MAX } else { mib.saturating_mul(1 << 20) }
 }
 
 /// Resizes `image` (bilinear) to the spatial size of `like`.
