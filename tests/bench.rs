@@ -154,3 +154,24 @@ fn video_bench_reports_seconds_per_frame_and_stage_shares() {
     assert!(stages.iter().all(|s| row["stage_seconds_per_frame"][s].is_number()), "{row}");
     assert!(row["cuda_peak_mib"].is_null(), "{row}");
 }
+
+#[test]
+fn the_optimizer_bench_keeps_the_pairs_the_profiles_memory_limit_allows() {
+    // at 32² a pair is two f32 images of 3 × 32 × 32 values: 24 KiB, so 1 MiB holds 42 pairs; 0 lifts the limit
+    let dir = tempfile::tempdir().unwrap();
+    for (limit, kept) in [(1u64, 42u64), (0, 100)] {
+        let profile = dir.path().join(format!("limit-{limit}.toml"));
+        std::fs::write(&profile, format!("[style]\nlbfgs_memory_mib = {limit}\n")).unwrap();
+        let output =
+            common::in_test_cache(&mut Command::new(env!("CARGO_BIN_EXE_impasto")), dir.path(), common::F32_IS_FASTER)
+                .args(["bench", "--optimizer", "--sizes", "32", "--iterations", "1", "--warmup", "0"])
+                .args(["--device", "cpu", "--profile"])
+                .arg(&profile)
+                .output()
+                .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let rows = json_lines(&String::from_utf8(output.stdout).unwrap());
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["pairs"].as_u64(), Some(kept), "limit {limit} MiB: {rows:?}");
+    }
+}
