@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{peak_rss_mib, synchronize};
 use crate::device::{device_name, memory};
+use crate::model::Layout;
 use crate::style::optim::{Lbfgs, Optimizer};
 use crate::style::stylizer::memory_limit_bytes;
 
@@ -60,7 +61,7 @@ pub struct OptimizerBenchRow {
 pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow {
     memory::reset_allocator_peaks(device);
     let shape = [case.batch.max(1) as i64, 3, case.height as i64, case.width as i64];
-    let channels_last = |t: Tensor| t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+    let channels_last = |t: Tensor| Layout::ChannelsLast.apply(&t);
     tch::manual_seed(11);
     // a separable quadratic ½Σ c·(x − t)², curvatures c from 10⁻³ to 1 (slow enough to converge
     // that the memory holds real pairs)

@@ -388,6 +388,52 @@ mod tests {
         (s, y)
     }
 
+    /// A memory beside the pairs it should hold, kept explicitly (in f64) for the two-loop recursion.
+    struct Checked {
+        memory: Curvature,
+        kept: VecDeque<(Tensor, Tensor)>,
+        history: usize,
+    }
+
+    impl Checked {
+        fn new(history: usize, batch: i64) -> Self {
+            Checked { memory: Curvature::new(history, batch, Device::Cpu), kept: VecDeque::new(), history }
+        }
+
+        /// Pushes (s, y) into both; the oldest goes from both when the memory is full.
+        fn push(&mut self, s: &Tensor, y: &Tensor, serial: u64) {
+            self.memory.push(s, y, row_dots(y, s), row_dots(y, y), serial);
+            if self.kept.len() == self.history {
+                self.kept.pop_front();
+            }
+            self.kept.push_back((s.to_kind(Kind::Double).copy(), y.to_kind(Kind::Double).copy()));
+        }
+
+        fn drop_oldest(&mut self) {
+            self.memory.drop_oldest();
+            self.kept.pop_front();
+        }
+
+        fn forget(&mut self, item: usize) {
+            self.memory.forget(item);
+            for (s, y) in &self.kept {
+                let _ = s.narrow(0, item as i64, 1).fill_(0.0);
+                let _ = y.narrow(0, item as i64, 1).fill_(0.0);
+            }
+        }
+
+        /// The memory's direction (read by matrix products or not; `None`: as `direction` chooses)
+        /// and the two-loop recursion's over the pairs kept, both in f64.
+        fn directions(&mut self, grad: &Tensor, gamma: &Tensor, by_matrix_products: Option<bool>) -> (Tensor, Tensor) {
+            let compact = match by_matrix_products {
+                Some(by_matrix_products) => self.memory.direction_reading(grad, gamma, by_matrix_products),
+                None => self.memory.direction(grad, gamma),
+            };
+            let reference = two_loop(self.kept.make_contiguous(), &grad.to_kind(Kind::Double), gamma);
+            (compact.to_kind(Kind::Double), reference)
+        }
+    }
+
     /// Pushes `pushes` random pairs into a memory of `history` for `batch` items (item 0 refuses
     /// every fourth; `forget` lists (push, item) to forget before a push), takes a direction after
     /// each push, and checks every one against the two-loop recursion over the pairs kept.
@@ -401,15 +447,10 @@ mod tests {
         tch::manual_seed(7);
         let width = 37;
         let hessian = Tensor::rand([batch, width], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut memory = Curvature::new(history, batch, Device::Cpu);
-        let mut kept: VecDeque<(Tensor, Tensor)> = VecDeque::new();
+        let mut checked = Checked::new(history, batch);
         for serial in 0..pushes {
             for &(_, item) in forget.iter().filter(|(at, _)| *at == serial) {
-                memory.forget(item);
-                for (s, y) in &kept {
-                    let _ = s.narrow(0, item as i64, 1).fill_(0.0);
-                    let _ = y.narrow(0, item as i64, 1).fill_(0.0);
-                }
+                checked.forget(item);
             }
             let (s, y) = random_pair(batch, width, &hessian);
             if serial % 4 == 3 {
@@ -417,19 +458,14 @@ mod tests {
                 let _ = s.narrow(0, 0, 1).fill_(0.0);
                 let _ = y.narrow(0, 0, 1).fill_(0.0);
             }
-            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial as u64);
-            if kept.len() == history {
-                kept.pop_front();
-            }
-            kept.push_back((s.copy(), y.copy()));
+            checked.push(&s, &y, serial as u64);
             let grad = Tensor::randn([batch, width], (Kind::Double, Device::Cpu));
             let gamma = Tensor::rand([batch], (Kind::Double, Device::Cpu)) + 0.5;
-            let compact = memory.direction_reading(&grad, &gamma, by_matrix_products);
-            let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
+            let (compact, reference) = checked.directions(&grad, &gamma, Some(by_matrix_products));
             let error = (&compact - &reference).abs().max().double_value(&[]);
             let scale = reference.abs().max().double_value(&[]);
             assert!(error <= 1e-9 * scale, "push {serial}: {error} against {scale}");
-            assert_eq!(memory.len(), kept.len());
+            assert_eq!(checked.memory.len(), checked.kept.len());
         }
     }
 
@@ -461,29 +497,23 @@ mod tests {
         // ring starts again at slot 0 and grows a third chunk later
         tch::manual_seed(5);
         let hessian = Tensor::rand([2, 11], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut memory = Curvature::new(20, 2, Device::Cpu);
-        let mut kept = VecDeque::new();
+        let mut checked = Checked::new(20, 2);
         for serial in 0..40u64 {
             if serial == 11 {
-                while memory.len() > 0 {
-                    memory.drop_oldest();
+                while checked.memory.len() > 0 {
+                    checked.drop_oldest();
                 }
-                kept.clear();
-                assert_eq!(memory.start, 0);
+                assert!(checked.kept.is_empty());
+                assert_eq!(checked.memory.start, 0);
             }
             let (s, y) = random_pair(2, 11, &hessian);
-            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
-            if kept.len() == 20 {
-                kept.pop_front();
-            }
-            kept.push_back((s, y));
+            checked.push(&s, &y, serial);
             let grad = Tensor::randn([2, 11], (Kind::Double, Device::Cpu));
             let gamma = Tensor::from_slice(&[0.7f64, 2.0]);
-            let compact = memory.direction(&grad, &gamma);
-            let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
+            let (compact, reference) = checked.directions(&grad, &gamma, None);
             assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
         }
-        assert_eq!(memory.capacity(), 20);
+        assert_eq!(checked.memory.capacity(), 20);
     }
 
     #[test]
@@ -529,22 +559,16 @@ mod tests {
         tch::manual_seed(9);
         let options = (Kind::Float, Device::Cpu);
         let hessian = (Tensor::rand([1, 4096], options) * -3.0 * 10f64.ln()).exp();
-        let mut memory = Curvature::new(10, 1, Device::Cpu);
-        let mut kept = VecDeque::new();
+        let mut checked = Checked::new(10, 1);
         let mut previous = Tensor::randn([1, 4096], options);
         for serial in 0..25u64 {
             let s = &previous + Tensor::randn([1, 4096], options) * 0.15;
             let y = &s * &hessian;
             previous = s.shallow_clone();
-            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
-            if kept.len() == 10 {
-                kept.pop_front();
-            }
-            kept.push_back((s.to_kind(Kind::Double), y.to_kind(Kind::Double)));
+            checked.push(&s, &y, serial);
             let grad = Tensor::randn([1, 4096], options);
             let gamma = Tensor::from_slice(&[0.3f64]);
-            let compact = memory.direction(&grad, &gamma).to_kind(Kind::Double);
-            let reference = two_loop(kept.make_contiguous(), &grad.to_kind(Kind::Double), &gamma);
+            let (compact, reference) = checked.directions(&grad, &gamma, None);
             let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
             assert!(error < 1e-4, "push {serial}: relative error {error}");
         }
@@ -556,25 +580,21 @@ mod tests {
         // starts at slot 6 and wraps past the 16 slots of two chunks before a third chunk is added
         tch::manual_seed(3);
         let hessian = Tensor::rand([1, 9], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut memory = Curvature::new(20, 1, Device::Cpu);
-        let mut kept = VecDeque::new();
+        let mut checked = Checked::new(20, 1);
         for serial in 0..25u64 {
             if serial == 10 {
                 for _ in 0..6 {
-                    memory.drop_oldest();
-                    kept.pop_front();
+                    checked.drop_oldest();
                 }
             }
             let (s, y) = random_pair(1, 9, &hessian);
-            memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
-            kept.push_back((s, y));
+            checked.push(&s, &y, serial);
             let grad = Tensor::randn([1, 9], (Kind::Double, Device::Cpu));
             let gamma = Tensor::from_slice(&[1.3f64]);
-            let compact = memory.direction(&grad, &gamma);
-            let reference = two_loop(kept.make_contiguous(), &grad, &gamma);
+            let (compact, reference) = checked.directions(&grad, &gamma, None);
             assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
         }
-        assert_eq!((memory.len(), memory.oldest_serial()), (19, Some(6)));
-        assert_eq!(memory.capacity(), 20);
+        assert_eq!((checked.memory.len(), checked.memory.oldest_serial()), (19, Some(6)));
+        assert_eq!(checked.memory.capacity(), 20);
     }
 }

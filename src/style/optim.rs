@@ -535,7 +535,7 @@ mod tests {
         let scales = Tensor::arange(60, options).view([1, 3, 4, 5]) * 0.05 + 0.2;
         let target = (Tensor::arange(60, options).view([1, 3, 4, 5]) * 0.7).sin();
         let gradient = |x: &Tensor| (x - &target) * &scales * 2.0;
-        let channels_last = |t: &Tensor| t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let channels_last = |t: &Tensor| crate::model::Layout::ChannelsLast.apply(t);
         let (mut plain, mut mixed) = (Lbfgs::new(5, 1.0), Lbfgs::new(5, 1.0));
         let (mut x_plain, mut x_mixed) = (target.zeros_like(), target.zeros_like());
         for iteration in 0..40 {
