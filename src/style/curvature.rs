@@ -3,14 +3,17 @@
 //! the same product of the inverse-Hessian approximation H with the gradient. The two-loop
 //! recursion takes some eleven small operations per pair, one after the other: at the default
 //! memory of 100 pairs about 1,100 kernel launches per iteration on a GPU. Here the pairs lie as
-//! rows of a few matrices (chunks of [`CHUNK_PAIRS`]), and an iteration reads them in a handful of
-//! products per chunk: the products of every s and y with the gradient and with the newest y, then
-//! the step, a combination of them all. What lies between is arithmetic on `[B, L, L]` matrices of
-//! dot products kept in f64: sᵢᵀyⱼ (whose upper triangle is R) and yᵢᵀyⱼ. So
-//! H g = γg + S u − γY x, with x = R⁻¹Sᵀg and u = R⁻ᵀ((D + γYᵀY)x − γYᵀg), D the diagonal of R.
-//! On the CPU both forms are bound by memory bandwidth and cost about the same (BENCHMARKS.md): the
-//! two-loop recursion reads each s and y twice per iteration, with temporaries between, and this
-//! form reads them three times (two matrix-vector products and the combination), without.
+//! rows of a few matrices (chunks of [`CHUNK_PAIRS`]), and an iteration reads them twice: the
+//! products of every s and y with the gradient, then the step, a combination of them all. What
+//! lies between is arithmetic on `[B, L, L]` matrices of dot products kept in f64: sᵢᵀyⱼ (whose
+//! upper triangle is R) and yᵢᵀyⱼ. So H g = γg + S u − γY x, with x = R⁻¹Sᵀg and
+//! u = R⁻ᵀ((D + γYᵀY)x − γYᵀg), D the diagonal of R. The newest pair's products with the older
+//! ones need no read of their own: its y is the change of gradient since the last step, so sᵢᵀy
+//! and yᵢᵀy are the changes of sᵢᵀg and yᵢᵀg, which both reads took. On the CPU, bound by memory
+//! bandwidth, that makes two reads of each s and y per iteration, as the two-loop recursion
+//! takes, without its temporaries (BENCHMARKS.md). The differences round relative to g rather than
+//! y; a 256-px run of 200 iterations saw at most 1.2·10⁻⁴ of the largest product, and steps still
+//! match the recursion's to 10⁻⁴ when g is a thousand times longer than y (tested).
 //!
 //! An item's refused pair is stored as zeros, as in the two-loop recursion, where it is a no-op: its
 //! row and column of R are zero, so its diagonal is taken as 1 and its coefficients come out zero.
@@ -43,10 +46,9 @@ pub(super) fn row_dots(a: &Tensor, b: &Tensor) -> Tensor {
     (a * b).sum_dim_intlist(1, false, Kind::Double)
 }
 
-/// The newest pair, stored, whose products with the older pairs are taken with the next gradient's.
+/// The newest pair's own products, stored with it; its products with the older pairs come with
+/// the next gradient's.
 struct Pending {
-    /// Its y, `[B, n]` (zero for the items that refused it).
-    y: Tensor,
     /// yᵀs per item, `[B]` f64 (zero where refused).
     ys: Tensor,
     /// yᵀy per item, `[B]` f64 (zero where refused).
@@ -67,6 +69,9 @@ pub(super) struct Curvature {
     /// yᵢᵀyⱼ, `[B, L, L]` f64.
     y_y: Tensor,
     pending: Option<Pending>,
+    /// Sᵀg and Yᵀg of the pairs kept, oldest first (`[B, L]` f64 each), for the gradient of the
+    /// last step: the newest y's products with them are the change in these.
+    last_products: [Tensor; 2],
 }
 
 impl Curvature {
@@ -81,6 +86,7 @@ impl Curvature {
             s_y: empty.shallow_clone(),
             y_y: empty,
             pending: None,
+            last_products: [(); 2].map(|_| Tensor::zeros([batch, 0], (Kind::Double, device))),
         }
     }
 
@@ -112,6 +118,8 @@ impl Curvature {
 
     /// Stores the pair (s, y) of rows `[B, n]`, zero for the items that refused it, with its yᵀs
     /// and yᵀy per item (`[B]` f64, zero where refused); the oldest pair goes if the memory is full.
+    /// Where an item takes the pair, y must be the change from the gradient of the last
+    /// [`Curvature::direction`] to the next one's.
     pub fn push(&mut self, s: &Tensor, y: &Tensor, ys: Tensor, yy: Tensor, serial: u64) {
         assert!(self.pending.is_none(), "a pair was pushed before the last one's products were taken");
         if self.len() == self.history {
@@ -124,7 +132,7 @@ impl Curvature {
         s_row.copy_(&s.unsqueeze(1));
         y_row.copy_(&y.unsqueeze(1));
         self.serials.push_back(serial);
-        self.pending = Some(Pending { y: y.shallow_clone(), ys, yy });
+        self.pending = Some(Pending { ys, yy });
     }
 
     /// Forgets the oldest pair.
@@ -136,13 +144,14 @@ impl Curvature {
         let kept = self.len() as i64;
         self.s_y = self.s_y.narrow(1, 1, kept).narrow(2, 1, kept);
         self.y_y = self.y_y.narrow(1, 1, kept).narrow(2, 1, kept);
+        self.last_products = self.last_products.each_ref().map(|products| products.narrow(1, 1, kept));
         self.start = if kept == 0 { 0 } else { (self.start + 1) % self.capacity() };
     }
 
     /// Zeroes every pair of item `item`, as if it had refused them all.
     pub fn forget(&mut self, item: usize) {
         let item = item as i64;
-        for tensor in self.chunks.iter().chain([&self.s_y, &self.y_y]) {
+        for tensor in self.chunks.iter().chain([&self.s_y, &self.y_y]).chain(&self.last_products) {
             let _ = tensor.narrow(0, item, 1).fill_(0.0);
         }
     }
@@ -193,8 +202,7 @@ impl Curvature {
     }
 
     /// The step direction −H·g for gradients `grad` (rows `[B, n]`), with H₀ = γI per item (`gamma`
-    /// `[B]` f64). The same pass over the memory also takes the newest pair's products with the
-    /// older ones.
+    /// `[B]` f64). The newest pair's products with the older ones come from the same read.
     pub fn direction(&mut self, grad: &Tensor, gamma: &Tensor) -> Tensor {
         self.direction_reading(grad, gamma, reads_by_matrix_products(grad.device()))
     }
@@ -207,14 +215,12 @@ impl Curvature {
             self.pending = None;
             return steepest;
         }
-        let pending = self.pending.take();
-        let vectors: Vec<&Tensor> = pending.iter().map(|p| &p.y).chain([grad]).collect();
-        let (s_dots, y_dots) = self.dot_products(&vectors, by_matrix_products);
-        let last = vectors.len() as i64 - 1;
-        if let Some(pending) = pending {
-            self.extend(&s_dots.select(2, 0), &y_dots.select(2, 0), pending);
+        let (s_g, y_g) = self.dot_products(grad, by_matrix_products);
+        if let Some(pending) = self.pending.take() {
+            self.extend(&s_g, &y_g, pending);
         }
-        let (x, u) = self.coefficients(&s_dots.select(2, last), &y_dots.select(2, last), gamma);
+        let (x, u) = self.coefficients(&s_g, &y_g, gamma);
+        self.last_products = [s_g, y_g];
         // −H g = −γg − S u + γY x
         self.combine(steepest, &-u, &(x * per_row(gamma)), by_matrix_products)
     }
@@ -232,18 +238,17 @@ impl Curvature {
         (x.squeeze_dim(2), u.squeeze_dim(2))
     }
 
-    /// Sᵀv and Yᵀv of the pairs kept, oldest first, for each of `vectors` (rows `[B, n]`): two
-    /// `[B, L, vectors]` f64 tensors, from one read of each chunk (per vector, by matrix-vector
-    /// products).
-    fn dot_products(&self, vectors: &[&Tensor], by_matrix_products: bool) -> (Tensor, Tensor) {
-        let columns = by_matrix_products.then(|| Tensor::stack(vectors, 2));
+    /// Sᵀg and Yᵀg of the pairs kept, oldest first, for gradients `grad` (rows `[B, n]`): two
+    /// `[B, L]` f64 tensors, from one read of each chunk.
+    fn dot_products(&self, grad: &Tensor, by_matrix_products: bool) -> (Tensor, Tensor) {
+        let column = grad.unsqueeze(2);
         let per_chunk: Vec<(Tensor, i64)> = self
             .chunks
             .iter()
             .map(|chunk| {
-                let products = match &columns {
-                    Some(columns) => chunk.bmm(columns),
-                    None => matrix_vector_products(chunk, vectors),
+                let products = match by_matrix_products {
+                    true => chunk.bmm(&column).squeeze_dim(2),
+                    false => matrix_vector_products(chunk, grad),
                 };
                 (products, chunk_pairs(chunk) as i64)
             })
@@ -255,20 +260,24 @@ impl Curvature {
         (part(|_| 0), part(|pairs| pairs))
     }
 
-    /// Adds the newest pair's row and column to sᵢᵀyⱼ and yᵢᵀyⱼ, from its products with all pairs
-    /// kept (`[B, L]`, oldest first; its own entries are taken from `pending`, summed in f64).
-    fn extend(&mut self, s_dot_new_y: &Tensor, y_dot_new_y: &Tensor, pending: Pending) {
+    /// Adds the newest pair's row and column to sᵢᵀyⱼ and yᵢᵀyⱼ, from this gradient's Sᵀg and Yᵀg
+    /// (`[B, L]`, oldest first): the older pairs' products with the newest y are their change since
+    /// the last gradient, zero where an item refused the pair; its own are taken from `pending`,
+    /// summed in f64.
+    fn extend(&mut self, s_g: &Tensor, y_g: &Tensor, pending: Pending) {
         let older = self.len() as i64 - 1;
-        let column =
-            |products: &Tensor, own: &Tensor| Tensor::cat(&[products.narrow(1, 0, older), own.unsqueeze(1)], 1);
-        let (s_y_column, y_y_column) = (column(s_dot_new_y, &pending.ys), column(y_dot_new_y, &pending.yy));
-        let (batch, device) = (s_dot_new_y.size()[0], s_dot_new_y.device());
-        let below = Tensor::zeros([batch, 1, older], (Kind::Double, device));
-        let s_y_top = Tensor::cat(&[&self.s_y, &s_y_column.narrow(1, 0, older).unsqueeze(2)], 2);
-        let s_y_bottom = Tensor::cat(&[below, pending.ys.view([-1, 1, 1])], 2);
-        self.s_y = Tensor::cat(&[s_y_top, s_y_bottom], 1);
-        let y_y_top = Tensor::cat(&[&self.y_y, &y_y_column.narrow(1, 0, older).unsqueeze(2)], 2);
-        self.y_y = Tensor::cat(&[y_y_top, y_y_column.unsqueeze(1)], 1);
+        let taken = per_row(&pending.yy.ne(0.0));
+        let change =
+            |now: &Tensor, last: &Tensor| (now.narrow(1, 0, older) - last).where_scalarother(&taken, 0.0).unsqueeze(2);
+        let [s_g_last, y_g_last] = &self.last_products;
+        let (s_dot_new_y, y_dot_new_y) = (change(s_g, s_g_last), change(y_g, y_g_last));
+        let (own_ys, own_yy) = (pending.ys.view([-1, 1, 1]), pending.yy.view([-1, 1, 1]));
+        let below = Tensor::zeros_like(&s_dot_new_y).transpose(1, 2);
+        let s_y_top = Tensor::cat(&[&self.s_y, &s_dot_new_y], 2);
+        self.s_y = Tensor::cat(&[s_y_top, Tensor::cat(&[below, own_ys], 2)], 1);
+        let y_y_top = Tensor::cat(&[&self.y_y, &y_dot_new_y], 2);
+        let y_y_bottom = Tensor::cat(&[y_dot_new_y.transpose(1, 2), own_yy], 2);
+        self.y_y = Tensor::cat(&[y_y_top, y_y_bottom], 1);
     }
 
     /// `start` (rows `[B, n]`) plus Σ sᵢ·s_coefficientsᵢ + yᵢ·y_coefficientsᵢ (`[B, L]`, oldest
@@ -335,15 +344,9 @@ fn reads_by_matrix_products(device: Device) -> bool {
     }
 }
 
-/// `chunk` `[B, 2k, n]` times each of `vectors` (`[B, n]`) by matrix-vector products: `[B, 2k, vectors]`.
-fn matrix_vector_products(chunk: &Tensor, vectors: &[&Tensor]) -> Tensor {
-    let items: Vec<Tensor> = (0..chunk.size()[0])
-        .map(|item| {
-            let rows = chunk.get(item);
-            let columns: Vec<Tensor> = vectors.iter().map(|vector| rows.mv(&vector.get(item))).collect();
-            Tensor::stack(&columns, 1)
-        })
-        .collect();
+/// `chunk` `[B, 2k, n]` times `vector` (`[B, n]`) by matrix-vector products: `[B, 2k]`.
+fn matrix_vector_products(chunk: &Tensor, vector: &Tensor) -> Tensor {
+    let items: Vec<Tensor> = (0..chunk.size()[0]).map(|item| chunk.get(item).mv(&vector.get(item))).collect();
     Tensor::stack(&items, 0)
 }
 
@@ -388,25 +391,36 @@ mod tests {
         (s, y)
     }
 
-    /// A memory beside the pairs it should hold, kept explicitly (in f64) for the two-loop recursion.
+    /// A memory beside the pairs it should hold, kept explicitly (in f64) for the two-loop recursion,
+    /// and the gradient, which changes by each pair's y.
     struct Checked {
         memory: Curvature,
         kept: VecDeque<(Tensor, Tensor)>,
         history: usize,
+        grad: Tensor,
     }
 
     impl Checked {
-        fn new(history: usize, batch: i64) -> Self {
-            Checked { memory: Curvature::new(history, batch, Device::Cpu), kept: VecDeque::new(), history }
+        /// An empty memory, and a first gradient `grad` (rows `[B, n]`).
+        fn new(history: usize, grad: Tensor) -> Self {
+            let memory = Curvature::new(history, grad.size()[0], Device::Cpu);
+            Checked { memory, kept: VecDeque::new(), history, grad }
         }
 
-        /// Pushes (s, y) into both; the oldest goes from both when the memory is full.
-        fn push(&mut self, s: &Tensor, y: &Tensor, serial: u64) {
-            self.memory.push(s, y, row_dots(y, s), row_dots(y, y), serial);
+        /// Moves the gradient by y (rows `[B, n]`) and pushes (s, y) into both, as zeros for the
+        /// items `refusing` it; the oldest goes from both when the memory is full.
+        fn push(&mut self, s: &Tensor, y: &Tensor, refusing: &[i64], serial: u64) {
+            self.grad = &self.grad + y;
+            let taken = Tensor::ones([s.size()[0]], (Kind::Bool, Device::Cpu));
+            for &item in refusing {
+                let _ = taken.get(item).fill_(0i64);
+            }
+            let (s, y) = (where_rows(s, &taken), where_rows(y, &taken));
+            self.memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
             if self.kept.len() == self.history {
                 self.kept.pop_front();
             }
-            self.kept.push_back((s.to_kind(Kind::Double).copy(), y.to_kind(Kind::Double).copy()));
+            self.kept.push_back((s.to_kind(Kind::Double), y.to_kind(Kind::Double)));
         }
 
         fn drop_oldest(&mut self) {
@@ -422,16 +436,39 @@ mod tests {
             }
         }
 
-        /// The memory's direction (read by matrix products or not; `None`: as `direction` chooses)
-        /// and the two-loop recursion's over the pairs kept, both in f64.
-        fn directions(&mut self, grad: &Tensor, gamma: &Tensor, by_matrix_products: Option<bool>) -> (Tensor, Tensor) {
+        /// The memory's direction for the gradient (read by matrix products or not; `None`: as
+        /// `direction` chooses) and the two-loop recursion's over the pairs kept, both in f64.
+        fn directions(&mut self, gamma: &Tensor, by_matrix_products: Option<bool>) -> (Tensor, Tensor) {
+            let grad = &self.grad;
             let compact = match by_matrix_products {
                 Some(by_matrix_products) => self.memory.direction_reading(grad, gamma, by_matrix_products),
                 None => self.memory.direction(grad, gamma),
             };
             let reference = two_loop(self.kept.make_contiguous(), &grad.to_kind(Kind::Double), gamma);
+            self.check_products();
             (compact.to_kind(Kind::Double), reference)
         }
+
+        /// The memory's sᵢᵀyⱼ (i ≤ j) and yᵢᵀyⱼ are those of the pairs kept, as stored (zero
+        /// where refused or forgotten), up to rounding.
+        fn check_products(&self) {
+            let (s, y): (Vec<Tensor>, Vec<Tensor>) =
+                self.kept.iter().map(|(s, y)| (s.shallow_clone(), y.shallow_clone())).unzip();
+            let (s, y) = (Tensor::stack(&s, 1), Tensor::stack(&y, 1));
+            let s_y = s.bmm(&y.transpose(1, 2)).triu(0);
+            let y_y = y.bmm(&y.transpose(1, 2));
+            for (name, kept, expected) in [("sᵢᵀyⱼ", &self.memory.s_y, s_y), ("yᵢᵀyⱼ", &self.memory.y_y, y_y)]
+            {
+                let scale = expected.abs().max().double_value(&[]).max(1.0);
+                let error = (kept - &expected).abs().max().double_value(&[]);
+                assert!(error <= 1e-4 * scale, "{name}: {error} against {scale}");
+            }
+        }
+    }
+
+    /// Rows `[B, n]` where `taken` `[B]` holds, zeros elsewhere.
+    fn where_rows(rows: &Tensor, taken: &Tensor) -> Tensor {
+        rows.where_scalarother(&per_row(taken), 0.0)
     }
 
     /// Pushes `pushes` random pairs into a memory of `history` for `batch` items (item 0 refuses
@@ -447,21 +484,17 @@ mod tests {
         tch::manual_seed(7);
         let width = 37;
         let hessian = Tensor::rand([batch, width], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(history, batch);
+        let mut checked = Checked::new(history, Tensor::randn([batch, width], (Kind::Double, Device::Cpu)));
         for serial in 0..pushes {
             for &(_, item) in forget.iter().filter(|(at, _)| *at == serial) {
                 checked.forget(item);
             }
             let (s, y) = random_pair(batch, width, &hessian);
-            if serial % 4 == 3 {
-                // item 0 refuses this pair
-                let _ = s.narrow(0, 0, 1).fill_(0.0);
-                let _ = y.narrow(0, 0, 1).fill_(0.0);
-            }
-            checked.push(&s, &y, serial as u64);
-            let grad = Tensor::randn([batch, width], (Kind::Double, Device::Cpu));
+            // item 0 refuses every fourth pair
+            let refusing: &[i64] = if serial % 4 == 3 { &[0] } else { &[] };
+            checked.push(&s, &y, refusing, serial as u64);
             let gamma = Tensor::rand([batch], (Kind::Double, Device::Cpu)) + 0.5;
-            let (compact, reference) = checked.directions(&grad, &gamma, Some(by_matrix_products));
+            let (compact, reference) = checked.directions(&gamma, Some(by_matrix_products));
             let error = (&compact - &reference).abs().max().double_value(&[]);
             let scale = reference.abs().max().double_value(&[]);
             assert!(error <= 1e-9 * scale, "push {serial}: {error} against {scale}");
@@ -497,7 +530,7 @@ mod tests {
         // ring starts again at slot 0 and grows a third chunk later
         tch::manual_seed(5);
         let hessian = Tensor::rand([2, 11], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(20, 2);
+        let mut checked = Checked::new(20, Tensor::randn([2, 11], (Kind::Double, Device::Cpu)));
         for serial in 0..40u64 {
             if serial == 11 {
                 while checked.memory.len() > 0 {
@@ -507,10 +540,9 @@ mod tests {
                 assert_eq!(checked.memory.start, 0);
             }
             let (s, y) = random_pair(2, 11, &hessian);
-            checked.push(&s, &y, serial);
-            let grad = Tensor::randn([2, 11], (Kind::Double, Device::Cpu));
+            checked.push(&s, &y, &[], serial);
             let gamma = Tensor::from_slice(&[0.7f64, 2.0]);
-            let (compact, reference) = checked.directions(&grad, &gamma, None);
+            let (compact, reference) = checked.directions(&gamma, None);
             assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
         }
         assert_eq!(checked.memory.capacity(), 20);
@@ -559,16 +591,35 @@ mod tests {
         tch::manual_seed(9);
         let options = (Kind::Float, Device::Cpu);
         let hessian = (Tensor::rand([1, 4096], options) * -3.0 * 10f64.ln()).exp();
-        let mut checked = Checked::new(10, 1);
+        let mut checked = Checked::new(10, Tensor::randn([1, 4096], options));
         let mut previous = Tensor::randn([1, 4096], options);
         for serial in 0..25u64 {
             let s = &previous + Tensor::randn([1, 4096], options) * 0.15;
             let y = &s * &hessian;
             previous = s.shallow_clone();
-            checked.push(&s, &y, serial);
-            let grad = Tensor::randn([1, 4096], options);
+            checked.push(&s, &y, &[], serial);
             let gamma = Tensor::from_slice(&[0.3f64]);
-            let (compact, reference) = checked.directions(&grad, &gamma, None);
+            let (compact, reference) = checked.directions(&gamma, None);
+            let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
+            assert!(error < 1e-4, "push {serial}: relative error {error}");
+        }
+    }
+
+    #[test]
+    fn in_float32_a_gradient_that_barely_changes_still_gives_the_steps() {
+        // the newest y's products with the older pairs are differences of products with gradients
+        // a thousand times longer than y: their rounding must not spoil the step
+        let _ieee = crate::device::products::hold_ieee(Device::Cpu);
+        tch::manual_seed(11);
+        let options = (Kind::Float, Device::Cpu);
+        let hessian = (Tensor::rand([1, 4096], options) * -2.0 * 10f64.ln()).exp();
+        let mut checked = Checked::new(10, Tensor::randn([1, 4096], options) * 300.0);
+        for serial in 0..25u64 {
+            let s = Tensor::randn([1, 4096], options);
+            let y = &s * &hessian;
+            checked.push(&s, &y, &[], serial);
+            let gamma = Tensor::from_slice(&[0.3f64]);
+            let (compact, reference) = checked.directions(&gamma, None);
             let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
             assert!(error < 1e-4, "push {serial}: relative error {error}");
         }
@@ -580,7 +631,7 @@ mod tests {
         // starts at slot 6 and wraps past the 16 slots of two chunks before a third chunk is added
         tch::manual_seed(3);
         let hessian = Tensor::rand([1, 9], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(20, 1);
+        let mut checked = Checked::new(20, Tensor::randn([1, 9], (Kind::Double, Device::Cpu)));
         for serial in 0..25u64 {
             if serial == 10 {
                 for _ in 0..6 {
@@ -588,10 +639,9 @@ mod tests {
                 }
             }
             let (s, y) = random_pair(1, 9, &hessian);
-            checked.push(&s, &y, serial);
-            let grad = Tensor::randn([1, 9], (Kind::Double, Device::Cpu));
+            checked.push(&s, &y, &[], serial);
             let gamma = Tensor::from_slice(&[1.3f64]);
-            let (compact, reference) = checked.directions(&grad, &gamma, None);
+            let (compact, reference) = checked.directions(&gamma, None);
             assert!(compact.allclose(&reference, 1e-9, 1e-12, false), "push {serial}");
         }
         assert_eq!((checked.memory.len(), checked.memory.oldest_serial()), (19, Some(6)));
