@@ -118,42 +118,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if !args.motion.is_empty() {
             return bench_painting(&vgg, &style, &profile.video, &sizes, &args);
         }
-        for (width, height) in &sizes {
-            for batch in &args.batch {
-                let case = BenchCase {
-                    width: *width,
-                    height: *height,
-                    batch: *batch,
-                    warmup: args.warmup,
-                    iterations: args.iterations,
-                };
-                let row = impasto::bench::bench_size(&vgg, &style, case);
-                println!("{}", serde_json::to_string(&row).expect("serialisable"));
-            }
-        }
-        Ok(())
+        print_rows(&sizes, &args.batch, |width, height, batch| {
+            let case = BenchCase { width, height, batch, warmup: args.warmup, iterations: args.iterations };
+            Ok(impasto::bench::bench_size(&vgg, &style, case))
+        })
     })?;
+    Ok(())
+}
+
+/// Prints one JSON row per size and variant (batch, jobs, …), each from `measure(width, height, variant)`.
+fn print_rows<V: Copy, R: serde::Serialize>(
+    sizes: &[(u32, u32)],
+    variants: &[V],
+    mut measure: impl FnMut(u32, u32, V) -> impasto::Result<R>,
+) -> impasto::Result<()> {
+    for &(width, height) in sizes {
+        for &variant in variants {
+            let row = measure(width, height, variant)?;
+            println!("{}", serde_json::to_string(&row).expect("serialisable"));
+        }
+    }
     Ok(())
 }
 
 /// `impasto bench --jobs N,…`: per size and number of jobs, one JSON row of several jobs painting
 /// synthetic frames at once.
 fn bench_jobs(vgg: &Vgg, style: &StyleSettings, sizes: &[(u32, u32)], args: &BenchArgs) -> impasto::Result<()> {
-    for &(width, height) in sizes {
-        for &jobs in &args.jobs {
-            let case = JobsCase {
-                width,
-                height,
-                jobs: jobs as usize,
-                frames: args.frames.max(1),
-                iterations: args.iterations.max(1),
-                shared: !args.own_batches,
-            };
-            let row = impasto::bench::bench_jobs(vgg, style, case)?;
-            println!("{}", serde_json::to_string(&row).expect("serialisable"));
-        }
-    }
-    Ok(())
+    print_rows(sizes, &args.jobs, |width, height, jobs| {
+        let case = JobsCase {
+            width,
+            height,
+            jobs: jobs as usize,
+            frames: args.frames.max(1),
+            iterations: args.iterations.max(1),
+            shared: !args.own_batches,
+        };
+        impasto::bench::bench_jobs(vgg, style, case)
+    })
 }
 
 /// `impasto bench --motion ahead,inline`: per size and place, one JSON row of synthetic frames painted
@@ -165,17 +166,13 @@ fn bench_painting(
     sizes: &[(u32, u32)],
     args: &BenchArgs,
 ) -> impasto::Result<()> {
-    for &(width, height) in sizes {
-        for &motion in &args.motion {
-            let case = PaintingCase { width, height, frames: args.frames, iterations: args.iterations, motion };
-            let row = impasto::bench::bench_painting(vgg, style, video, case)?;
-            println!("{}", serde_json::to_string(&row).expect("serialisable"));
-        }
-    }
-    Ok(())
+    print_rows(sizes, &args.motion, |width, height, motion| {
+        let case = PaintingCase { width, height, frames: args.frames, iterations: args.iterations, motion };
+        impasto::bench::bench_painting(vgg, style, video, case)
+    })
 }
 
-/// `impasto bench --flow`: per size, one JSON row timing the motion into a frame.
+/// `impasto bench --flow`: per size and number at once, one JSON row timing the motion into a frame.
 fn bench_flow(
     video: &VideoSettings,
     settings: &ModelSettings,
@@ -184,14 +181,10 @@ fn bench_flow(
 ) -> impasto::Result<()> {
     let device = settings.device.resolve()?;
     let (warmup, iterations, threads) = (args.warmup, args.iterations, video.flow_threads);
-    for &(width, height) in sizes {
-        for &at_once in &args.at_once {
-            let case = FlowCase { width, height, warmup, iterations, threads, at_once: at_once as usize };
-            let row = impasto::bench::bench_flow(&video.flow, device, case)?;
-            println!("{}", serde_json::to_string(&row).expect("serialisable"));
-        }
-    }
-    Ok(())
+    print_rows(sizes, &args.at_once, |width, height, at_once| {
+        let case = FlowCase { width, height, warmup, iterations, threads, at_once: at_once as usize };
+        impasto::bench::bench_flow(&video.flow, device, case)
+    })
 }
 
 /// `impasto bench --optimizer`: per size and batch, one JSON row timing L-BFGS's proposals.
@@ -202,22 +195,18 @@ fn bench_optimizer(
     args: &BenchArgs,
 ) -> impasto::Result<()> {
     let device = settings.device.resolve()?;
-    for &(width, height) in sizes {
-        for &batch in &args.batch {
-            let case = OptimizerCase {
-                width,
-                height,
-                batch,
-                history: style.lbfgs_history,
-                memory_limit_mib: style.lbfgs_memory_mib,
-                warmup: args.warmup,
-                iterations: args.iterations,
-            };
-            let row = impasto::bench::bench_optimizer(device, case);
-            println!("{}", serde_json::to_string(&row).expect("serialisable"));
-        }
-    }
-    Ok(())
+    print_rows(sizes, &args.batch, |width, height, batch| {
+        let case = OptimizerCase {
+            width,
+            height,
+            batch,
+            history: style.lbfgs_history,
+            memory_limit_mib: style.lbfgs_memory_mib,
+            warmup: args.warmup,
+            iterations: args.iterations,
+        };
+        Ok(impasto::bench::bench_optimizer(device, case))
+    })
 }
 
 /// Random weights of `random`'s architecture, else the weights the settings resolve to.
