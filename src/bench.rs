@@ -266,6 +266,7 @@ pub fn bench_size(vgg: &Vgg, settings: &StyleSettings, case: BenchCase) -> Bench
                 start: start.shallow_clone(),
                 iterations: planned,
                 stopping: stylizer.stopping(),
+                chain: None,
             })
             .collect();
         let _ = stylizer.optimise_batch(items, &mut |_, _, _, _| {});
@@ -399,7 +400,7 @@ pub fn bench_jobs(vgg: &Vgg, settings: &StyleSettings, case: JobsCase) -> Result
             crate::imageio::rgb_to_tensor(&synthetic_image(case.width, case.height, seed)).to_device(vgg.device());
         let style = style_targets.iter().map(Tensor::shallow_clone).collect();
         let targets = Targets { content: stylizer.content_targets(&content), style, temporal: None };
-        BatchItem { targets, start: content, iterations: case.iterations, stopping: stylizer.stopping() }
+        BatchItem { targets, start: content, iterations: case.iterations, stopping: stylizer.stopping(), chain: None }
     };
     let queues = |frames: usize| -> Vec<FrameQueue> {
         (0..case.jobs)

@@ -276,7 +276,7 @@ fn a_frame_painter_takes_the_motion_measured_ahead_only_from_the_frame_it_painte
     let frame = imageio::load_tensor(&common::media("photos/chelsea.png"), Some(64), tch::Device::Cpu).unwrap();
     let (item, plan) = painter.plan(0, 0, &frame, None).unwrap();
     let losses = Losses { content: 1.0, style: 1.0, tv: 0.0, temporal: 0.0, total: 2.0 };
-    painter.finish(plan, Optimised { image: item.start, losses, iterations: 0 }, 0.0);
+    painter.finish(plan, Optimised { image: item.start, losses, iterations: 0, curvature_carried: false }, 0.0);
 
     // a motion no solver would give: no flow, every pixel half reliable
     let still = frame.zeros_like().narrow(1, 0, 2);

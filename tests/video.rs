@@ -154,8 +154,10 @@ fn a_scene_cut_restarts_the_sequence_and_variable_timestamps_survive() {
     // bikes.mp4 cuts between frames 29 and 30; frames 24 and 25 are dropped to make the rate variable.
     let input = bikes_segment(dir.path(), "cut.mp4", 20, 37, &[24, 25]);
     let (output, report) = (dir.path().join("out.mkv"), dir.path().join("r.json"));
-    let extra = ["--size", "64", "--first-iterations", "2", "-n", "1", "--report", report.to_str().unwrap()];
-    let result = run(video_command(&input, &output, &extra));
+    let extra = ["--size", "64", "--first-iterations", "2", "-n", "1", "--carry-curvature", "true", "--report"];
+    let mut command = video_command(&input, &output, &extra);
+    command.arg(&report);
+    let result = run(command);
     assert!(result.status.success(), "{}", stderr(&result));
 
     let input_pts = frame_timestamps(&input);
@@ -173,8 +175,23 @@ fn a_scene_cut_restarts_the_sequence_and_variable_timestamps_survive() {
     assert_eq!(starts[cut_position], "scene_cut", "{starts:?}");
     assert_eq!(starts.iter().filter(|s| **s == "scene_cut").count(), 1, "{starts:?}");
     assert!(report["frames"][cut_position]["warping_error"].is_null());
+    // asked to, L-BFGS carries its curvature from frame to frame within a shot, not into a new one
+    let carried = |report: &Value| -> Vec<bool> {
+        report["frames"].as_array().unwrap().iter().map(|f| f["curvature_carried"].as_bool().unwrap()).collect()
+    };
+    let carried_here = carried(&report);
+    let expected: Vec<bool> = (0..starts.len()).map(|i| i != 0 && i != cut_position).collect();
+    assert_eq!(carried_here, expected, "{starts:?}");
     let pts: Vec<i64> = report["frames"].as_array().unwrap().iter().map(|f| f["pts"].as_i64().unwrap()).collect();
     assert_eq!(pts.windows(2).filter(|w| w[1] - w[0] > pts[1] - pts[0]).count(), 1, "the gap is kept: {pts:?}");
+
+    let (fresh_output, fresh_report) = (dir.path().join("fresh.mkv"), dir.path().join("fresh.json"));
+    let extra = ["--size", "64", "--first-iterations", "2", "-n", "1", "--report"];
+    let mut command = video_command(&input, &fresh_output, &extra);
+    command.arg(&fresh_report);
+    let result = run(command);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(carried(&read_json(&fresh_report)).iter().all(|c| !c), "by default every frame starts afresh");
 }
 
 #[test]
@@ -249,7 +266,8 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     let dir = TempDir::new().unwrap();
     let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
-    let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--json"];
+    let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--carry-curvature", "true"];
+    let extra = [&extra[..], &["--json"]].concat();
     let killed_dir = kill_once_listed(video_command(&input, &output, &extra), &output, 5);
     assert!(manifest_frames(&killed_dir) < 50, "the job was killed before it finished");
     assert!(!output.exists(), "no output after a kill");
@@ -263,6 +281,12 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     let report = read_json(&report);
     assert!(report["resumed_frames"].as_u64().unwrap() >= 5, "{}", report["resumed_frames"]);
     assert_eq!(report["frame_count"], 50);
+    // no optimiser holds what was learnt on a stored frame: the first frame painted after them starts
+    // L-BFGS afresh, the next carries on
+    let frames = report["frames"].as_array().unwrap();
+    let painted = frames.iter().position(|f| f["resumed"] == false).unwrap();
+    assert_eq!(frames[painted]["curvature_carried"], false, "{}", frames[painted]);
+    assert_eq!(frames[painted + 1]["curvature_carried"], true, "{}", frames[painted + 1]);
     assert_eq!(entries(dir.path()), ["out.mp4", "r.json"], "the work directory and partial files are gone");
 }
 
@@ -340,6 +364,30 @@ fn segments_painted_side_by_side_keep_every_frame_in_order_and_cross_fade_their_
     let hard_typical = hard_pairs.iter().enumerate().filter(|(i, _)| *i != seam).map(|(_, e)| *e).fold(0.0, f64::max);
     assert!(hard_pairs[seam] > hard_typical, "the hard seam stands out: {hard_pairs:?}");
     assert!(faded_pairs[seam] < hard_pairs[seam] / 2.0, "{faded_pairs:?} against {hard_pairs:?}");
+}
+
+#[test]
+fn carried_curvature_follows_each_segments_own_chain() {
+    // two segments side by side without lead-ins: frames 0…24 and 25…49, each slot of the batch
+    // carrying L-BFGS's curvature along its own segment only
+    let dir = TempDir::new().unwrap();
+    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
+    let extra = ["--size", "32", "--first-iterations", "3", "-n", "2", "--segments", "2", "--segment-overlap", "0"];
+    let mut command = video_command(&input, &output, &extra);
+    command.args(["--carry-curvature", "true", "--report"]).arg(&report);
+    let result = run(command);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let report = read_json(&report);
+    assert_eq!(frame_indices(&report), (0..50).collect::<Vec<u64>>());
+    let afresh: Vec<u64> = report["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["curvature_carried"] == false)
+        .map(|f| f["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(afresh, [0, 25], "the frames that started afresh");
 }
 
 #[test]

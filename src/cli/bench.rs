@@ -256,6 +256,10 @@ mod video {
         /// Runs of consecutive frames painted side by side in the video run (default: the profile's).
         #[arg(long, requires = "video")]
         pub segments: Option<u32>,
+        /// Whether later frames of the video run begin L-BFGS with the curvature of the frame before:
+        /// true or false (default: the profile's).
+        #[arg(long, requires = "video", value_name = "BOOL")]
+        pub carry_curvature: Option<bool>,
     }
 
     /// Paints the clip into a scratch directory (removed afterwards) and prints one JSON line.
@@ -335,6 +339,9 @@ mod video {
         }
         if let Some(segments) = args.video_flags.segments {
             video.segments = segments;
+        }
+        if let Some(carry) = args.video_flags.carry_curvature {
+            video.carry_curvature = carry;
         }
         video
     }

@@ -68,6 +68,10 @@ pub struct VideoFlags {
     /// Later frames stop when the relative loss change stays below this (0 = never).
     #[arg(long)]
     pub tolerance: Option<f64>,
+    /// Later frames begin L-BFGS with the curvature learnt on the frame before: true or false
+    /// (every frame afresh).
+    #[arg(long, value_name = "BOOL")]
+    pub carry_curvature: Option<bool>,
     /// Runs of consecutive frames painted side by side in one batch (1: frame after frame).
     #[arg(long)]
     pub segments: Option<u32>,
@@ -108,8 +112,8 @@ impl VideoFlags {
 
     /// The profile's video settings with these flags applied.
     pub fn apply_video(&self, mut video: VideoSettings) -> VideoSettings {
-        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance, segments,
-            segment_overlap);
+        apply_flags!(self => video; size, iterations, first_iterations, temporal, temporal_weight, tolerance,
+            carry_curvature, segments, segment_overlap);
         if let Some(size) = self.output_size {
             video.encode.output_size = size;
         }

@@ -325,6 +325,7 @@ mod tests {
             pts: index as i64 * 512,
             start: if index == 0 { Start::First } else { Start::Warped },
             iterations: 3,
+            curvature_carried: index > 0,
             losses: FrameLosses::default(),
             loss_scale: 1.0,
             warping_error: None,

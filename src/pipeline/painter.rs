@@ -8,6 +8,7 @@
 //! frame (see [`super::motion`]) usually comes with it, measured ahead on another thread; the painter
 //! measures it itself only for a frame that arrives without it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -36,6 +37,12 @@ struct Previous {
     loss_scale: f64,
 }
 
+/// A number for a new chain of frames (see [`BatchItem::chain`]), unique in this process.
+fn new_chain() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A painted frame: the picture to store and encode, and its record (encode time still zero).
 pub struct PaintedFrame {
     /// The output at the working size.
@@ -55,6 +62,8 @@ pub struct FramePlan {
     start: Start,
     planned: usize,
     flow_seconds: f64,
+    /// The chain of frames this one belongs to.
+    chain: u64,
 }
 
 impl FramePlan {
@@ -80,6 +89,10 @@ pub struct FramePainter<'m> {
     device: Device,
     measure_warping: bool,
     previous: Option<Previous>,
+    /// The chain the frames painted here form since their shot began (or the painter resumed): a
+    /// new number at each fresh start. Later frames of the chain carry L-BFGS's curvature on where
+    /// `video.carry_curvature` allows.
+    chain: u64,
 }
 
 impl<'m> FramePainter<'m> {
@@ -106,6 +119,7 @@ impl<'m> FramePainter<'m> {
             device: vgg.device(),
             measure_warping,
             previous: None,
+            chain: new_chain(),
         })
     }
 
@@ -121,6 +135,7 @@ impl<'m> FramePainter<'m> {
             device: self.device,
             measure_warping: self.measure_warping,
             previous: None,
+            chain: new_chain(),
         }
     }
 
@@ -135,6 +150,8 @@ impl<'m> FramePainter<'m> {
         let output = imageio::rgb_to_tensor(stored).to_device(self.device);
         let input = content.to_device(self.device);
         self.previous = Some(Previous { index: record.index, input, output, loss_scale: record.loss_scale });
+        // no optimiser holds what was learnt on the stored frame
+        self.chain = new_chain();
     }
 
     /// Whether `motion`, measured ahead, leads from the frame this painter painted last.
@@ -178,8 +195,10 @@ impl<'m> FramePainter<'m> {
         };
         let content_targets = self.stylizer.content_targets(&working_content);
         let targets = Targets { content: content_targets, style: self.shallow_style(), temporal };
-        let item = BatchItem { targets, start: start_image, iterations: planned, stopping };
-        Ok((item, FramePlan { index, pts, content, motion, start, planned, flow_seconds }))
+        let chain = if start.is_fresh() { new_chain() } else { self.chain };
+        let carried_chain = self.video.carry_curvature.then_some(chain);
+        let item = BatchItem { targets, start: start_image, iterations: planned, stopping, chain: carried_chain };
+        Ok((item, FramePlan { index, pts, content, motion, start, planned, flow_seconds, chain }))
     }
 
     /// Turns an optimised image into the painted frame and makes it the one the next frame builds on.
@@ -191,11 +210,13 @@ impl<'m> FramePainter<'m> {
         let warping_error = self.warping_error(&output, plan.motion.as_ref());
         let loss_scale = self.loss_scale(plan.start, &outcome.losses);
         self.previous = Some(Previous { index: plan.index, input: plan.content, output, loss_scale });
+        self.chain = plan.chain;
         let record = FrameRecord {
             index: plan.index,
             pts: plan.pts,
             start: plan.start,
             iterations: outcome.iterations,
+            curvature_carried: outcome.curvature_carried,
             losses: FrameLosses::from(outcome.losses),
             loss_scale,
             warping_error,

@@ -84,6 +84,10 @@ pub struct FrameRecord {
     pub start: Start,
     /// Iterations run.
     pub iterations: usize,
+    /// Whether L-BFGS began with the curvature it learnt on the frame before (see
+    /// `video.carry_curvature`) rather than afresh.
+    #[serde(default)]
+    pub curvature_carried: bool,
     /// Losses at the last iteration.
     pub losses: FrameLosses,
     /// The shot's loss scale that the relative temporal weight multiplies (0 when unused).

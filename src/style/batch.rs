@@ -24,6 +24,11 @@ pub struct BatchItem {
     pub iterations: usize,
     /// When the item's run may end early.
     pub stopping: Stopping,
+    /// The chain of problems the item continues, if it does: the frames of one run of a shot, each
+    /// started from the painting of the one before. A slot whose last item was of the same chain
+    /// carries its optimiser's curvature on to this one ([`super::Optimizer::carry_on`]) instead of
+    /// starting afresh.
+    pub chain: Option<u64>,
 }
 
 /// One item's outcome.
@@ -34,6 +39,9 @@ pub struct Optimised {
     pub losses: Losses,
     /// Evaluations spent on the item (a restart after an overshoot counts its evaluation).
     pub iterations: usize,
+    /// Whether the optimiser began with the curvature learnt on the slot's item before, of the same
+    /// chain.
+    pub curvature_carried: bool,
 }
 
 /// Gives a batch its items, slot by slot, and takes their outcomes.
@@ -237,6 +245,8 @@ pub(super) struct ItemRun {
     finished: bool,
     /// Went back to the last good point in the current read: the rest of it is dropped.
     restarting: bool,
+    /// The optimiser began with the curvature of the chain's item before.
+    curvature_carried: bool,
 }
 
 impl ItemRun {
@@ -250,7 +260,13 @@ impl ItemRun {
             calm_iterations: 0,
             finished: planned == 0,
             restarting: false,
+            curvature_carried: false,
         }
+    }
+
+    /// This run, marked as begun with the curvature of the chain's item before.
+    pub fn carrying_curvature(self) -> Self {
+        ItemRun { curvature_carried: true, ..self }
     }
 
     /// Whether the run is over.
@@ -321,7 +337,7 @@ impl ItemRun {
     /// The outcome: the last good point (`start` when there was none).
     pub fn outcome(self, start: Tensor) -> Optimised {
         let image = self.accepted.map_or(start, |(good, _)| good);
-        Optimised { image, losses: self.losses, iterations: self.done }
+        Optimised { image, losses: self.losses, iterations: self.done, curvature_carried: self.curvature_carried }
     }
 }
 

@@ -58,6 +58,14 @@ pub trait Optimizer {
 
     /// Starts item `item` afresh, as if it had just joined (another problem took its place).
     fn restart(&mut self, item: usize);
+
+    /// Item `item` takes up a new problem close to its last (the next frame of a shot, started from
+    /// the painting of this one): keeps what it learnt where the method allows (true), else
+    /// restarts (false).
+    fn carry_on(&mut self, item: usize) -> bool {
+        self.restart(item);
+        false
+    }
 }
 
 /// Per-item values `[B]` shaped to broadcast over `like` `[B, …]`, in `like`'s kind.
@@ -98,6 +106,9 @@ struct LbfgsItems {
     /// `[B]` booleans: items with nothing learnt yet (first step scaled by 1/‖g‖₁, no pair from the
     /// previous gradient).
     fresh: Tensor,
+    /// `[B]` booleans: items that took up a new problem since the last gradient (their next pair
+    /// spans two problems and is refused; the pairs before it are kept).
+    crossing: Tensor,
     /// The curvature pairs.
     memory: Curvature,
     /// How the first gradient lay in memory: every gradient is read as rows in this one order.
@@ -177,6 +188,7 @@ impl Lbfgs {
             LbfgsItems {
                 hessian_diagonal: Tensor::ones([count], (Kind::Double, grad.device())),
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
+                crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(history, count, grad.device()),
                 layout: RowLayout::of(grad),
             }
@@ -200,7 +212,8 @@ impl Lbfgs {
             .gt_tensor(&(length_product * 1e-10))
             .logical_and(&yy.gt(0.0))
             .logical_and(&noise.logical_not())
-            .logical_and(&items.fresh.logical_not());
+            .logical_and(&items.fresh.logical_not())
+            .logical_and(&items.crossing.logical_not());
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
         let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
         let (ys, yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
@@ -238,6 +251,16 @@ impl Optimizer for Lbfgs {
         self.reset(item);
     }
 
+    fn carry_on(&mut self, item: usize) -> bool {
+        // the pairs and γ stay; the next pair would span both problems, so it is refused
+        let Some(items) = &mut self.items else {
+            self.restart(item);
+            return false;
+        };
+        let _ = items.crossing.narrow(0, item as i64, 1).fill_(1i64);
+        true
+    }
+
     fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
         // the memory's dot products in IEEE float32, whatever a network beside this one allows
@@ -256,6 +279,7 @@ impl Optimizer for Lbfgs {
         let scale = first_scale.where_scalarother(&items.fresh, 1.0) * self.learning_rate;
         let step = where_items(&(direction * per_item(&scale, &grad)), &descent);
         items.fresh = items.fresh.zeros_like();
+        items.crossing = items.crossing.zeros_like();
         let proposal = Proposal { step: items.layout.restore(&step), stalled: descent.logical_not() };
         self.previous = Some((grad, step));
         proposal
@@ -417,6 +441,43 @@ mod tests {
         let start = Tensor::zeros([1, 4], (Kind::Double, Device::Cpu));
         let x = minimise(&mut Lbfgs::new(10, 1.0), &start, 30, objective);
         assert!(x.allclose(&target, 1e-6, 1e-6, false), "{x:?}");
+    }
+
+    #[test]
+    fn carrying_on_to_a_nearby_problem_keeps_what_was_learnt() {
+        // an ill-conditioned quadratic, solved; then its minimum moves a little (as a frame's does
+        // from the one before): with the memory carried on, five steps come 60 times closer to it
+        // than five of a fresh memory, which must learn the curvature again from a small
+        // steepest-descent step (seen: 0.0025 against 0.107, from 0.155)
+        let scales = Tensor::from_slice(&[1.0f64, 3.0, 10.0, 30.0, 100.0, 300.0]).view([1, 6]);
+        let quadratic = |target: Tensor| {
+            let scales = scales.shallow_clone();
+            move |x: &Tensor| ((x - &target).square() * &scales).sum_dim_intlist(1, false, Kind::Double)
+        };
+        let first = Tensor::from_slice(&[1.0f64, -2.0, 3.0, 0.25, -1.0, 0.5]).view([1, 6]);
+        let moved = &first + Tensor::from_slice(&[0.1f64, 0.05, -0.1, 0.02, 0.03, -0.01]).view([1, 6]);
+        let start = Tensor::zeros([1, 6], (Kind::Double, Device::Cpu));
+        let distance_after = |carry: bool| {
+            let mut lbfgs = Lbfgs::new(10, 1.0);
+            let solved = minimise(&mut lbfgs, &start, 40, quadratic(first.shallow_clone()));
+            assert!(solved.allclose(&first, 1e-6, 1e-6, false), "{solved:?}");
+            if carry {
+                assert!(lbfgs.carry_on(0), "L-BFGS carries its memory on");
+            } else {
+                lbfgs.restart(0);
+            }
+            let x = minimise(&mut lbfgs, &solved, 5, quadratic(moved.shallow_clone()));
+            (x - &moved).norm().double_value(&[])
+        };
+        let (carried, fresh) = (distance_after(true), distance_after(false));
+        let moved_by = (&moved - &first).norm().double_value(&[]);
+        assert!(
+            carried < 0.05 * moved_by,
+            "carried on: {carried} from the new minimum after 5 steps, moved by {moved_by}"
+        );
+        assert!(fresh > 10.0 * carried, "afresh: {fresh} against carried {carried}");
+        // before its first proposal L-BFGS has nothing to carry on
+        assert!(!Lbfgs::new(10, 1.0).carry_on(0));
     }
 
     #[test]

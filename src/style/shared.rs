@@ -386,7 +386,7 @@ mod tests {
             .map(|&(id, targets, phase, iterations)| {
                 let start = imageio::rgb_to_tensor(&picture(size.0, size.1, phase));
                 let stopping = Stopping { tolerance: 0.0, patience: 1 };
-                (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping })
+                (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain: None })
             })
             .collect()
     }

@@ -413,6 +413,7 @@ impl<'m> Stylizer<'m> {
             start: start.shallow_clone(),
             iterations,
             stopping: self.stopping(),
+            chain: None,
         };
         let mut observe = |_: usize, done: usize, losses: Losses, point: &Tensor| observer(done, losses, point);
         let outcome = self.optimise_batch(vec![item], &mut observe).pop().expect("one item");
@@ -665,6 +666,8 @@ struct SlotBatch {
     /// Each slot's item (its start on the device), `None` once the slot has had its last.
     items: Vec<Option<BatchItem>>,
     runs: Vec<ItemRun>,
+    /// The chain of each slot's last item (see [`BatchItem::chain`]).
+    chains: Vec<Option<u64>>,
 }
 
 impl SlotBatch {
@@ -684,7 +687,8 @@ impl SlotBatch {
         let targets = BatchTargets::stack(&slot_targets, &image, device, refills);
         let balance = stylizer.balance(&slot_targets, &image);
         let runs = items.iter().map(|item| ItemRun::new(item.as_ref().map_or(0, |i| i.iterations))).collect();
-        SlotBatch { image, targets, balance, optimizer: stylizer.optimizer(), items, runs }
+        let chains = items.iter().map(|item| item.as_ref().and_then(|i| i.chain)).collect();
+        SlotBatch { image, targets, balance, optimizer: stylizer.optimizer(), items, runs, chains }
     }
 
     /// Hands each finished (or abandoned) item to the feed and puts the feed's next one for its slot
@@ -720,7 +724,8 @@ impl SlotBatch {
         self.items.iter().any(Option::is_some)
     }
 
-    /// Puts `item` in `slot`, with a fresh optimiser state there.
+    /// Puts `item` in `slot`, with a fresh optimiser state there, or the slot's own carried on when the
+    /// item continues the chain of the slot's last item.
     fn load(&mut self, stylizer: &Stylizer<'_>, slot: usize, item: BatchItem) {
         let item = BatchItem { start: start_on(&item.start, self.image.device()), ..item };
         assert_eq!(item.start.size()[1..], self.image.size()[1..], "the images of a batch must have one size");
@@ -728,8 +733,14 @@ impl SlotBatch {
         self.image.narrow(0, slot as i64, 1).copy_(&item.start);
         self.targets.replace(slot, &item.targets);
         self.balance.replace(slot, &stylizer.item_scales(&item.targets, height, width));
-        self.optimizer.restart(slot);
-        self.runs[slot] = ItemRun::new(item.iterations);
+        let continues = item.chain.is_some() && item.chain == self.chains[slot];
+        let carried = continues && self.optimizer.carry_on(slot);
+        if !continues {
+            self.optimizer.restart(slot);
+        }
+        self.chains[slot] = item.chain;
+        let run = ItemRun::new(item.iterations);
+        self.runs[slot] = if carried { run.carrying_curvature() } else { run };
         self.items[slot] = Some(item);
     }
 
@@ -1011,6 +1022,7 @@ pub(crate) mod tests {
                 start: start.shallow_clone(),
                 iterations,
                 stopping: stylizer.stopping(),
+                chain: None,
             })
             .collect();
         let mut seen = vec![Vec::new(); items.len()];
@@ -1131,7 +1143,8 @@ pub(crate) mod tests {
         let item = |id: usize| {
             let (targets, iterations) = plan[id];
             let start = starts[id].shallow_clone();
-            (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping: stylizer.stopping() })
+            let stopping = stylizer.stopping();
+            (id, BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain: None })
         };
         // slot 0: item 0, then item 2 (with a temporal term) once item 0 is done; slot 1: item 1
         let mut feed = QueuedItems::new(vec![[item(0), item(2)].into(), [item(1)].into()]);
