@@ -83,6 +83,9 @@ pub struct VideoSettings {
     /// anew. They stop early after 15–30 % fewer iterations, at an equal or lower loss, but the
     /// painting they settle on is more stylised and flickers a little more (E_warp 5–12 % higher,
     /// BENCHMARKS.md); off by default, so every frame starts afresh, as in the reference tools.
+    /// Left out of the settings' JSON when off, so the identities of checkpoints and watch folders
+    /// made before it existed still match.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub carry_curvature: bool,
     /// Runs of consecutive frames painted side by side, one frame of each per batch (one forward and
     /// backward pass for all): 1 paints frame after frame; more keeps a GPU busy at small sizes. Each
@@ -196,6 +199,17 @@ mod tests {
         let error = VideoSettings { iterations: 0, ..VideoSettings::default() }.validate().unwrap_err();
         assert!(error.to_string().contains("iterations"), "{error}");
         assert!("sideways".parse::<TemporalMode>().is_err());
+    }
+
+    #[test]
+    fn carrying_curvature_changes_the_frame_identity_and_leaves_it_alone_when_off() {
+        let settings = VideoSettings::default();
+        let identity = settings.frame_identity();
+        assert!(identity.get("carry_curvature").is_none(), "{identity}");
+        let carried = VideoSettings { carry_curvature: true, ..settings };
+        assert_eq!(carried.frame_identity()["carry_curvature"], true);
+        let back: VideoSettings = toml::from_str(&toml::to_string(&carried).unwrap()).unwrap();
+        assert_eq!(back, carried);
     }
 
     #[test]
