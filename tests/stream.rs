@@ -397,6 +397,12 @@ fn bad_streams_are_named_in_the_error_and_leave_nothing_behind() {
         assert!(!run.status.success(), "{input} was accepted");
         assert!(message.contains(&input.to_lowercase()) && message.contains(says), "{input}: {message}");
     }
+    // a setting of video jobs that a stream cannot honour is refused as usage, before anything opens
+    let carried = stream_command(garbage.to_str().unwrap(), output.to_str().unwrap(), &["--carry-curvature", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(carried.status.code(), Some(2), "{}", stderr(&carried));
+    assert!(stderr(&carried).contains("--carry-curvature"), "{}", stderr(&carried));
     assert_eq!(entries(dir.path()), ["garbage.ts"]);
 }
 

@@ -52,6 +52,10 @@ pub struct StreamArgs {
 
 /// Runs `impasto stream`.
 pub fn run(args: StreamArgs) -> Result<()> {
+    if args.video_flags.carry_curvature == Some(true) {
+        let problem = "--carry-curvature: a live stream paints each frame on its own; it applies to video jobs";
+        return Err(impasto::Error::Settings(problem.into()).into());
+    }
     let profile = args.video_flags.profile()?;
     let video = args.video_flags.apply_video(profile.video);
     let style = args.video_flags.apply_style(profile.style);

@@ -91,7 +91,8 @@ pub struct FramePainter<'m> {
     previous: Option<Previous>,
     /// The chain the frames painted here form since their shot began (or the painter resumed): a
     /// new number at each fresh start. Later frames of the chain carry L-BFGS's curvature on where
-    /// `video.carry_curvature` allows.
+    /// `video.carry_curvature` allows. (A painter's first number reaches no frame, as its first
+    /// frame starts fresh; it is a number of its own all the same.)
     chain: u64,
 }
 

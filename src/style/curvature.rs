@@ -9,11 +9,12 @@
 //! upper triangle is R) and yᵢᵀyⱼ. So H g = γg + S u − γY x, with x = R⁻¹Sᵀg and
 //! u = R⁻ᵀ((D + γYᵀY)x − γYᵀg), D the diagonal of R. The newest pair's products with the older
 //! ones need no read of their own: its y is the change of gradient since the last step, so sᵢᵀy
-//! and yᵢᵀy are the changes of sᵢᵀg and yᵢᵀg, which both reads took. On the CPU, bound by memory
+//! and yᵢᵀy are this read's sᵢᵀg and yᵢᵀg less the last step's, which are kept. On the CPU, bound by memory
 //! bandwidth, that makes two reads of each s and y per iteration, as the two-loop recursion
 //! takes, without its temporaries (BENCHMARKS.md). The differences round relative to g rather than
 //! y; a 256-px run of 200 iterations saw at most 1.2·10⁻⁴ of the largest product, and steps still
-//! match the recursion's to 10⁻⁴ when g is a thousand times longer than y (tested).
+//! match the recursion's to 10⁻⁴ when g is a thousand times longer than y (tested), to 5·10⁻⁴ at
+//! ten thousand times, where L-BFGS starts refusing pairs as rounding noise.
 //!
 //! An item's refused pair is stored as zeros, as in the two-loop recursion, where it is a no-op: its
 //! row and column of R are zero, so its diagonal is taken as 1 and its coefficients come out zero.
@@ -202,7 +203,8 @@ impl Curvature {
     }
 
     /// The step direction −H·g for gradients `grad` (rows `[B, n]`), with H₀ = γI per item (`gamma`
-    /// `[B]` f64). The newest pair's products with the older ones come from the same read.
+    /// `[B]` f64). The newest pair's products with the older ones come from the same read, less the
+    /// products kept from the last call.
     pub fn direction(&mut self, grad: &Tensor, gamma: &Tensor) -> Tensor {
         self.direction_reading(grad, gamma, reads_by_matrix_products(grad.device()))
     }
@@ -334,9 +336,9 @@ fn greatest_common_divisor(a: usize, b: usize) -> usize {
 
 /// Whether to read the memory by batched matrix products (on CUDA: one launch per chunk) rather
 /// than matrix-vector products. Not where TF32 is allowed for CUDA's matrix products (it would round
-/// the dot products), and not on the CPU, where the BLAS takes a chunk's product with two vectors
-/// as two reads of it or worse (a 16 × 786,432 chunk: 5.4 ms as a matrix product, 1.4 ms per
-/// matrix-vector product).
+/// the dot products), and not on the CPU, where the BLAS takes matrix products with a column or two
+/// far slower than matrix-vector products (a 16 × 786,432 chunk times two vectors: 5.4 ms as a
+/// matrix product, 1.4 ms per matrix-vector product).
 fn reads_by_matrix_products(device: Device) -> bool {
     match device {
         Device::Cuda(_) => !tf32::current().is_ok_and(|allowed| allowed.matmuls),

@@ -442,9 +442,10 @@ impl<'m> Stylizer<'m> {
 
     /// Keeps a batch of `slots` images of one size running until `feed` has no more: a slot whose
     /// image is finished (converged, stalled, out of iterations) hands it over at the next read of the
-    /// losses and takes the feed's next one for that slot, with a fresh optimiser state, while the
-    /// others go on. So a batch never waits for its slowest image. Tiled images run one slot at a
-    /// time.
+    /// losses and takes the feed's next one for that slot, with a fresh optimiser state (or the
+    /// slot's own, carried on, when the item continues the chain of the one before it there, see
+    /// [`BatchItem::chain`]), while the others go on. So a batch never waits for its slowest image.
+    /// Tiled images run one slot at a time.
     ///
     /// # Panics
     /// If the items' starting images differ in size.
@@ -705,8 +706,11 @@ impl SlotBatch {
             } else if !feed.open(slot) {
                 continue;
             }
-            if let Some(next) = feed.next(slot) {
-                self.load(stylizer, slot, next);
+            match feed.next(slot) {
+                Some(next) => self.load(stylizer, slot, next),
+                // an empty slot's optimiser goes on proposing (from zero gradients): nothing in it
+                // may be carried on to a later item
+                None => self.chains[slot] = None,
             }
         }
     }
@@ -725,7 +729,7 @@ impl SlotBatch {
     }
 
     /// Puts `item` in `slot`, with a fresh optimiser state there, or the slot's own carried on when the
-    /// item continues the chain of the slot's last item.
+    /// item continues the chain of the slot's last item and the optimiser has learnt something to carry.
     fn load(&mut self, stylizer: &Stylizer<'_>, slot: usize, item: BatchItem) {
         let item = BatchItem { start: start_on(&item.start, self.image.device()), ..item };
         assert_eq!(item.start.size()[1..], self.image.size()[1..], "the images of a batch must have one size");
@@ -1154,6 +1158,49 @@ pub(crate) mod tests {
             assert_as_if_alone(&vgg, id, (&feed.seen[&id], &feed.outcomes[&id]), (targets, &starts[id], iterations));
         }
         assert!(feed.outcomes[&2].losses.temporal > 0.0 && feed.outcomes[&1].losses.temporal == 0.0);
+    }
+
+    /// Items per slot, `None` standing for a read at which the slot is open but gets nothing yet;
+    /// whether each item's curvature was carried on, per slot.
+    struct Trickle {
+        queues: Vec<std::collections::VecDeque<Option<BatchItem>>>,
+        carried: Vec<Vec<bool>>,
+    }
+
+    impl BatchFeed for Trickle {
+        fn next(&mut self, slot: usize) -> Option<BatchItem> {
+            self.queues[slot].pop_front().flatten()
+        }
+        fn open(&self, slot: usize) -> bool {
+            !self.queues[slot].is_empty()
+        }
+        fn finished(&mut self, slot: usize, outcome: Optimised) {
+            self.carried[slot].push(outcome.curvature_carried);
+        }
+        fn iteration(&mut self, _: usize, _: usize, _: Losses, _: &Tensor) {}
+    }
+
+    #[test]
+    fn a_slot_carries_its_curvature_on_only_along_one_chain() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let targets = targets(&stylizer, 32, 24);
+        let item = |chain: Option<u64>, iterations: usize| {
+            let start = imageio::rgb_to_tensor(&picture(32, 24, 0.4));
+            let stopping = stylizer.stopping();
+            Some(BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain })
+        };
+        // one slot: a chain of two, another chain, an item of none, then that other chain again
+        let queue = [item(Some(1), 3), item(Some(1), 3), item(Some(2), 3), item(None, 3), item(Some(2), 3)];
+        let mut feed = Trickle { queues: vec![queue.into()], carried: vec![Vec::new()] };
+        stylizer.optimise_refilled(1, &mut feed);
+        assert_eq!(feed.carried[0], [false, true, false, false, false]);
+        // a slot left empty (its optimiser going on from zero gradients while slot 1 runs) carries
+        // nothing on, even to the next item of its chain
+        let queues = vec![[item(Some(3), 2), None, item(Some(3), 2)].into(), [item(None, 8)].into()];
+        let mut feed = Trickle { queues, carried: vec![Vec::new(); 2] };
+        stylizer.optimise_refilled(2, &mut feed);
+        assert_eq!(feed.carried, [vec![false, false], vec![false]]);
     }
 
     #[test]
