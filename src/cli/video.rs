@@ -69,7 +69,7 @@ pub struct VideoFlags {
     #[arg(long)]
     pub tolerance: Option<f64>,
     /// Later frames begin L-BFGS with the curvature learnt on the frame before: true or false
-    /// (every frame afresh).
+    /// (every frame afresh). Video jobs only.
     #[arg(long, value_name = "BOOL")]
     pub carry_curvature: Option<bool>,
     /// Runs of consecutive frames painted side by side in one batch (1: frame after frame).

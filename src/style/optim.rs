@@ -109,6 +109,8 @@ struct LbfgsItems {
     /// `[B]` booleans: items that took up a new problem since the last gradient (their next pair
     /// spans two problems and is refused; the pairs before it are kept).
     crossing: Tensor,
+    /// `[B]` booleans: items that took a pair since they were last reset (so have something to carry on).
+    learnt: Tensor,
     /// The curvature pairs.
     memory: Curvature,
     /// How the first gradient lay in memory: every gradient is read as rows in this one order.
@@ -189,6 +191,7 @@ impl Lbfgs {
                 hessian_diagonal: Tensor::ones([count], (Kind::Double, grad.device())),
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
+                learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(history, count, grad.device()),
                 layout: RowLayout::of(grad),
             }
@@ -215,6 +218,7 @@ impl Lbfgs {
             .logical_and(&items.fresh.logical_not())
             .logical_and(&items.crossing.logical_not());
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
+        items.learnt = items.learnt.logical_or(&accept);
         let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
         let (ys, yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
         items.memory.push(&s, &y, ys, yy, serial);
@@ -242,6 +246,7 @@ impl Optimizer for Lbfgs {
             items.memory.forget(item);
             let _ = items.hessian_diagonal.narrow(0, item as i64, 1).fill_(1.0);
             let _ = items.fresh.narrow(0, item as i64, 1).fill_(1i64);
+            let _ = items.learnt.narrow(0, item as i64, 1).fill_(0i64);
         }
         self.drop_dead_pairs();
     }
@@ -252,10 +257,9 @@ impl Optimizer for Lbfgs {
     }
 
     fn carry_on(&mut self, item: usize) -> bool {
-        // an item reset (or new) at serial k refuses pair k, so it can have learnt something only
-        // once pair k + 1 was offered
-        let since = self.since.get(item).copied().unwrap_or(0);
-        let (Some(items), true) = (&mut self.items, self.serials >= since + 2) else {
+        // one value read back from the device, between items, where the losses were just read
+        let learnt = |items: &LbfgsItems| items.learnt.get(item as i64).to_kind(Kind::Int64).int64_value(&[]) != 0;
+        let Some(items) = self.items.as_mut().filter(|items| learnt(items)) else {
             self.restart(item);
             return false;
         };
@@ -485,12 +489,17 @@ mod tests {
         let from = (&moved - &next_start).norm().double_value(&[]);
         assert!(carried < 0.05 * from, "carried on: {carried} from the new minimum after 5 steps, from {from}");
         assert!(fresh > 10.0 * carried, "afresh: {fresh} against carried {carried}");
-        // before its first proposals L-BFGS has nothing to carry on, nor just after a reset
+        // before its first proposals L-BFGS has nothing to carry on, nor after a reset until it
+        // takes a pair again (the one spanning the reset is refused)
         let mut lbfgs = Lbfgs::new(10, 1.0);
         assert!(!lbfgs.carry_on(0));
         let _ = minimise(&mut lbfgs, &next_start, 6, quadratic(first.shallow_clone()));
         lbfgs.reset(0);
         assert!(!lbfgs.carry_on(0), "a reset memory has nothing to carry on");
+        let _ = minimise(&mut lbfgs, &next_start, 1, quadratic(first.shallow_clone()));
+        assert!(!lbfgs.carry_on(0), "one proposal after a reset: its pair spanned the reset");
+        let _ = minimise(&mut lbfgs, &next_start, 2, quadratic(first.shallow_clone()));
+        assert!(lbfgs.carry_on(0), "two proposals: a pair of the problem's own");
     }
 
     #[test]

@@ -1190,11 +1190,12 @@ pub(crate) mod tests {
             let stopping = stylizer.stopping();
             Some(BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain })
         };
-        // one slot: a chain of two, another chain, an item of none, then that other chain again
-        let queue = [item(Some(1), 3), item(Some(1), 3), item(Some(2), 3), item(None, 3), item(Some(2), 3)];
+        // one slot: a chain of two, another chain, two items of none, then that other chain again
+        let queue =
+            [item(Some(1), 3), item(Some(1), 3), item(Some(2), 3), item(None, 3), item(None, 3), item(Some(2), 3)];
         let mut feed = Trickle { queues: vec![queue.into()], carried: vec![Vec::new()] };
         stylizer.optimise_refilled(1, &mut feed);
-        assert_eq!(feed.carried[0], [false, true, false, false, false]);
+        assert_eq!(feed.carried[0], [false, true, false, false, false, false]);
         // a slot left empty (its optimiser going on from zero gradients while slot 1 runs) carries
         // nothing on, even to the next item of its chain
         let queues = vec![[item(Some(3), 2), None, item(Some(3), 2)].into(), [item(None, 8)].into()];
