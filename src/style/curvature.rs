@@ -451,6 +451,13 @@ mod tests {
             (compact.to_kind(Kind::Double), reference)
         }
 
+        /// ‖compact − reference‖ / ‖reference‖ of [`Checked::directions`] as `direction` chooses to
+        /// read, with H₀ = γI (one item).
+        fn relative_error(&mut self, gamma: f64) -> f64 {
+            let (compact, reference) = self.directions(&Tensor::from_slice(&[gamma]), None);
+            (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[])
+        }
+
         /// The memory's sᵢᵀyⱼ (i ≤ j) and yᵢᵀyⱼ are those of the pairs kept, as stored (zero
         /// where refused or forgotten), up to rounding.
         fn check_products(&self) {
@@ -600,9 +607,7 @@ mod tests {
             let y = &s * &hessian;
             previous = s.shallow_clone();
             checked.push(&s, &y, &[], serial);
-            let gamma = Tensor::from_slice(&[0.3f64]);
-            let (compact, reference) = checked.directions(&gamma, None);
-            let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
+            let error = checked.relative_error(0.3);
             assert!(error < 1e-4, "push {serial}: relative error {error}");
         }
     }
@@ -620,9 +625,7 @@ mod tests {
             let s = Tensor::randn([1, 4096], options);
             let y = &s * &hessian;
             checked.push(&s, &y, &[], serial);
-            let gamma = Tensor::from_slice(&[0.3f64]);
-            let (compact, reference) = checked.directions(&gamma, None);
-            let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
+            let error = checked.relative_error(0.3);
             assert!(error < 1e-4, "push {serial}: relative error {error}");
         }
     }

@@ -738,10 +738,13 @@ impl SlotBatch {
         self.targets.replace(slot, &item.targets);
         self.balance.replace(slot, &stylizer.item_scales(&item.targets, height, width));
         let continues = item.chain.is_some() && item.chain == self.chains[slot];
-        let carried = continues && self.optimizer.carry_on(slot);
-        if !continues {
+        // carry_on restarts the slot itself when there is nothing to carry
+        let carried = if continues {
+            self.optimizer.carry_on(slot)
+        } else {
             self.optimizer.restart(slot);
-        }
+            false
+        };
         self.chains[slot] = item.chain;
         let run = ItemRun::new(item.iterations);
         self.runs[slot] = if carried { run.carrying_curvature() } else { run };
