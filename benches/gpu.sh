@@ -15,14 +15,16 @@
 # It writes to $OUT (default ./bench-out): probe.txt (what the machine is), gpu-bench.jsonl (one
 # `impasto bench` JSON row per size, precision and layout), gpu-bench.md (the same as a table, with
 # card, date, command and commit; memory: peak RSS, the CUDA caching allocator's max allocated, and
-# the device memory in use), gpu-memory.jsonl/.md (1080p and 4K with and without tiles, one process
-# each), gpu-batch.jsonl/.md (batches of 1–8 images at 512² and 720p; the losses read every iteration
-# against every 5th (the default) and every 10th), gpu-jobs.jsonl/.md (1–4 jobs painting at once,
-# in one shared batch and each in its own), gpu-flow.jsonl/.md (seconds for the optical flow into one
-# frame at each size, which a video job measures beside the painting), gpu-painting.jsonl/.md (synthetic
-# moving frames painted as a video job does, the flow measured inline or a frame ahead),
-# gpu-optimizer.jsonl/.md (L-BFGS's proposals alone with a full memory), gpu-auto.jsonl (one row: what
-# `--precision auto` becomes on this device) and gpu-bench.log (stderr of every command).
+# the device memory in use; below it each precision and layout's iteration time fitted over the sizes
+# as fixed + GFLOP / rate: the fixed part is what CUDA graphs could save), gpu-memory.jsonl/.md (1080p
+# and 4K with and without tiles, one process each), gpu-batch.jsonl/.md (batches of 1–8 images at 512²
+# and 720p; the losses read every iteration against every 5th (the default) and every 10th),
+# gpu-jobs.jsonl/.md (1–4 jobs painting at once, in one shared batch and each in its own),
+# gpu-flow.jsonl/.md (seconds for the optical flow into one frame at each size, which a video job
+# measures beside the painting), gpu-painting.jsonl/.md (synthetic moving frames painted as a video
+# job does, the flow measured inline or a frame ahead), gpu-optimizer.jsonl/.md (L-BFGS's proposals
+# alone with a full memory), gpu-auto.jsonl (one row: what `--precision auto` becomes on this device)
+# and gpu-bench.log (stderr of every command).
 # benches/gpu_tables.py writes the tables.
 #
 # `--quick` (or IMPASTO_BENCH_QUICK=1) uses tiny sizes on the CPU, so the script itself can be tested

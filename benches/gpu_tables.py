@@ -41,6 +41,34 @@ def iterations(rows):
     table(header, (f"{r['precision']} | {LAYOUTS.get(r['layout'], r['layout'])} | {size(r)} "
                    f"| {r['seconds_per_iteration']:.4f} | {r['seconds_per_forward']:.4f} | {r['tflops']:.2f} "
                    f"| {r['peak_rss_mib']:.0f} | {memory(r)}" for r in rows))
+    fixed_costs(rows)
+
+
+def fixed_costs(rows):
+    """Each precision and layout's iteration time fitted over the sizes as fixed + FLOP / rate (least
+    squares): the fixed part is what does not grow with the work (kernel launches and host work that the
+    device waits for), what CUDA graphs could take away; the rate is the device's marginal speed."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["precision"], LAYOUTS.get(r["layout"], r["layout"])), []).append(r)
+    lines = []
+    for (precision, layout), group in groups.items():
+        flops = [r["gflop_per_iteration"] for r in group]
+        seconds = [r["seconds_per_iteration"] for r in group]
+        if len(group) < 2 or max(flops) == min(flops):
+            continue
+        mean_f, mean_s = sum(flops) / len(flops), sum(seconds) / len(seconds)
+        slope = sum((f - mean_f) * (s - mean_s) for f, s in zip(flops, seconds)) / sum((f - mean_f) ** 2 for f in flops)
+        fixed = mean_s - slope * mean_f
+        smallest = min(group, key=lambda r: r["gflop_per_iteration"])
+        rate = f"{1 / slope / 1000:.2f}" if slope > 0 else "–"
+        lines.append(f"{precision} | {layout} | {fixed * 1000:.3f} | {rate} | {size(smallest)} "
+                     f"| {100 * fixed / smallest['seconds_per_iteration']:.0f} %")
+    if lines:
+        print()
+        print("Fixed cost per iteration (seconds = fixed + GFLOP / rate, least squares over the sizes):")
+        print()
+        table(["precision", "layout", "fixed ms", "marginal TFLOP/s", "smallest size", "fixed share there"], lines)
 
 
 def large_frames(rows):

@@ -44,7 +44,12 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(rows.iter().any(|r| r["precision"] == "tf32 (f32 on cpu)"), "{rows:?}");
     let table = std::fs::read_to_string(out.path().join("gpu-bench.md")).unwrap();
     assert!(table.contains("| precision | layout | size |") && table.contains("CUDA max allocated MiB"), "{table}");
-    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| precision")).count(), 12, "{table}");
+    let (sizes_table, fixed_table) = table.split_once("Fixed cost per iteration").expect("the fitted fixed costs");
+    let rows_of = |text: &str| text.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| precision")).count();
+    assert_eq!(rows_of(sizes_table), 12, "{table}");
+    // one fit per precision and layout over its two sizes
+    assert!(fixed_table.contains("| fixed ms | marginal TFLOP/s |"), "{table}");
+    assert_eq!(rows_of(fixed_table), 6, "{table}");
     assert!(out.path().join("probe.txt").is_file());
     let memory = json_lines(&std::fs::read_to_string(out.path().join("gpu-memory.jsonl")).unwrap());
     let tiles: Vec<(i64, u64)> =
