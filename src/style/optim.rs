@@ -66,6 +66,11 @@ pub trait Optimizer {
         self.restart(item);
         false
     }
+
+    /// Item `item`'s slot waits empty for the next problem of its chain (its gradients are zeros, its
+    /// point does not move): it learns nothing meanwhile, so that [`Optimizer::carry_on`] can take
+    /// up what it had learnt. Ends at its next `carry_on`, `restart` or `reset`.
+    fn wait(&mut self, _item: usize) {}
 }
 
 /// Per-item values `[B]` shaped to broadcast over `like` `[B, …]`, in `like`'s kind.
@@ -111,6 +116,8 @@ struct LbfgsItems {
     crossing: Tensor,
     /// `[B]` booleans: items that took a pair since they were last reset (so have something to carry on).
     learnt: Tensor,
+    /// `[B]` booleans: items whose slot waits empty for their chain's next problem (they take no pair).
+    waiting: Tensor,
     /// The curvature pairs.
     memory: Curvature,
     /// How the first gradient lay in memory: every gradient is read as rows in this one order.
@@ -192,6 +199,7 @@ impl Lbfgs {
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
+                waiting: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(history, count, grad.device()),
                 layout: RowLayout::of(grad),
             }
@@ -216,7 +224,8 @@ impl Lbfgs {
             .logical_and(&yy.gt(0.0))
             .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not())
-            .logical_and(&items.crossing.logical_not());
+            .logical_and(&items.crossing.logical_not())
+            .logical_and(&items.waiting.logical_not());
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
         items.learnt = items.learnt.logical_or(&accept);
         let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
@@ -247,6 +256,7 @@ impl Optimizer for Lbfgs {
             let _ = items.hessian_diagonal.narrow(0, item as i64, 1).fill_(1.0);
             let _ = items.fresh.narrow(0, item as i64, 1).fill_(1i64);
             let _ = items.learnt.narrow(0, item as i64, 1).fill_(0i64);
+            let _ = items.waiting.narrow(0, item as i64, 1).fill_(0i64);
         }
         self.drop_dead_pairs();
     }
@@ -265,7 +275,15 @@ impl Optimizer for Lbfgs {
         };
         // the pairs and γ stay; the next pair would span both problems, so it is refused
         let _ = items.crossing.narrow(0, item as i64, 1).fill_(1i64);
+        let _ = items.waiting.narrow(0, item as i64, 1).fill_(0i64);
         true
+    }
+
+    fn wait(&mut self, item: usize) {
+        // before the first proposal there is nothing learnt to keep
+        if let Some(items) = &mut self.items {
+            let _ = items.waiting.narrow(0, item as i64, 1).fill_(1i64);
+        }
     }
 
     fn propose(&mut self, grad: &Tensor) -> Proposal {

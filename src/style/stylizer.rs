@@ -708,9 +708,10 @@ impl SlotBatch {
             }
             match feed.next(slot) {
                 Some(next) => self.load(stylizer, slot, next),
-                // an empty slot's optimiser goes on proposing (from zero gradients): nothing in it
-                // may be carried on to a later item
-                None => self.chains[slot] = None,
+                // an empty slot is left out of the passes (its gradients are zeros): its optimiser
+                // learns nothing meanwhile, so the next item of its chain can still carry on
+                None if self.chains[slot].is_some() => self.optimizer.wait(slot),
+                None => {}
             }
         }
     }
@@ -1164,10 +1165,18 @@ pub(crate) mod tests {
     }
 
     /// Items per slot, `None` standing for a read at which the slot is open but gets nothing yet;
-    /// whether each item's curvature was carried on, per slot.
+    /// whether each item's curvature was carried on, and where it ended, per slot.
     struct Trickle {
         queues: Vec<std::collections::VecDeque<Option<BatchItem>>>,
         carried: Vec<Vec<bool>>,
+        images: Vec<Vec<Tensor>>,
+    }
+
+    impl Trickle {
+        fn new(queues: Vec<std::collections::VecDeque<Option<BatchItem>>>) -> Self {
+            let slots = queues.len();
+            Trickle { queues, carried: vec![Vec::new(); slots], images: (0..slots).map(|_| Vec::new()).collect() }
+        }
     }
 
     impl BatchFeed for Trickle {
@@ -1179,6 +1188,7 @@ pub(crate) mod tests {
         }
         fn finished(&mut self, slot: usize, outcome: Optimised) {
             self.carried[slot].push(outcome.curvature_carried);
+            self.images[slot].push(outcome.image);
         }
         fn iteration(&mut self, _: usize, _: usize, _: Losses, _: &Tensor) {}
     }
@@ -1196,15 +1206,37 @@ pub(crate) mod tests {
         // one slot: a chain of two, another chain, two items of none, then that other chain again
         let queue =
             [item(Some(1), 3), item(Some(1), 3), item(Some(2), 3), item(None, 3), item(None, 3), item(Some(2), 3)];
-        let mut feed = Trickle { queues: vec![queue.into()], carried: vec![Vec::new()] };
+        let mut feed = Trickle::new(vec![queue.into()]);
         stylizer.optimise_refilled(1, &mut feed);
         assert_eq!(feed.carried[0], [false, true, false, false, false, false]);
-        // a slot left empty (its optimiser going on from zero gradients while slot 1 runs) carries
-        // nothing on, even to the next item of its chain
-        let queues = vec![[item(Some(3), 2), None, item(Some(3), 2)].into(), [item(None, 8)].into()];
-        let mut feed = Trickle { queues, carried: vec![Vec::new(); 2] };
-        stylizer.optimise_refilled(2, &mut feed);
-        assert_eq!(feed.carried, [vec![false, false], vec![false]]);
+    }
+
+    #[test]
+    fn a_slot_waiting_empty_for_its_chain_carries_on_as_if_it_had_not_waited() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let targets = targets(&stylizer, 32, 24);
+        let item = |chain: Option<u64>, iterations: usize, start: f32| {
+            let start = imageio::rgb_to_tensor(&picture(32, 24, start));
+            let stopping = stylizer.stopping();
+            Some(BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain })
+        };
+        // slot 0: a chain of two; slot 1 runs beside it all along
+        let run = |waits: usize| {
+            let mut chain: std::collections::VecDeque<_> = [item(Some(3), 3, 0.4)].into();
+            chain.extend((0..waits).map(|_| None));
+            chain.push_back(item(Some(3), 3, 0.6));
+            let mut feed = Trickle::new(vec![chain, [item(None, 12, 1.3)].into()]);
+            stylizer.optimise_refilled(2, &mut feed);
+            feed
+        };
+        let (at_once, waited) = (run(0), run(2));
+        // two reads with slot 0 empty and left out of the passes (its gradients zeros): it took no
+        // pair from them, so its next item steps as it would have straight away
+        assert_eq!(waited.carried, [vec![false, true], vec![false]]);
+        assert_eq!(at_once.carried, waited.carried);
+        let difference = (&at_once.images[0][1] - &waited.images[0][1]).abs().max().double_value(&[]);
+        assert!(difference < 1e-5, "{difference}");
     }
 
     #[test]
