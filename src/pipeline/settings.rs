@@ -84,9 +84,10 @@ pub struct VideoSettings {
     /// painting they settle on is more stylised and flickers a little more (E_warp 5–12 % higher,
     /// BENCHMARKS.md); off by default, so every frame starts afresh, as in the reference tools.
     /// L-BFGS only (Adam starts every frame afresh), and video jobs only: a live stream paints each
-    /// frame on its own. In a batch shared by several jobs a frame would carry it on only if it took
-    /// its slot as soon as the frame before left it, which does not happen there (the job plans its
-    /// next frame only once it has the last one back), so there every frame starts afresh.
+    /// frame on its own. In a batch shared by several jobs a slot whose frame is done waits for the
+    /// next frame of the same run, learning nothing meanwhile, and other slots leave that frame to
+    /// it (a batch whose last frame is done waits up to 2 s for it rather than end), so frames
+    /// carry it on there too.
     /// Left out of the settings' JSON when off, so the identities of checkpoints and watch folders
     /// made before it existed still match.
     #[serde(skip_serializing_if = "std::ops::Not::not")]

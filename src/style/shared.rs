@@ -10,8 +10,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use tch::Tensor;
@@ -126,6 +126,10 @@ impl From<Failure> for Error {
 /// How long a job or the runner waits before looking again at its stop conditions.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long a batch whose slots are all empty waits for the next item of the chain its last item
+/// was of (its job plans that item once it has the last one back) before it ends.
+const CHAIN_GRACE: Duration = Duration::from_secs(2);
+
 impl std::fmt::Debug for SharedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedBatch").field("slots", &self.slots).field("stats", &self.stats()).finish()
@@ -159,7 +163,7 @@ impl SharedBatch {
     }
 
     fn waiting(&self) -> MutexGuard<'_, Waiting> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs a job's `lanes` in the shared batch with the network `model` and `settings`, as
@@ -241,7 +245,7 @@ impl SharedBatch {
             if let Some(ticket) = waiting.oldest() {
                 return Some(ticket.key.clone());
             }
-            waiting = self.arrived.wait_timeout(waiting, POLL).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            waiting = self.arrived.wait_timeout(waiting, POLL).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
@@ -258,7 +262,9 @@ impl SharedBatch {
         };
         let slots = if stylizer.tiles(key.size[2], key.size[3]) { 1 } else { self.slots };
         self.waiting().stats.batches += 1;
-        let mut feed = RunnerFeed { batch: self, key, held: (0..slots).map(|_| None).collect(), busy: 0 };
+        let held = (0..slots).map(|_| None).collect();
+        let homes = (0..slots).map(|_| None).collect();
+        let mut feed = RunnerFeed { batch: self, key, held, homes, busy: 0 };
         let run =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stylizer.optimise_refilled(slots, &mut feed)));
         if let Err(payload) = run {
@@ -281,14 +287,34 @@ impl SharedBatch {
         }
     }
 
-    /// The oldest waiting item when it is `key`'s; `None` when another key's item is older, when
-    /// none waits, or when closed.
-    fn take(&self, key: &BatchKey) -> Option<Ticket> {
+    /// A waiting item of `key` for a slot whose last item was of chain `home`: the item continuing
+    /// that chain when one waits, else the oldest of `key`'s whose chain is not in `kept_for` (the
+    /// chains other empty slots wait for). `None` when another key's item is the oldest waiting,
+    /// when no item fits, or when closed.
+    fn take(&self, key: &BatchKey, home: Option<u64>, kept_for: &[u64]) -> Option<Ticket> {
         let mut waiting = self.waiting();
-        if waiting.closed {
+        if waiting.closed || !waiting.oldest().is_some_and(|ticket| ticket.key == *key) {
             return None;
         }
-        if waiting.oldest().is_some_and(|ticket| ticket.key == *key) { waiting.tickets.pop_front() } else { None }
+        let ours = |ticket: &Ticket| ticket.key == *key;
+        let continues = |ticket: &Ticket| ours(ticket) && home.is_some() && ticket.item.chain == home;
+        let free = |ticket: &Ticket| ours(ticket) && !ticket.item.chain.is_some_and(|chain| kept_for.contains(&chain));
+        let position = waiting.tickets.iter().position(continues).or_else(|| waiting.tickets.iter().position(free))?;
+        waiting.tickets.remove(position)
+    }
+
+    /// Waits until some item is handed in, `job` withdraws or the batch closes, for
+    /// [`CHAIN_GRACE`] at most.
+    fn await_item(&self, job: &JobLink) {
+        let deadline = Instant::now() + CHAIN_GRACE;
+        let mut waiting = self.waiting();
+        while !waiting.closed && !job.withdrawn.load(Ordering::SeqCst) && waiting.oldest().is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            waiting = self.arrived.wait_timeout(waiting, left.min(POLL)).unwrap_or_else(PoisonError::into_inner).0;
+        }
     }
 
     /// Whether a batch of `key` should take no more items: another key's item waits first, or the
@@ -318,12 +344,18 @@ impl Drop for Withdraw<'_> {
     }
 }
 
-/// The runner's side: the shared queue as one batch's feed.
+/// The runner's side: the shared queue as one batch's feed. A slot whose item is done waits for
+/// the next item of the same chain (see [`BatchItem::chain`]): its optimiser keeps what it learnt
+/// there, and another empty slot does not take that item. Where every slot is empty, the batch
+/// waits a moment ([`CHAIN_GRACE`]) for it rather than end; should another slot's item come back
+/// first then, that one takes the place (both start afresh). Items of no chain go to any slot.
 struct RunnerFeed<'b> {
     batch: &'b SharedBatch,
     key: BatchKey,
     /// Each slot's item's job and lane.
     held: Vec<Option<Held>>,
+    /// The chain of each slot's last item, and its job.
+    homes: Vec<Option<Home>>,
     /// Slots holding an item.
     busy: usize,
 }
@@ -334,9 +366,27 @@ struct Held {
     job: Arc<JobLink>,
 }
 
+/// The chain a slot's last item was of, and the job whose chain it is.
+struct Home {
+    chain: u64,
+    job: Arc<JobLink>,
+}
+
 impl BatchFeed for RunnerFeed<'_> {
     fn next(&mut self, slot: usize) -> Option<BatchItem> {
-        let ticket = self.batch.take(&self.key)?;
+        let kept_for: Vec<u64> = (self.homes.iter().zip(&self.held).enumerate())
+            .filter(|&(other, (_, held))| other != slot && held.is_none())
+            .filter_map(|(_, (home, _))| home.as_ref().map(|home| home.chain))
+            .collect();
+        let chain = self.homes[slot].as_ref().map(|home| home.chain);
+        let mut ticket = self.batch.take(&self.key, chain, &kept_for);
+        if let (None, 0, Some(home)) = (&ticket, self.busy, &self.homes[slot]) {
+            // the last item of the batch is done: rather than end, wait for its chain's next
+            self.batch.await_item(&home.job);
+            ticket = self.batch.take(&self.key, chain, &[]);
+        }
+        let ticket = ticket?;
+        self.homes[slot] = ticket.item.chain.map(|chain| Home { chain, job: ticket.job.clone() });
         self.held[slot] = Some(Held { lane: ticket.lane, job: ticket.job });
         self.busy += 1;
         let mut waiting = self.batch.waiting();
@@ -497,6 +547,59 @@ mod tests {
         assert_as_if_alone(&vgg, 1, (&stayer.seen[&1], &stayer.outcomes[&1]), (&first, &start, 5));
         // the quitter's run ended at a read soon after it gave up, not after its 400 iterations
         assert!(batch.stats().item_iterations < 100, "{:?}", batch.stats());
+    }
+
+    #[test]
+    fn a_job_alone_in_a_shared_batch_carries_its_chain_from_frame_to_frame() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 32, 24);
+        // three frames of one chain, then one of none: the job hands each in once it has the last back
+        let chained = |chain: Option<u64>| move |(id, item): (usize, BatchItem)| (id, BatchItem { chain, ..item });
+        let plan = [(0, &first, 0.2, 3), (1, &first, 0.4, 3), (2, &first, 0.6, 3), (3, &first, 0.8, 3)];
+        let mut frames: VecDeque<_> = lane(&plan[..3], (32, 24)).into_iter().map(chained(Some(11))).collect();
+        frames.extend(lane(&plan[3..], (32, 24)).into_iter().map(chained(None)));
+        let batch = SharedBatch::new(2);
+        let feeds = run_jobs(&batch, &vgg, vec![QueuedItems::new(vec![frames])]);
+        let carried: Vec<bool> = feeds[0].outcomes.values().map(|outcome| outcome.curvature_carried).collect();
+        assert_eq!(carried, [false, true, true, false]);
+        // the batch waited for each next frame of the chain instead of ending; the last ended it
+        assert_eq!(batch.stats().batches, 1, "{:?}", batch.stats());
+    }
+
+    #[test]
+    fn a_slot_takes_the_next_item_of_its_chain_and_leaves_other_empty_slots_theirs() {
+        let batch = SharedBatch::new(3);
+        let key = |side: i64| BatchKey {
+            model: "m".into(),
+            settings: StyleSettings::default(),
+            size: vec![1, 3, side, side],
+        };
+        let (replies, _received) = crossbeam_channel::unbounded();
+        let job = Arc::new(JobLink { replies, withdrawn: AtomicBool::new(false) });
+        let ticket = |lane: usize, chain: Option<u64>, side: i64| {
+            let targets = Targets { content: Vec::new(), style: Vec::new(), temporal: None };
+            let start = Tensor::zeros([1, 3, side, side], (tch::Kind::Float, tch::Device::Cpu));
+            let stopping = Stopping { tolerance: 0.0, patience: 1 };
+            let item = BatchItem { targets, start, iterations: 1, stopping, chain };
+            Ticket { key: key(side), lane, item, job: job.clone() }
+        };
+        let lanes =
+            |side: i64, home: Option<u64>, kept_for: &[u64]| batch.take(&key(side), home, kept_for).map(|t| t.lane);
+        // oldest first: chains 7, none, 8, 9
+        let queued = [ticket(0, Some(7), 8), ticket(1, None, 8), ticket(2, Some(8), 8), ticket(3, Some(9), 8)];
+        batch.waiting().tickets.extend(queued);
+        // chain 8's slot takes chain 8's item, though older ones wait
+        assert_eq!(lanes(8, Some(8), &[7]), Some(2));
+        // another slot passes over the item that chain 7's empty slot waits for
+        assert_eq!(lanes(8, Some(5), &[7]), Some(1));
+        assert_eq!(lanes(8, None, &[7, 9]), None);
+        assert_eq!(lanes(8, None, &[]), Some(0));
+        // an item of another size waiting first holds this batch's back: its own batch comes next
+        batch.waiting().tickets.push_front(ticket(4, None, 16));
+        assert_eq!(lanes(8, Some(9), &[]), None);
+        assert_eq!(lanes(16, None, &[]), Some(4));
+        assert_eq!(lanes(8, Some(9), &[]), Some(3));
     }
 
     #[test]
