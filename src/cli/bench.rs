@@ -293,7 +293,8 @@ mod video {
             _ => anyhow::bail!("--jobs: one number with --video (copies of the clip painted at once)"),
         };
         let lanes = jobs as usize * video.segments as usize;
-        let batch = (jobs > 1 && !args.own_batches).then(|| SharedBatch::new(lanes));
+        // `--jobs 1` too: one job in a shared batch, as the daemon's only job on a device paints
+        let batch = (!args.jobs.is_empty() && !args.own_batches).then(|| SharedBatch::new(lanes));
         let result = (0..jobs).map(|k| job(k).prepare()).collect::<impasto::Result<Vec<_>>>().and_then(|jobs| {
             super::super::catch_torch(&device, || {
                 let vgg = super::network(args.random, &model_settings)?;
