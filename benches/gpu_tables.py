@@ -62,8 +62,9 @@ def fixed_costs(rows):
         fixed = mean_s - slope * mean_f
         smallest = min(group, key=lambda r: r["gflop_per_iteration"])
         rate = f"{1 / slope / 1000:.2f}" if slope > 0 else "–"
-        lines.append(f"{precision} | {layout} | {fixed * 1000:.3f} | {rate} | {size(smallest)} "
-                     f"| {100 * fixed / smallest['seconds_per_iteration']:.0f} %")
+        # a negative intercept is noise in the larger sizes' times: no share of anything
+        share = f"{100 * fixed / smallest['seconds_per_iteration']:.0f} %" if fixed > 0 else "–"
+        lines.append(f"{precision} | {layout} | {fixed * 1000:.3f} | {rate} | {size(smallest)} | {share}")
     if lines:
         print()
         print("Fixed cost per iteration (seconds = fixed + GFLOP / rate, least squares over the sizes):")

@@ -69,7 +69,9 @@ pub trait Optimizer {
 
     /// Item `item`'s slot waits empty for the next problem of its chain (its gradients are zeros, its
     /// point does not move): it learns nothing meanwhile, so that [`Optimizer::carry_on`] can take
-    /// up what it had learnt. Ends at its next `carry_on`, `restart` or `reset`.
+    /// up what it had learnt. Ends at its next `carry_on`, `restart` or `reset`. L-BFGS's memory is
+    /// one ring for the whole batch and goes on turning, so a long wait still pushes out the item's
+    /// oldest pairs (after `history` proposals it carries on only its γ).
     fn wait(&mut self, _item: usize) {}
 }
 

@@ -288,19 +288,28 @@ impl SharedBatch {
     }
 
     /// A waiting item of `key` for a slot whose last item was of chain `home`: the item continuing
-    /// that chain when one waits, else the oldest of `key`'s whose chain is not in `kept_for` (the
-    /// chains other empty slots wait for). `None` when another key's item is the oldest waiting,
-    /// when no item fits, or when closed.
+    /// that chain when one waits, else the oldest whose chain is not in `kept_for` (the chains other
+    /// empty slots wait for). Only the items of `key` handed in before any of another key count.
+    /// `None` when another key's item is the oldest waiting, when no item fits, or when closed.
     fn take(&self, key: &BatchKey, home: Option<u64>, kept_for: &[u64]) -> Option<Ticket> {
         let mut waiting = self.waiting();
         if waiting.closed || !waiting.oldest().is_some_and(|ticket| ticket.key == *key) {
             return None;
         }
-        let ours = |ticket: &Ticket| ticket.key == *key;
-        let continues = |ticket: &Ticket| ours(ticket) && home.is_some() && ticket.item.chain == home;
-        let free = |ticket: &Ticket| ours(ticket) && !ticket.item.chain.is_some_and(|chain| kept_for.contains(&chain));
-        let position = waiting.tickets.iter().position(continues).or_else(|| waiting.tickets.iter().position(free))?;
+        let ours = waiting.tickets.iter().take_while(|ticket| ticket.key == *key);
+        let continues = |ticket: &Ticket| home.is_some() && ticket.item.chain == home;
+        let free = |ticket: &Ticket| !ticket.item.chain.is_some_and(|chain| kept_for.contains(&chain));
+        let position = ours.clone().position(continues).or_else(|| ours.clone().position(free))?;
         waiting.tickets.remove(position)
+    }
+
+    /// Whether an item of `key` continuing `chain` waits among those [`SharedBatch::take`] may give.
+    fn continuation_waits(&self, key: &BatchKey, chain: u64) -> bool {
+        let mut waiting = self.waiting();
+        if waiting.closed || !waiting.oldest().is_some_and(|ticket| ticket.key == *key) {
+            return false;
+        }
+        waiting.tickets.iter().take_while(|ticket| ticket.key == *key).any(|ticket| ticket.item.chain == Some(chain))
     }
 
     /// Waits until some item is handed in, `job` withdraws or the batch closes, for
@@ -347,8 +356,9 @@ impl Drop for Withdraw<'_> {
 /// The runner's side: the shared queue as one batch's feed. A slot whose item is done waits for
 /// the next item of the same chain (see [`BatchItem::chain`]): its optimiser keeps what it learnt
 /// there, and another empty slot does not take that item. Where every slot is empty, the batch
-/// waits a moment ([`CHAIN_GRACE`]) for it rather than end; should another slot's item come back
-/// first then, that one takes the place (both start afresh). Items of no chain go to any slot.
+/// waits a moment ([`CHAIN_GRACE`]) for the next item of the chain the last one was of rather than
+/// end, and an empty slot whose next item is there stays open to take it. A chain lives on in one
+/// slot at a time. Items of no chain go to any slot.
 struct RunnerFeed<'b> {
     batch: &'b SharedBatch,
     key: BatchKey,
@@ -381,11 +391,19 @@ impl BatchFeed for RunnerFeed<'_> {
         let chain = self.homes[slot].as_ref().map(|home| home.chain);
         let mut ticket = self.batch.take(&self.key, chain, &kept_for);
         if let (None, 0, Some(home)) = (&ticket, self.busy, &self.homes[slot]) {
-            // the last item of the batch is done: rather than end, wait for its chain's next
+            // the last item of the batch is done: rather than end, wait for its chain's next (or
+            // another empty slot's, which that slot then takes: see `open`)
             self.batch.await_item(&home.job);
-            ticket = self.batch.take(&self.key, chain, &[]);
+            ticket = self.batch.take(&self.key, chain, &kept_for);
         }
         let ticket = ticket?;
+        if let Some(taken) = ticket.item.chain {
+            self.homes.iter_mut().filter(|home| home.as_ref().is_some_and(|home| home.chain == taken)).for_each(
+                |home| {
+                    *home = None;
+                },
+            );
+        }
         self.homes[slot] = ticket.item.chain.map(|chain| Home { chain, job: ticket.job.clone() });
         self.held[slot] = Some(Held { lane: ticket.lane, job: ticket.job });
         self.busy += 1;
@@ -408,9 +426,13 @@ impl BatchFeed for RunnerFeed<'_> {
         let _ = held.job.replies.send(Reply::Iteration { lane: held.lane, done, losses, point });
     }
 
-    fn open(&self, _: usize) -> bool {
-        // an idle batch ends (the runner starts the next with whatever comes first)
-        self.busy > 0 && !self.batch.draining(&self.key)
+    fn open(&self, slot: usize) -> bool {
+        // an idle batch ends (the runner starts the next with whatever comes first), unless the
+        // next item of an empty slot's chain is there for it
+        let continuation =
+            || self.homes[slot].as_ref().is_some_and(|home| self.batch.continuation_waits(&self.key, home.chain));
+        (self.busy > 0 && !self.batch.draining(&self.key))
+            || (self.busy == 0 && self.held[slot].is_none() && continuation())
     }
 
     fn abandoned(&self, slot: usize) -> bool {
@@ -600,6 +622,14 @@ mod tests {
         assert_eq!(lanes(8, Some(9), &[]), None);
         assert_eq!(lanes(16, None, &[]), Some(4));
         assert_eq!(lanes(8, Some(9), &[]), Some(3));
+        // nor does this batch take items handed in after another size's, even one left over
+        let queued = [ticket(5, Some(7), 8), ticket(6, None, 16), ticket(7, None, 8)];
+        batch.waiting().tickets.extend(queued);
+        assert_eq!(lanes(8, None, &[7]), None);
+        assert!(batch.continuation_waits(&key(8), 7) && !batch.continuation_waits(&key(8), 6));
+        assert_eq!(lanes(8, Some(7), &[]), Some(5));
+        assert!(!batch.continuation_waits(&key(8), 7));
+        assert_eq!(lanes(8, None, &[]), None);
     }
 
     #[test]

@@ -470,7 +470,8 @@ impl<'m> Stylizer<'m> {
         loop {
             batch.hand_over(self, feed);
             let remaining = batch.runs.iter().map(ItemRun::remaining).max().unwrap_or(0);
-            if feed.cancelled() || (remaining == 0 && !batch.holds_items()) {
+            let idle = remaining == 0 && !batch.holds_items() && !(0..batch.items.len()).any(|slot| feed.open(slot));
+            if feed.cancelled() || idle {
                 break;
             }
             if remaining == 0 {
@@ -746,6 +747,10 @@ impl SlotBatch {
             self.optimizer.restart(slot);
             false
         };
+        if item.chain.is_some() {
+            // a chain lives on in one slot: one that held it before has nothing to carry on to it
+            self.chains.iter_mut().filter(|chain| **chain == item.chain).for_each(|chain| *chain = None);
+        }
         self.chains[slot] = item.chain;
         let run = ItemRun::new(item.iterations);
         self.runs[slot] = if carried { run.carrying_curvature() } else { run };
