@@ -72,6 +72,16 @@ fn frame_indices(report: &Value) -> Vec<u64> {
     report["frames"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect()
 }
 
+/// Whether each frame of a report began L-BFGS with the curvature of the frame before.
+fn carried_flags(report: &Value) -> Vec<bool> {
+    report["frames"].as_array().unwrap().iter().map(|f| f["curvature_carried"].as_bool().unwrap()).collect()
+}
+
+/// The project's own sample clip (50 frames, 320×180, with sound).
+fn sample_clip() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4")
+}
+
 /// Frames `first..=last` of bikes.mp4, except `skipped`, with their original timestamps (so the
 /// result is variable-rate when frames are skipped), re-encoded nearly losslessly.
 fn bikes_segment(dir: &Path, name: &str, first: usize, last: usize, skipped: &[usize]) -> PathBuf {
@@ -176,10 +186,7 @@ fn a_scene_cut_restarts_the_sequence_and_variable_timestamps_survive() {
     assert_eq!(starts.iter().filter(|s| **s == "scene_cut").count(), 1, "{starts:?}");
     assert!(report["frames"][cut_position]["warping_error"].is_null());
     // asked to, L-BFGS carries its curvature from frame to frame within a shot, not into a new one
-    let carried = |report: &Value| -> Vec<bool> {
-        report["frames"].as_array().unwrap().iter().map(|f| f["curvature_carried"].as_bool().unwrap()).collect()
-    };
-    let carried_here = carried(&report);
+    let carried_here = carried_flags(&report);
     let expected: Vec<bool> = (0..starts.len()).map(|i| i != 0 && i != cut_position).collect();
     assert_eq!(carried_here, expected, "{starts:?}");
     let pts: Vec<i64> = report["frames"].as_array().unwrap().iter().map(|f| f["pts"].as_i64().unwrap()).collect();
@@ -191,7 +198,7 @@ fn a_scene_cut_restarts_the_sequence_and_variable_timestamps_survive() {
     command.arg(&fresh_report);
     let result = run(command);
     assert!(result.status.success(), "{}", stderr(&result));
-    assert!(carried(&read_json(&fresh_report)).iter().all(|c| !c), "by default every frame starts afresh");
+    assert!(carried_flags(&read_json(&fresh_report)).iter().all(|c| !c), "by default every frame starts afresh");
 }
 
 #[test]
@@ -264,7 +271,7 @@ fn kill_once_listed(mut command: Command, output: &Path, pictures: usize) -> Pat
 #[test]
 fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--carry-curvature", "true"];
     let extra = [&extra[..], &["--json"]].concat();
@@ -293,7 +300,7 @@ fn a_job_killed_mid_run_resumes_from_its_checkpoints_and_cleans_up() {
 #[test]
 fn an_hls_output_lands_with_its_segments_whole_or_not_at_all() {
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let output = dir.path().join("painted.m3u8");
     let extra = ["--size", "48", "--first-iterations", "4", "-n", "2"];
     // killed mid-run: neither the playlist nor a segment is in the output's folder
@@ -330,7 +337,7 @@ fn pair_warping_errors(input: &Path, output: &Path, report: &Path) -> Vec<f64> {
 #[test]
 fn segments_painted_side_by_side_keep_every_frame_in_order_and_cross_fade_their_seams() {
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let hard_seams = dir.path().join("hard-seams.toml");
     std::fs::write(&hard_seams, "[video]\nsegment_overlap = 0\n").unwrap();
     let paint = |name: &str, profile: Option<&Path>| {
@@ -371,7 +378,7 @@ fn carried_curvature_follows_each_segments_own_chain() {
     // two segments side by side without lead-ins: frames 0…24 and 25…49, each slot of the batch
     // carrying L-BFGS's curvature along its own segment only
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "32", "--first-iterations", "3", "-n", "2", "--segments", "2", "--segment-overlap", "0"];
     let mut command = video_command(&input, &output, &extra);
@@ -380,20 +387,16 @@ fn carried_curvature_follows_each_segments_own_chain() {
     assert!(result.status.success(), "{}", stderr(&result));
     let report = read_json(&report);
     assert_eq!(frame_indices(&report), (0..50).collect::<Vec<u64>>());
-    let afresh: Vec<u64> = report["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["curvature_carried"] == false)
-        .map(|f| f["index"].as_u64().unwrap())
-        .collect();
+    // the report's frames are 0…49 in order (above), so positions are frame numbers
+    let afresh: Vec<usize> =
+        (carried_flags(&report).iter().enumerate()).filter(|(_, c)| !**c).map(|(i, _)| i).collect();
     assert_eq!(afresh, [0, 25], "the frames that started afresh");
 }
 
 #[test]
 fn a_job_painted_in_segments_resumes_every_segment_from_its_checkpoints() {
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let (output, report) = (dir.path().join("out.mp4"), dir.path().join("r.json"));
     let extra = ["--size", "32", "--first-iterations", "4", "-n", "3", "--tolerance", "0", "--segments", "3", "--json"];
     let extra = [&extra[..], &["--segment-overlap", "8"]].concat();
@@ -443,7 +446,7 @@ fn segments_of_a_damaged_video_report_the_damage_once_and_paint_every_frame() {
 #[test]
 fn a_stage_that_fails_mid_run_stops_the_others_and_leaves_no_output() {
     let dir = TempDir::new().unwrap();
-    let input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let input = sample_clip();
     let output = dir.path().join("out.mp4");
     let extra = ["--size", "48", "--first-iterations", "4", "-n", "3", "--tolerance", "0"];
     let mut command = video_command(&input, &output, &extra);
@@ -509,7 +512,7 @@ fn bad_inputs_get_a_clear_error_and_leave_nothing() {
     ffmpeg(&["-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", tone.to_str().unwrap()]);
     assert_refused(dir.path(), &tone, None, &output, &tone);
 
-    let good_input = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/video/bigbuckbunny-2s.mp4");
+    let good_input = sample_clip();
     let broken_style = dir.path().join("style.png");
     std::fs::write(&broken_style, b"not a png").unwrap();
     assert_refused(dir.path(), &good_input, Some(&broken_style), &output, &broken_style);

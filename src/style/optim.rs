@@ -257,8 +257,8 @@ impl Optimizer for Lbfgs {
             items.memory.forget(item);
             let _ = items.hessian_diagonal.narrow(0, item as i64, 1).fill_(1.0);
             let _ = items.fresh.narrow(0, item as i64, 1).fill_(1i64);
-            let _ = items.learnt.narrow(0, item as i64, 1).fill_(0i64);
-            let _ = items.waiting.narrow(0, item as i64, 1).fill_(0i64);
+            clear_item(&items.learnt, item);
+            clear_item(&items.waiting, item);
         }
         self.drop_dead_pairs();
     }
@@ -277,7 +277,7 @@ impl Optimizer for Lbfgs {
         };
         // the pairs and γ stay; the next pair would span both problems, so it is refused
         let _ = items.crossing.narrow(0, item as i64, 1).fill_(1i64);
-        let _ = items.waiting.narrow(0, item as i64, 1).fill_(0i64);
+        clear_item(&items.waiting, item);
         true
     }
 

@@ -59,6 +59,18 @@ impl Waiting {
         self.tickets.retain(|ticket| !ticket.job.withdrawn.load(Ordering::SeqCst));
         self.tickets.front()
     }
+
+    /// The items a batch of `key` may take now: those of `key` handed in before any of another key
+    /// (none when another key's item is the oldest, or when closed).
+    fn takeable(&mut self, key: &BatchKey) -> impl Iterator<Item = &Ticket> + Clone {
+        let count = if self.closed {
+            0
+        } else {
+            self.oldest();
+            self.tickets.iter().take_while(|ticket| ticket.key == *key).count()
+        };
+        self.tickets.iter().take(count)
+    }
 }
 
 /// What a batch is for: items share one only when all of this is equal.
@@ -293,23 +305,18 @@ impl SharedBatch {
     /// `None` when another key's item is the oldest waiting, when no item fits, or when closed.
     fn take(&self, key: &BatchKey, home: Option<u64>, kept_for: &[u64]) -> Option<Ticket> {
         let mut waiting = self.waiting();
-        if waiting.closed || !waiting.oldest().is_some_and(|ticket| ticket.key == *key) {
-            return None;
-        }
-        let ours = waiting.tickets.iter().take_while(|ticket| ticket.key == *key);
         let continues = |ticket: &Ticket| home.is_some() && ticket.item.chain == home;
         let free = |ticket: &Ticket| !ticket.item.chain.is_some_and(|chain| kept_for.contains(&chain));
-        let position = ours.clone().position(continues).or_else(|| ours.clone().position(free))?;
+        let position = {
+            let ours = waiting.takeable(key);
+            ours.clone().position(continues).or_else(|| ours.clone().position(free))?
+        };
         waiting.tickets.remove(position)
     }
 
     /// Whether an item of `key` continuing `chain` waits among those [`SharedBatch::take`] may give.
     fn continuation_waits(&self, key: &BatchKey, chain: u64) -> bool {
-        let mut waiting = self.waiting();
-        if waiting.closed || !waiting.oldest().is_some_and(|ticket| ticket.key == *key) {
-            return false;
-        }
-        waiting.tickets.iter().take_while(|ticket| ticket.key == *key).any(|ticket| ticket.item.chain == Some(chain))
+        self.waiting().takeable(key).any(|ticket| ticket.item.chain == Some(chain))
     }
 
     /// Waits until some item is handed in, `job` withdraws or the batch closes, for
