@@ -505,16 +505,16 @@ fn forward_windows(image: &Tensor, settings: &StyleSettings) -> Vec<Tensor> {
 /// the precision's TF32 switch set as [`crate::model::load`] sets it.
 pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettings, device: Device) -> Result<Vgg> {
     let precision = crate::model::resolve_precision(settings, device)?;
-    tch::manual_seed(0);
     let convs = arch
         .convs()
         .into_iter()
-        .map(|(layer, _)| {
+        .enumerate()
+        .map(|(index, (layer, _))| {
             let (out, inp) = (arch.out_channels(layer), arch.in_channels(layer));
             let std = (2.0 / (inp * 9) as f64).sqrt();
             crate::model::weights::ConvWeights {
                 layer,
-                weight: Tensor::randn([out, inp, 3, 3], (Kind::Float, Device::Cpu)) * std,
+                weight: crate::seeded::normal(&[out, inp, 3, 3], index as u64) * std,
                 bias: Tensor::zeros([out], (Kind::Float, Device::Cpu)),
             }
         })

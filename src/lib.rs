@@ -13,6 +13,7 @@ pub mod media;
 pub mod model;
 pub mod pipeline;
 pub mod profile;
+pub mod seeded;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod style;

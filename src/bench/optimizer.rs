@@ -62,11 +62,11 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
     memory::reset_allocator_peaks(device);
     let shape = [case.batch.max(1) as i64, 3, case.height as i64, case.width as i64];
     let channels_last = |t: Tensor| Layout::ChannelsLast.apply(&t);
-    tch::manual_seed(11);
+    let mut draws = crate::seeded::Draws::new(11);
     // a separable quadratic ½Σ c·(x − t)², curvatures c from 10⁻³ to 1 (slow enough to converge
     // that the memory holds real pairs)
-    let curvature = channels_last((Tensor::rand(shape, (Kind::Float, device)) * -3.0 * 10f64.ln()).exp());
-    let target = channels_last(Tensor::rand(shape, (Kind::Float, device)));
+    let curvature = channels_last((draws.uniform(&shape, (Kind::Float, device)) * -3.0 * 10f64.ln()).exp());
+    let target = channels_last(draws.uniform(&shape, (Kind::Float, device)));
     let mut image = channels_last(Tensor::zeros(shape, (Kind::Float, device)));
     let mut optimizer =
         Lbfgs::new(case.history.max(1), 1.0).with_memory_limit(memory_limit_bytes(case.memory_limit_mib));

@@ -370,9 +370,8 @@ mod tests {
     #[cfg(impasto_cpp_layer)]
     #[test]
     fn a_bf16_hold_sets_the_switch_keeps_bf16_valued_grams_and_lets_go() {
-        use tch::{Kind, Tensor};
-        tch::manual_seed(7);
-        let features = Tensor::randn([64, 4096], (Kind::Float, Device::Cpu)).relu();
+        use tch::Kind;
+        let features = crate::seeded::normal(&[64, 4096], 7).relu();
         let bf16_valued = features.to_kind(Kind::BFloat16).to_kind(Kind::Float);
         let gram = || bf16_valued.mm(&bf16_valued.tr());
         let ieee = {

@@ -265,19 +265,17 @@ mod tests {
 
     /// A smooth random texture `[1, 3, H, W]` in 0..1.
     fn texture(height: i64, width: i64) -> Tensor {
-        tch::manual_seed(7);
-        let noise = Tensor::rand([1, 3, height / 4, width / 4], (Kind::Float, Device::Cpu));
+        let noise = crate::seeded::uniform(&[1, 3, height / 4, width / 4], 7);
         noise.upsample_bicubic2d([height, width], false, None, None).clamp(0.0, 1.0)
     }
 
     /// A linearised data term of a batch of two `height` × `width` frames with random gradients and
-    /// residuals (from the global generator, seeded by the caller).
-    fn random_data(height: i64, width: i64) -> LinearisedData {
-        let options = (Kind::Float, Device::Cpu);
-        let gradient = Tensor::randn([2, 2, height, width], options) * 20.0;
+    /// residuals drawn from `seed`.
+    fn random_data(height: i64, width: i64, seed: u64) -> LinearisedData {
+        let gradient = crate::seeded::normal(&[2, 2, height, width], seed) * 20.0;
         let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
         LinearisedData {
-            residual_at_zero: Tensor::randn([2, 1, height, width], options) * 10.0,
+            residual_at_zero: crate::seeded::normal(&[2, 1, height, width], seed + 1) * 10.0,
             negative_inverse_norm: -norm.reciprocal(),
             gradient,
         }
@@ -285,12 +283,10 @@ mod tests {
 
     #[test]
     fn fused_iterations_match_the_tensor_operations() {
-        let options = (Kind::Float, Device::Cpu);
         for (height, width) in [(13, 17), (1, 9), (7, 1), (2, 2), (1, 1)] {
-            tch::manual_seed(3);
-            let data = random_data(height, width);
-            let flow = Tensor::randn([2, 2, height, width], options);
-            let start = Tensor::rand([2, 2, 2, height, width], options) - 0.5;
+            let data = random_data(height, width, 3);
+            let flow = crate::seeded::normal(&[2, 2, height, width], 5);
+            let start = crate::seeded::uniform(&[2, 2, 2, height, width], 6) - 0.5;
             let dual = || DualField(start.copy());
             let settings = FlowSettings::default();
             let mut tensor_dual = dual();
@@ -307,12 +303,11 @@ mod tests {
 
     #[test]
     fn a_tensor_iteration_is_the_textbook_step() {
-        let options = (Kind::Float, Device::Cpu);
         for (height, width) in [(5, 7), (1, 4), (3, 1)] {
-            tch::manual_seed(11);
-            let data = random_data(height, width);
-            let flow = Tensor::randn([2, 2, height, width], options);
-            let (along_x, along_y) = (Tensor::rand_like(&flow) - 0.5, Tensor::rand_like(&flow) - 0.5);
+            let data = random_data(height, width, 11);
+            let flow = crate::seeded::normal(&[2, 2, height, width], 13);
+            let along = |seed| crate::seeded::uniform(&[2, 2, height, width], seed) - 0.5;
+            let (along_x, along_y) = (along(14), along(15));
             let settings = FlowSettings { iterations: 1, ..FlowSettings::default() };
             let mut dual = DualField(Tensor::stack(&[&along_x, &along_y], 1));
             let iterated = iterate_tensors(&data, flow.copy(), &mut dual, &settings);
@@ -332,9 +327,8 @@ mod tests {
 
     #[test]
     fn the_fused_median_is_the_tensor_median() {
-        tch::manual_seed(5);
         for (height, width) in [(13, 17), (1, 5), (4, 1), (2, 2)] {
-            let field = Tensor::randn([2, 2, height, width], (Kind::Float, Device::Cpu));
+            let field = crate::seeded::normal(&[2, 2, height, width], 5);
             assert!(fused::median_3x3(&field).equal(&median_filter(&field, 1)), "{height}×{width}");
         }
     }

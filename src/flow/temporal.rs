@@ -53,11 +53,9 @@ mod tests {
 
     #[test]
     fn gradient_matches_the_formula() {
-        tch::manual_seed(3);
-        let options = (Kind::Float, Device::Cpu);
-        let x = Tensor::rand([2, 3, 5, 6], options).set_requires_grad(true);
-        let warped = Tensor::rand([2, 3, 5, 6], options);
-        let mask = Tensor::rand([2, 1, 5, 6], options).gt(0.3).to_kind(Kind::Float);
+        let x = crate::seeded::uniform(&[2, 3, 5, 6], 3).set_requires_grad(true);
+        let warped = crate::seeded::uniform(&[2, 3, 5, 6], 4);
+        let mask = crate::seeded::uniform(&[2, 1, 5, 6], 5).gt(0.3).to_kind(Kind::Float);
         let loss = temporal_loss(&x, &warped, &mask);
         let expected_loss = ((&x - &warped).square() * &mask).sum(Kind::Float) / (2.0 * 5.0 * 6.0);
         assert!((&loss - expected_loss).abs().double_value(&[]) < 1e-6);

@@ -58,7 +58,7 @@ pub fn source_in_frame(flow: &Tensor) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use tch::Kind;
 
     fn constant_flow(dx: f32, dy: f32, height: i64, width: i64) -> Tensor {
         Tensor::from_slice(&[dx, dy]).view([1, 2, 1, 1]).expand([1, 2, height, width], false).contiguous()
@@ -66,7 +66,7 @@ mod tests {
 
     #[test]
     fn integer_shift_moves_pixels_exactly() {
-        let image = Tensor::rand([1, 3, 10, 12], (Kind::Float, Device::Cpu));
+        let image = crate::seeded::uniform(&[1, 3, 10, 12], 51);
         let warped = warp(&image, &constant_flow(3.0, -2.0, 10, 12));
         // Output (x, y) reads input (x + 3, y − 2): compare where that is inside the frame.
         let expected = image.narrow(2, 0, 8).narrow(3, 3, 9);
@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn outside_the_frame_replicates_the_edge_and_is_flagged() {
-        let image = Tensor::rand([1, 1, 4, 5], (Kind::Float, Device::Cpu));
+        let image = crate::seeded::uniform(&[1, 1, 4, 5], 52);
         let flow = constant_flow(2.0, 0.0, 4, 5);
         let warped = warp(&image, &flow);
         let last_column = image.narrow(3, 4, 1);

@@ -387,8 +387,8 @@ mod tests {
     }
 
     /// A pair for a random convex quadratic's curvature (yᵀs > 0), rows `[B, n]` in f64.
-    fn random_pair(batch: i64, width: i64, hessian: &Tensor) -> (Tensor, Tensor) {
-        let s = Tensor::randn([batch, width], (Kind::Double, Device::Cpu));
+    fn random_pair(draws: &mut crate::seeded::Draws, batch: i64, width: i64, hessian: &Tensor) -> (Tensor, Tensor) {
+        let s = draws.normal(&[batch, width], (Kind::Double, Device::Cpu));
         let y = &s * hessian;
         (s, y)
     }
@@ -490,19 +490,19 @@ mod tests {
         forget: &[(usize, usize)],
         by_matrix_products: bool,
     ) {
-        tch::manual_seed(7);
+        let mut draws = crate::seeded::Draws::new(7);
         let width = 37;
-        let hessian = Tensor::rand([batch, width], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(history, Tensor::randn([batch, width], (Kind::Double, Device::Cpu)));
+        let hessian = draws.uniform(&[batch, width], (Kind::Double, Device::Cpu)) + 0.1;
+        let mut checked = Checked::new(history, draws.normal(&[batch, width], (Kind::Double, Device::Cpu)));
         for serial in 0..pushes {
             for &(_, item) in forget.iter().filter(|(at, _)| *at == serial) {
                 checked.forget(item);
             }
-            let (s, y) = random_pair(batch, width, &hessian);
+            let (s, y) = random_pair(&mut draws, batch, width, &hessian);
             // item 0 refuses every fourth pair
             let refusing: &[i64] = if serial % 4 == 3 { &[0] } else { &[] };
             checked.push(&s, &y, refusing, serial as u64);
-            let gamma = Tensor::rand([batch], (Kind::Double, Device::Cpu)) + 0.5;
+            let gamma = draws.uniform(&[batch], (Kind::Double, Device::Cpu)) + 0.5;
             let (compact, reference) = checked.directions(&gamma, Some(by_matrix_products));
             let error = (&compact - &reference).abs().max().double_value(&[]);
             let scale = reference.abs().max().double_value(&[]);
@@ -537,9 +537,9 @@ mod tests {
     fn a_memory_emptied_and_filled_again_matches_the_two_loop_recursion() {
         // history 20: emptied at the 12th push, while two chunks (16 slots) hold 11 pairs; the
         // ring starts again at slot 0 and grows a third chunk later
-        tch::manual_seed(5);
-        let hessian = Tensor::rand([2, 11], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(20, Tensor::randn([2, 11], (Kind::Double, Device::Cpu)));
+        let mut draws = crate::seeded::Draws::new(5);
+        let hessian = draws.uniform(&[2, 11], (Kind::Double, Device::Cpu)) + 0.1;
+        let mut checked = Checked::new(20, draws.normal(&[2, 11], (Kind::Double, Device::Cpu)));
         for serial in 0..40u64 {
             if serial == 11 {
                 while checked.memory.len() > 0 {
@@ -548,7 +548,7 @@ mod tests {
                 assert!(checked.kept.is_empty());
                 assert_eq!(checked.memory.start, 0);
             }
-            let (s, y) = random_pair(2, 11, &hessian);
+            let (s, y) = random_pair(&mut draws, 2, 11, &hessian);
             checked.push(&s, &y, &[], serial);
             let gamma = Tensor::from_slice(&[0.7f64, 2.0]);
             let (compact, reference) = checked.directions(&gamma, None);
@@ -597,13 +597,13 @@ mod tests {
         // 4096-wide f32 pairs of a quadratic whose curvatures span 10⁻³…1, every pair after the
         // first nearly along the one before (cosine about 0.99); the reference runs in f64 on the
         // same f32 values
-        tch::manual_seed(9);
+        let mut draws = crate::seeded::Draws::new(9);
         let options = (Kind::Float, Device::Cpu);
-        let hessian = (Tensor::rand([1, 4096], options) * -3.0 * 10f64.ln()).exp();
-        let mut checked = Checked::new(10, Tensor::randn([1, 4096], options));
-        let mut previous = Tensor::randn([1, 4096], options);
+        let hessian = (draws.uniform(&[1, 4096], options) * -3.0 * 10f64.ln()).exp();
+        let mut checked = Checked::new(10, draws.normal(&[1, 4096], options));
+        let mut previous = draws.normal(&[1, 4096], options);
         for serial in 0..25u64 {
-            let s = &previous + Tensor::randn([1, 4096], options) * 0.15;
+            let s = &previous + draws.normal(&[1, 4096], options) * 0.15;
             let y = &s * &hessian;
             previous = s.shallow_clone();
             checked.push(&s, &y, &[], serial);
@@ -617,12 +617,12 @@ mod tests {
         // the newest y's products with the older pairs are differences of products with gradients
         // a thousand times longer than y: their rounding must not spoil the step
         let _ieee = crate::device::products::hold_ieee(Device::Cpu);
-        tch::manual_seed(11);
+        let mut draws = crate::seeded::Draws::new(11);
         let options = (Kind::Float, Device::Cpu);
-        let hessian = (Tensor::rand([1, 4096], options) * -2.0 * 10f64.ln()).exp();
-        let mut checked = Checked::new(10, Tensor::randn([1, 4096], options) * 300.0);
+        let hessian = (draws.uniform(&[1, 4096], options) * -2.0 * 10f64.ln()).exp();
+        let mut checked = Checked::new(10, draws.normal(&[1, 4096], options) * 300.0);
         for serial in 0..25u64 {
-            let s = Tensor::randn([1, 4096], options);
+            let s = draws.normal(&[1, 4096], options);
             let y = &s * &hessian;
             checked.push(&s, &y, &[], serial);
             let error = checked.relative_error(0.3);
@@ -634,16 +634,16 @@ mod tests {
     fn a_ring_that_wraps_while_growing_is_turned_to_slot_0() {
         // history 20: at the 11th push the 6 oldest of 10 pairs go (as dead pairs do), so the ring
         // starts at slot 6 and wraps past the 16 slots of two chunks before a third chunk is added
-        tch::manual_seed(3);
-        let hessian = Tensor::rand([1, 9], (Kind::Double, Device::Cpu)) + 0.1;
-        let mut checked = Checked::new(20, Tensor::randn([1, 9], (Kind::Double, Device::Cpu)));
+        let mut draws = crate::seeded::Draws::new(3);
+        let hessian = draws.uniform(&[1, 9], (Kind::Double, Device::Cpu)) + 0.1;
+        let mut checked = Checked::new(20, draws.normal(&[1, 9], (Kind::Double, Device::Cpu)));
         for serial in 0..25u64 {
             if serial == 10 {
                 for _ in 0..6 {
                     checked.drop_oldest();
                 }
             }
-            let (s, y) = random_pair(1, 9, &hessian);
+            let (s, y) = random_pair(&mut draws, 1, 9, &hessian);
             checked.push(&s, &y, &[], serial);
             let gamma = Tensor::from_slice(&[1.3f64]);
             let (compact, reference) = checked.directions(&gamma, None);

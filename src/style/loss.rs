@@ -110,9 +110,8 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    fn features(seed: i64) -> Tensor {
-        tch::manual_seed(seed);
-        Tensor::rand([1, 3, 2, 2], (Kind::Float, Device::Cpu))
+    fn features(seed: u64) -> Tensor {
+        crate::seeded::uniform(&[1, 3, 2, 2], seed)
     }
 
     #[test]

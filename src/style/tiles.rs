@@ -185,10 +185,9 @@ mod tests {
 
     #[test]
     fn the_weighted_grams_gradient_is_the_whole_products() {
-        tch::manual_seed(3);
-        let features = Tensor::rand([1, 3, 4, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let weight = Tensor::rand([1, 1, 4, 5], (Kind::Float, Device::Cpu)) + 0.1;
-        let other = Tensor::rand([3, 20], (Kind::Float, Device::Cpu));
+        let features = crate::seeded::uniform(&[1, 3, 4, 5], 3).set_requires_grad(true);
+        let weight = crate::seeded::uniform(&[1, 1, 4, 5], 4) + 0.1;
+        let other = crate::seeded::uniform(&[3, 20], 5);
         let target = other.mm(&other.tr());
         let loss = |gram: Tensor| (gram - &target).square().sum(Kind::Float);
         loss(weighted_gram(&features, &weight)).backward();
