@@ -652,4 +652,30 @@ mod tests {
         assert!((shares.optimise - 0.8).abs() < 1e-12);
         assert_eq!(super::shares(&FrameSeconds::default()), FrameSeconds::default());
     }
+
+    #[test]
+    fn a_random_network_is_the_same_while_another_thread_draws_from_libtorch() {
+        let settings = crate::model::ModelSettings {
+            device: crate::device::DeviceChoice::Cpu,
+            precision: crate::device::Precision::F32.into(),
+            ..crate::model::ModelSettings::default()
+        };
+        let image = crate::seeded::uniform(&[1, 3, 16, 16], 1);
+        let deepest = |vgg: Vgg| vgg.features(&image, &[LayerId::new(5, 1)]).remove(0);
+        let drawing = std::sync::atomic::AtomicBool::new(true);
+        let (first, second) = std::thread::scope(|scope| {
+            // draws from libtorch's process-wide generator all the while
+            scope.spawn(|| {
+                while drawing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
+                }
+            });
+            let first = deepest(random_vgg(crate::model::Arch::Vgg16, &settings, Device::Cpu).unwrap());
+            let second = deepest(random_vgg(crate::model::Arch::Vgg16, &settings, Device::Cpu).unwrap());
+            drawing.store(false, std::sync::atomic::Ordering::Relaxed);
+            (first, second)
+        });
+        assert!(first.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(first.equal(&second), "the weights changed between two networks of one seed");
+    }
 }
