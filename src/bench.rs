@@ -502,7 +502,8 @@ fn forward_windows(image: &Tensor, settings: &StyleSettings) -> Vec<Tensor> {
 }
 
 /// A VGG with random weights of the given architecture (for benchmarking without weight files), with
-/// the precision's TF32 switch set as [`crate::model::load`] sets it.
+/// the precision's TF32 switch set as [`crate::model::load`] sets it. The weights are seeded draws
+/// ([`crate::seeded`]), the same on every call.
 pub fn random_vgg(arch: crate::model::Arch, settings: &crate::model::ModelSettings, device: Device) -> Result<Vgg> {
     let precision = crate::model::resolve_precision(settings, device)?;
     let convs = arch
@@ -644,6 +645,7 @@ pub fn shares(stages: &FrameSeconds) -> FrameSeconds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn shares_add_up_to_one() {
@@ -651,6 +653,15 @@ mod tests {
         assert!((shares.total() - 1.0).abs() < 1e-12, "{shares:?}");
         assert!((shares.optimise - 0.8).abs() < 1e-12);
         assert_eq!(super::shares(&FrameSeconds::default()), FrameSeconds::default());
+    }
+
+    /// Lowers its flag when dropped, so a thread waiting on the flag ends even when the test panics.
+    struct LowerOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for LowerOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
     }
 
     #[test]
@@ -661,19 +672,18 @@ mod tests {
             ..crate::model::ModelSettings::default()
         };
         let image = crate::seeded::uniform(&[1, 3, 16, 16], 1);
-        let deepest = |vgg: Vgg| vgg.features(&image, &[LayerId::new(5, 1)]).remove(0);
-        let drawing = std::sync::atomic::AtomicBool::new(true);
+        // the last convolution sees every layer's weights
+        let last_features = |vgg: Vgg| vgg.features(&image, &[LayerId::new(5, 3)]).remove(0);
+        let drawing = AtomicBool::new(true);
         let (first, second) = std::thread::scope(|scope| {
-            // draws from libtorch's process-wide generator all the while
             scope.spawn(|| {
-                while drawing.load(std::sync::atomic::Ordering::Relaxed) {
+                while drawing.load(Ordering::Relaxed) {
                     let _ = Tensor::randn([64, 64], (Kind::Float, Device::Cpu));
                 }
             });
-            let first = deepest(random_vgg(crate::model::Arch::Vgg16, &settings, Device::Cpu).unwrap());
-            let second = deepest(random_vgg(crate::model::Arch::Vgg16, &settings, Device::Cpu).unwrap());
-            drawing.store(false, std::sync::atomic::Ordering::Relaxed);
-            (first, second)
+            let _stop_drawing = LowerOnDrop(&drawing);
+            let network = || random_vgg(crate::model::Arch::Vgg16, &settings, Device::Cpu).unwrap();
+            (last_features(network()), last_features(network()))
         });
         assert!(first.abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(first.equal(&second), "the weights changed between two networks of one seed");

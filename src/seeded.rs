@@ -15,26 +15,37 @@ fn mix(seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A value in (0, 1) from the top 53 bits of draw `index`.
+/// Normal draws take their uniforms from a stream apart from [`uniform`]'s of the same seed.
+const NORMAL_STREAM: u64 = 0x6A09_E667_F3BC_C909;
+
+/// A value in (0, 1) from the top 52 bits of draw `index` (exact: neither end is reached).
 fn open_unit(seed: u64, index: u64) -> f64 {
-    ((mix(seed, index) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    ((mix(seed, index) >> 12) as f64 + 0.5) * (-52f64).exp2()
 }
 
-fn count(shape: &[i64]) -> u64 {
-    shape.iter().map(|&size| size.max(0) as u64).product()
+/// The same in f32, from the top 23 bits (exact in f32: 1 − 2⁻²⁴ at most, 2⁻²⁴ at least).
+fn open_unit_f32(seed: u64, index: u64) -> f32 {
+    ((mix(seed, index) >> 41) as f32 + 0.5) * (-23f32).exp2()
+}
+
+/// How many values a tensor of `shape` holds.
+fn element_count(shape: &[i64]) -> u64 {
+    assert!(shape.iter().all(|&size| size >= 0), "a shape of sizes ≥ 0, not {shape:?}");
+    shape.iter().map(|&size| size as u64).product()
 }
 
 /// Uniform values in (0, 1), f32, on the CPU.
 pub fn uniform(shape: &[i64], seed: u64) -> Tensor {
-    let values: Vec<f32> = (0..count(shape)).map(|index| open_unit(seed, index) as f32).collect();
+    let values: Vec<f32> = (0..element_count(shape)).map(|index| open_unit_f32(seed, index)).collect();
     Tensor::from_slice(&values).reshape(shape)
 }
 
-/// Standard normal values (Box–Muller), f32, on the CPU.
+/// Standard normal values (Box–Muller, in f64), f32, on the CPU.
 pub fn normal(shape: &[i64], seed: u64) -> Tensor {
-    let values: Vec<f32> = (0..count(shape))
+    let stream = seed ^ NORMAL_STREAM;
+    let values: Vec<f32> = (0..element_count(shape))
         .map(|index| {
-            let (radius, angle) = (open_unit(seed, 2 * index), open_unit(seed, 2 * index + 1));
+            let (radius, angle) = (open_unit(stream, 2 * index), open_unit(stream, 2 * index + 1));
             ((-2.0 * radius.ln()).sqrt() * (std::f64::consts::TAU * angle).cos()) as f32
         })
         .collect();
@@ -49,23 +60,25 @@ pub struct Draws {
 }
 
 impl Draws {
+    /// A sequence whose draws all follow from `seed`.
     pub fn new(seed: u64) -> Draws {
         Draws { seed, drawn: 0 }
     }
 
-    fn next_stream(&mut self) -> u64 {
+    /// The seed of the next draw.
+    fn next_seed(&mut self) -> u64 {
         self.drawn += 1;
         mix(self.seed, self.drawn - 1)
     }
 
-    /// [`uniform`] values in `kind` on `device`.
+    /// [`uniform`] values, made in f32, then in `kind` on `device`.
     pub fn uniform(&mut self, shape: &[i64], (kind, device): (Kind, Device)) -> Tensor {
-        uniform(shape, self.next_stream()).to_kind(kind).to_device(device)
+        uniform(shape, self.next_seed()).to_kind(kind).to_device(device)
     }
 
-    /// [`normal`] values in `kind` on `device`.
+    /// [`normal`] values, made in f32, then in `kind` on `device`.
     pub fn normal(&mut self, shape: &[i64], (kind, device): (Kind, Device)) -> Tensor {
-        normal(shape, self.next_stream()).to_kind(kind).to_device(device)
+        normal(shape, self.next_seed()).to_kind(kind).to_device(device)
     }
 }
 

@@ -261,7 +261,10 @@ fn ends(field: &Tensor, dimension: i64) -> [Tensor; 2] {
 mod tests {
     use super::*;
     use crate::flow::ops::{divergence, forward_differences};
+    use crate::seeded::Draws;
     use tch::Device;
+
+    const F32_CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
     /// A smooth random texture `[1, 3, H, W]` in 0..1.
     fn texture(height: i64, width: i64) -> Tensor {
@@ -270,12 +273,12 @@ mod tests {
     }
 
     /// A linearised data term of a batch of two `height` × `width` frames with random gradients and
-    /// residuals drawn from `seed`.
-    fn random_data(height: i64, width: i64, seed: u64) -> LinearisedData {
-        let gradient = crate::seeded::normal(&[2, 2, height, width], seed) * 20.0;
+    /// residuals, the next two of `draws`.
+    fn random_data(height: i64, width: i64, draws: &mut Draws) -> LinearisedData {
+        let gradient = draws.normal(&[2, 2, height, width], F32_CPU) * 20.0;
         let norm = gradient.square().sum_dim_intlist(1, true, Kind::Float) + TINY_GRADIENT;
         LinearisedData {
-            residual_at_zero: crate::seeded::normal(&[2, 1, height, width], seed + 1) * 10.0,
+            residual_at_zero: draws.normal(&[2, 1, height, width], F32_CPU) * 10.0,
             negative_inverse_norm: -norm.reciprocal(),
             gradient,
         }
@@ -284,9 +287,10 @@ mod tests {
     #[test]
     fn fused_iterations_match_the_tensor_operations() {
         for (height, width) in [(13, 17), (1, 9), (7, 1), (2, 2), (1, 1)] {
-            let data = random_data(height, width, 3);
-            let flow = crate::seeded::normal(&[2, 2, height, width], 5);
-            let start = crate::seeded::uniform(&[2, 2, 2, height, width], 6) - 0.5;
+            let mut draws = Draws::new(3);
+            let data = random_data(height, width, &mut draws);
+            let flow = draws.normal(&[2, 2, height, width], F32_CPU);
+            let start = draws.uniform(&[2, 2, 2, height, width], F32_CPU) - 0.5;
             let dual = || DualField(start.copy());
             let settings = FlowSettings::default();
             let mut tensor_dual = dual();
@@ -304,10 +308,11 @@ mod tests {
     #[test]
     fn a_tensor_iteration_is_the_textbook_step() {
         for (height, width) in [(5, 7), (1, 4), (3, 1)] {
-            let data = random_data(height, width, 11);
-            let flow = crate::seeded::normal(&[2, 2, height, width], 13);
-            let along = |seed| crate::seeded::uniform(&[2, 2, height, width], seed) - 0.5;
-            let (along_x, along_y) = (along(14), along(15));
+            let mut draws = Draws::new(11);
+            let data = random_data(height, width, &mut draws);
+            let flow = draws.normal(&[2, 2, height, width], F32_CPU);
+            let along_x = draws.uniform(&[2, 2, height, width], F32_CPU) - 0.5;
+            let along_y = draws.uniform(&[2, 2, height, width], F32_CPU) - 0.5;
             let settings = FlowSettings { iterations: 1, ..FlowSettings::default() };
             let mut dual = DualField(Tensor::stack(&[&along_x, &along_y], 1));
             let iterated = iterate_tensors(&data, flow.copy(), &mut dual, &settings);

@@ -586,7 +586,8 @@ mod tests {
         // three frames of one chain, then one of none: the job hands each in once it has the last back.
         // A step that doubles the loss makes the optimiser forget the item, whatever the chain, so the
         // frames before the last of the chain stop before a quasi-Newton step is evaluated: the first
-        // after its scaled gradient step, the middle one after its first evaluation
+        // after its scaled gradient step, the middle one after its first evaluation (its only pair
+        // would span two frames and is refused; it hands the first one's on)
         let chained = |chain: Option<u64>| move |(id, item): (usize, BatchItem)| (id, BatchItem { chain, ..item });
         let plan = [(0, &first, 0.2, 2), (1, &first, 0.4, 1), (2, &first, 0.6, 2), (3, &first, 0.8, 2)];
         let mut frames: VecDeque<_> = lane(&plan[..3], (32, 24)).into_iter().map(chained(Some(11))).collect();

@@ -1209,8 +1209,10 @@ pub(crate) mod tests {
             Some(BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain })
         };
         // one slot: a chain of two, another chain, two items of none, then that other chain again. A
-        // step that doubles the loss makes the optimiser forget the item, so an item the next one is
-        // to carry on from ends after its first, scaled gradient step, before a quasi-Newton step
+        // step that doubles the loss makes the optimiser forget the item; the first of each chain ends
+        // after its scaled gradient step, before a quasi-Newton step is evaluated, so that whether the
+        // next item carries on (chain 1) or not (chain 2, others came between) does not hang on an
+        // overshoot
         let queue =
             [item(Some(1), 2), item(Some(1), 3), item(Some(2), 2), item(None, 3), item(None, 3), item(Some(2), 3)];
         let mut feed = Trickle::new(vec![queue.into()]);
@@ -1228,8 +1230,8 @@ pub(crate) mod tests {
             let stopping = stylizer.stopping();
             Some(BatchItem { targets: targets.shallow_clone(), start, iterations, stopping, chain })
         };
-        // slot 0: a chain of two (the first ends before a quasi-Newton step that could overshoot and
-        // make the optimiser forget it); slot 1 runs beside it all along
+        // slot 0: a chain of two (the first ends before a quasi-Newton step is evaluated, which could
+        // overshoot and make the optimiser forget it); slot 1 runs beside it all along
         let run = |waits: usize| {
             let mut chain: std::collections::VecDeque<_> = [item(Some(3), 2, 0.4)].into();
             chain.extend((0..waits).map(|_| None));
