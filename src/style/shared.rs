@@ -139,8 +139,11 @@ impl From<Failure> for Error {
 const POLL: Duration = Duration::from_millis(100);
 
 /// How long a batch whose slots are all empty waits for the next item of the chain its last item
-/// was of (its job plans that item once it has the last one back) before it ends.
-const CHAIN_GRACE: Duration = Duration::from_secs(2);
+/// was of (its job plans that item once it has the last one back: on a CPU at 1080p its content
+/// targets alone take seconds) before it ends. The wait costs no device time: it ends as soon as any
+/// item is handed in, the job withdraws (as it does when done) or the batch closes; meanwhile the
+/// batch's memory stays held.
+const CHAIN_GRACE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for SharedBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -363,8 +366,8 @@ impl Drop for Withdraw<'_> {
 /// The runner's side: the shared queue as one batch's feed. A slot whose item is done waits for
 /// the next item of the same chain (see [`BatchItem::chain`]): its optimiser keeps what it learnt
 /// there, and another empty slot does not take that item. Where every slot is empty, the batch
-/// waits a moment ([`CHAIN_GRACE`]) for the next item of the chain the last one was of rather than
-/// end, and an empty slot whose next item is there stays open to take it. A chain lives on in one
+/// waits (up to [`CHAIN_GRACE`], until anything is handed in) for the next item of the chain the
+/// last one was of rather than end, and an empty slot whose next item is there stays open to take it. A chain lives on in one
 /// slot at a time. Items of no chain go to any slot.
 struct RunnerFeed<'b> {
     batch: &'b SharedBatch,
@@ -597,6 +600,52 @@ mod tests {
         let carried: Vec<bool> = feeds[0].outcomes.values().map(|outcome| outcome.curvature_carried).collect();
         assert_eq!(carried, [false, true, true, false]);
         // the batch waited for each next frame of the chain instead of ending; the last ended it
+        assert_eq!(batch.stats().batches, 1, "{:?}", batch.stats());
+    }
+
+    /// A job's items, of which it hands item `late` in only `pause` after it has the one before
+    /// back, as a job busy with a large frame's targets does.
+    struct Late {
+        items: QueuedItems,
+        late: usize,
+        pause: Duration,
+    }
+
+    impl BatchFeed for Late {
+        fn next(&mut self, slot: usize) -> Option<BatchItem> {
+            if self.items.queues[slot].front().is_some_and(|(id, _)| *id == self.late) {
+                std::thread::sleep(self.pause);
+            }
+            self.items.next(slot)
+        }
+        fn finished(&mut self, slot: usize, outcome: Optimised) {
+            self.items.finished(slot, outcome);
+        }
+        fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor) {
+            self.items.iteration(slot, done, losses, point);
+        }
+    }
+
+    #[test]
+    fn a_frame_handed_in_seconds_after_the_last_one_came_back_still_carries_the_chain_on() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 32, 24);
+        let chained = |(id, item): (usize, BatchItem)| (id, BatchItem { chain: Some(12), ..item });
+        // as in the test above, the frames before the last end before a quasi-Newton step
+        let plan = [(0, &first, 0.2, 2), (1, &first, 0.4, 1), (2, &first, 0.6, 2)];
+        let frames: VecDeque<_> = lane(&plan, (32, 24)).into_iter().map(chained).collect();
+        // the last frame comes 3 s after the one before came back
+        let job = Late { items: QueuedItems::new(vec![frames]), late: 2, pause: Duration::from_secs(3) };
+        let batch = SharedBatch::new(2);
+        let settings = StyleSettings::default();
+        let feeds = crate::bench::run_at_once(vec![job], &vgg, Some((&batch, "m")), |mut feed, _, shared| {
+            shared.expect("a shared batch").optimise("m", &settings, 1, &mut feed)?;
+            Ok(feed)
+        })
+        .unwrap();
+        let carried: Vec<bool> = feeds[0].items.outcomes.values().map(|outcome| outcome.curvature_carried).collect();
+        assert_eq!(carried, [false, true, true]);
         assert_eq!(batch.stats().batches, 1, "{:?}", batch.stats());
     }
 
