@@ -87,7 +87,8 @@ pub struct VideoSettings {
     /// frame on its own. In a batch shared by several jobs a slot whose frame is done waits for the
     /// next frame of the same run, learning nothing meanwhile, and other slots leave that frame to
     /// it (a batch whose last frame is done waits up to 30 s for it rather than end, less when
-    /// anything else is handed in or the job is done), so frames carry it on there too.
+    /// anything else is handed in or the job is done), so frames carry it on there too, unless
+    /// another job's frame takes the slot first or they come more than 30 s later.
     /// Left out of the settings' JSON when off, so the identities of checkpoints and watch folders
     /// made before it existed still match.
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -141,8 +141,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a batch whose slots are all empty waits for the next item of the chain its last item
 /// was of (its job plans that item once it has the last one back: on a CPU at 1080p its content
 /// targets alone take seconds) before it ends. The wait costs no device time: it ends as soon as any
-/// item is handed in, the job withdraws (as it does when done) or the batch closes; meanwhile the
-/// batch's memory stays held.
+/// item is handed in or the batch closes, and within a [`POLL`] of the job withdrawing (as it does
+/// when done); meanwhile the batch's memory stays held.
 const CHAIN_GRACE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for SharedBatch {
@@ -366,8 +366,9 @@ impl Drop for Withdraw<'_> {
 /// The runner's side: the shared queue as one batch's feed. A slot whose item is done waits for
 /// the next item of the same chain (see [`BatchItem::chain`]): its optimiser keeps what it learnt
 /// there, and another empty slot does not take that item. Where every slot is empty, the batch
-/// waits (up to [`CHAIN_GRACE`], until anything is handed in) for the next item of the chain the
-/// last one was of rather than end, and an empty slot whose next item is there stays open to take it. A chain lives on in one
+/// waits (up to [`CHAIN_GRACE`], until anything is handed in, the job withdraws or the batch
+/// closes) for the next item of the chain the last one was of rather than end, and an empty slot
+/// whose next item is there stays open to take it. A chain lives on in one
 /// slot at a time. Items of no chain go to any slot.
 struct RunnerFeed<'b> {
     batch: &'b SharedBatch,
