@@ -409,11 +409,10 @@ impl BatchFeed for RunnerFeed<'_> {
         }
         let ticket = ticket?;
         if let Some(taken) = ticket.item.chain {
-            self.homes.iter_mut().filter(|home| home.as_ref().is_some_and(|home| home.chain == taken)).for_each(
-                |home| {
-                    *home = None;
-                },
-            );
+            // a chain lives on in one slot: the one whose last item it was has nothing to wait for
+            for home in self.homes.iter_mut().filter(|home| home.as_ref().is_some_and(|home| home.chain == taken)) {
+                *home = None;
+            }
         }
         self.homes[slot] = ticket.item.chain.map(|chain| Home { chain, job: ticket.job.clone() });
         self.held[slot] = Some(Held { lane: ticket.lane, job: ticket.job });
@@ -476,7 +475,7 @@ mod tests {
 
     /// Runs each job's feed (one lane each) in `batch` from its own thread; the runner starts only
     /// once every job's first item waits, so the first batch sees them all. Returns the feeds.
-    fn run_jobs(batch: &SharedBatch, vgg: &Vgg, jobs: Vec<QueuedItems>) -> Vec<QueuedItems> {
+    fn run_jobs<F: BatchFeed + Send>(batch: &SharedBatch, vgg: &Vgg, jobs: Vec<F>) -> Vec<F> {
         let settings = StyleSettings::default();
         crate::bench::run_at_once(jobs, vgg, Some((batch, "m")), |mut feed, _, shared| {
             shared.expect("a shared batch").optimise("m", &settings, 1, &mut feed)?;
@@ -639,12 +638,7 @@ mod tests {
         // the last frame comes 3 s after the one before came back
         let job = Late { items: QueuedItems::new(vec![frames]), late: 2, pause: Duration::from_secs(3) };
         let batch = SharedBatch::new(2);
-        let settings = StyleSettings::default();
-        let feeds = crate::bench::run_at_once(vec![job], &vgg, Some((&batch, "m")), |mut feed, _, shared| {
-            shared.expect("a shared batch").optimise("m", &settings, 1, &mut feed)?;
-            Ok(feed)
-        })
-        .unwrap();
+        let feeds = run_jobs(&batch, &vgg, vec![job]);
         let carried: Vec<bool> = feeds[0].items.outcomes.values().map(|outcome| outcome.curvature_carried).collect();
         assert_eq!(carried, [false, true, true]);
         assert_eq!(batch.stats().batches, 1, "{:?}", batch.stats());
