@@ -3,15 +3,21 @@
 //! and compiles the small C++ layer (`src/device/tf32.cpp`: the TF32 switches of libtorch's global
 //! context; `src/device/allocator.cpp`: the CUDA caching allocator's peak statistics;
 //! `src/device/bf16.cpp`: whether the GPU runs bf16 convolutions natively; `src/device/products.cpp`:
-//! the precision of float32 matrix products on the CPU) against the same libtorch headers tch itself is
+//! the precision of float32 matrix products on the CPU; `src/device/bf16_rows.cpp`: bf16 rows read
+//! against float32 vectors on the CPU, for L-BFGS's pairs) against the same libtorch headers tch itself is
 //! built with.
 //! torch-sys (a direct dependency for this reason) exports the directory as `DEP_TCH_LIBTORCH_LIB`.
 
 use std::path::Path;
 
 /// The C++ layer: what libtorch offers that tch does not expose.
-const CPP_SOURCES: [&str; 4] =
-    ["src/device/tf32.cpp", "src/device/allocator.cpp", "src/device/bf16.cpp", "src/device/products.cpp"];
+const CPP_SOURCES: [&str; 5] = [
+    "src/device/tf32.cpp",
+    "src/device/allocator.cpp",
+    "src/device/bf16.cpp",
+    "src/device/products.cpp",
+    "src/device/bf16_rows.cpp",
+];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -50,7 +56,15 @@ fn compile_cpp_layer(lib_dir: &Path) {
         .flag(include.display().to_string())
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        // at::parallel_for is inline OpenMP: without it, bf16_rows.cpp would run on one thread
+        .flag("-fopenmp")
+        // bf16_rows.cpp's loops: fused multiply-adds and whole AVX-512 registers where the CPU has them
+        .flag("-ffp-contract=fast")
+        .flag("-mprefer-vector-width=512")
         .files(CPP_SOURCES)
         .compile("impasto_cpp");
+    // the OpenMP runtime libtorch ships and itself runs on, so that the process has only one
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     println!("cargo:rustc-cfg=impasto_cpp_layer");
 }

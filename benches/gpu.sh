@@ -147,15 +147,19 @@ budgeted "flow $sizes" "$flow_jsonl" "$bin" bench --flow --sizes "$sizes" --at-o
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >"$flow_md"
 
 # L-BFGS's proposals alone, with its full memory of 100 pairs (as from a frame's 100th iteration on;
-# at 4K the 26 that lbfgs_memory_mib allows): what the optimiser adds to each iteration, in a few
-# launches per 8 pairs, and the memory the pairs take.
+# at 4K the 26 that lbfgs_memory_mib allows in f32, 53 in bf16): what the optimiser adds to each
+# iteration, in a few launches per 8 pairs, and the memory the pairs take; the pairs in f32 (what
+# `auto` keeps on a GPU) and in bf16 (widened chunk by chunk as they are read).
 optimizer_jsonl="$out/gpu-optimizer.jsonl"
 optimizer_md="$out/gpu-optimizer.md"
 : >"$optimizer_jsonl"
 optimizer_sizes="512,1280x720,3840x2160"
 [[ "$quick" == 1 ]] && optimizer_sizes="32,48x32"
-budgeted "optimizer $optimizer_sizes" "$optimizer_jsonl" "$bin" bench --optimizer --sizes "$optimizer_sizes" \
-    --iterations 5 --warmup 1 --device "$device" || count_failure $?
+for pairs in f32 bf16; do
+    budgeted "optimizer $optimizer_sizes, $pairs pairs" "$optimizer_jsonl" "$bin" bench --optimizer \
+        --sizes "$optimizer_sizes" --lbfgs-pairs "$pairs" --iterations 5 --warmup 1 --device "$device" \
+        || count_failure $?
+done
 CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py optimizer "$optimizer_jsonl" >"$optimizer_md"
 
 # Synthetic moving frames painted as a video job paints them (flow mode, fixed iterations), the flow

@@ -113,8 +113,8 @@ def paintings(rows):
 
 
 def optimizers(rows):
-    header = ["size", "batch", "pairs", "s per proposal", "peak RSS MiB", "CUDA max allocated MiB"]
-    table(header, (f"{size(r)} | {r['batch']} | {r['pairs']} | {r['seconds_per_proposal']:.5f} "
+    header = ["size", "batch", "pairs", "stored in", "s per proposal", "peak RSS MiB", "CUDA max allocated MiB"]
+    table(header, (f"{size(r)} | {r['batch']} | {r['pairs']} | {r.get('pair_kind', 'f32')} | {r['seconds_per_proposal']:.5f} "
                    f"| {r['peak_rss_mib']:.0f} | {mib(r.get('cuda_max_allocated_mib'))}" for r in rows))
 
 

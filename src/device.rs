@@ -4,9 +4,11 @@
 //! image always stays f32; `auto` picks bf16 where it is the faster). `tf32` holds the TF32 switch,
 //! `memory` the device-memory reading, `bf16` the hardware check and CPU measurement behind `auto`,
 //! `threads` the per-thread CPU thread count, `heap` the process heap's settings for CPU tensors,
-//! `products` the precision of the CPU's f32 matrix products (bf16 inputs for a bf16 network's Grams).
+//! `products` the precision of the CPU's f32 matrix products (bf16 inputs for a bf16 network's Grams),
+//! `bf16_rows` the CPU's reads of L-BFGS's pairs kept in bf16.
 
 pub mod bf16;
+pub mod bf16_rows;
 pub mod heap;
 pub mod memory;
 pub mod products;

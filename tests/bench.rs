@@ -106,16 +106,20 @@ fn gpu_script_quick_mode_writes_a_row_per_size_precision_and_layout() {
     assert!(painted.iter().all(|r| r["flow_seconds_per_frame"].as_f64().is_some_and(|s| s > 0.0)), "{painted:?}");
     let painting_table = std::fs::read_to_string(out.path().join("gpu-painting.md")).unwrap();
     assert!(painting_table.contains("| 32² | ahead |"), "{painting_table}");
-    // L-BFGS's proposals with a full memory of the default 100 pairs, one row per size
+    // L-BFGS's proposals with a full memory of the default 100 pairs, one row per size and pair kind
     let proposals = json_lines(&std::fs::read_to_string(out.path().join("gpu-optimizer.jsonl")).unwrap());
-    let optimized: Vec<(u64, u64, u64)> = proposals
+    let optimized: Vec<(u64, u64, u64, &str)> = proposals
         .iter()
-        .map(|r| (r["width"].as_u64().unwrap(), r["height"].as_u64().unwrap(), r["pairs"].as_u64().unwrap()))
+        .map(|r| {
+            let (width, height) = (r["width"].as_u64().unwrap(), r["height"].as_u64().unwrap());
+            (width, height, r["pairs"].as_u64().unwrap(), r["pair_kind"].as_str().unwrap())
+        })
         .collect();
-    assert_eq!(optimized, [(32, 32, 100), (48, 32, 100)], "{proposals:?}");
+    let expected = [(32, 32, 100, "f32"), (48, 32, 100, "f32"), (32, 32, 100, "bf16"), (48, 32, 100, "bf16")];
+    assert_eq!(optimized, expected, "{proposals:?}");
     assert!(proposals.iter().all(|r| r["seconds_per_proposal"].as_f64().is_some_and(|s| s > 0.0)), "{proposals:?}");
     let optimizer_table = std::fs::read_to_string(out.path().join("gpu-optimizer.md")).unwrap();
-    assert!(optimizer_table.contains("| 48×32 | 1 | 100 |"), "{optimizer_table}");
+    assert!(optimizer_table.contains("| 48×32 | 1 | 100 | bf16 |"), "{optimizer_table}");
     // the default precision settled for this CPU, and the log says what it became
     let auto = json_lines(&std::fs::read_to_string(out.path().join("gpu-auto.jsonl")).unwrap());
     let expected = common::auto_precision_with(common::BF16_IS_FASTER);
@@ -162,11 +166,16 @@ fn video_bench_reports_seconds_per_frame_and_stage_shares() {
 
 #[test]
 fn the_optimizer_bench_keeps_the_pairs_the_profiles_memory_limit_allows() {
-    // at 32² a pair is two f32 images of 3 × 32 × 32 values: 24 KiB, so 1 MiB holds 42 pairs; 0 lifts the limit
+    // at 32² a pair is two f32 images of 3 × 32 × 32 values: 24 KiB, so 1 MiB holds 42 pairs, or
+    // 85 in bf16 (12 KiB); 0 lifts the limit. `auto` stores them in bf16 on the CPU where this
+    // build reads bf16 rows.
+    let auto_kind = if impasto::device::bf16_rows::available() { "bf16" } else { "f32" };
     let dir = tempfile::tempdir().unwrap();
-    for (limit, kept) in [(1u64, 42u64), (0, 100)] {
-        let profile = dir.path().join(format!("limit-{limit}.toml"));
-        std::fs::write(&profile, format!("[style]\nlbfgs_memory_mib = {limit}\n")).unwrap();
+    for (pairs, limit, kept, kind) in
+        [("f32", 1u64, 42u64, "f32"), ("bf16", 1, 85, "bf16"), ("auto", 0, 100, auto_kind)]
+    {
+        let profile = dir.path().join(format!("limit-{limit}-{pairs}.toml"));
+        std::fs::write(&profile, format!("[style]\nlbfgs_memory_mib = {limit}\nlbfgs_pairs = \"{pairs}\"\n")).unwrap();
         let output =
             common::in_test_cache(&mut Command::new(env!("CARGO_BIN_EXE_impasto")), dir.path(), common::F32_IS_FASTER)
                 .args(["bench", "--optimizer", "--sizes", "32", "--iterations", "1", "--warmup", "0"])
@@ -177,6 +186,7 @@ fn the_optimizer_bench_keeps_the_pairs_the_profiles_memory_limit_allows() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let rows = json_lines(&String::from_utf8(output.stdout).unwrap());
         assert_eq!(rows.len(), 1, "{rows:?}");
-        assert_eq!(rows[0]["pairs"].as_u64(), Some(kept), "limit {limit} MiB: {rows:?}");
+        assert_eq!(rows[0]["pairs"].as_u64(), Some(kept), "limit {limit} MiB, {pairs}: {rows:?}");
+        assert_eq!(rows[0]["pair_kind"], kind, "{pairs}: {rows:?}");
     }
 }

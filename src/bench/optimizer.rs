@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use super::{peak_rss_mib, synchronize};
 use crate::device::{device_name, memory};
 use crate::model::Layout;
-use crate::style::optim::{Lbfgs, Optimizer};
+use crate::style::optim::{Lbfgs, Optimizer, PairPrecision};
 use crate::style::stylizer::memory_limit_bytes;
 
 /// How much to time: `batch` images of `width` × `height`, a memory of `history` pairs filled first,
@@ -29,6 +29,8 @@ pub struct OptimizerCase {
     pub history: usize,
     /// The most memory the pairs may take per image, MiB (0: no limit).
     pub memory_limit_mib: u64,
+    /// The kind to store the pairs in.
+    pub pair_precision: PairPrecision,
     /// Untimed proposals after the memory is full.
     pub warmup: usize,
     /// Timed proposals.
@@ -48,6 +50,8 @@ pub struct OptimizerBenchRow {
     pub batch: usize,
     /// Curvature pairs remembered when timed.
     pub pairs: usize,
+    /// The kind they were stored in: `f32` or `bf16`.
+    pub pair_kind: String,
     /// Mean seconds per proposal of the whole batch (the quadratic's gradient included, one
     /// element-wise product).
     pub seconds_per_proposal: f64,
@@ -68,8 +72,9 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
     let curvature = channels_last((draws.uniform(&shape, (Kind::Float, device)) * -3.0 * 10f64.ln()).exp());
     let target = channels_last(draws.uniform(&shape, (Kind::Float, device)));
     let mut image = channels_last(Tensor::zeros(shape, (Kind::Float, device)));
-    let mut optimizer =
-        Lbfgs::new(case.history.max(1), 1.0).with_memory_limit(memory_limit_bytes(case.memory_limit_mib));
+    let mut optimizer = Lbfgs::new(case.history.max(1), 1.0)
+        .with_memory_limit(memory_limit_bytes(case.memory_limit_mib))
+        .with_pair_precision(case.pair_precision);
     let mut propose = |optimizer: &mut Lbfgs| {
         let gradient = (&image - &target) * &curvature;
         image += optimizer.propose(&gradient).step;
@@ -96,8 +101,19 @@ pub fn bench_optimizer(device: Device, case: OptimizerCase) -> OptimizerBenchRow
         device: device_name(device),
         batch: shape[0] as usize,
         pairs: optimizer.pairs(),
+        pair_kind: kind_name(optimizer.pair_kind()),
         seconds_per_proposal,
         peak_rss_mib: peak_rss_mib(),
         cuda_max_allocated_mib: memory::allocator_peaks_mib(device).map(|(allocated, _)| allocated),
+    }
+}
+
+/// `f32`, `bf16` (or libtorch's name of another kind) for the pairs' kind.
+fn kind_name(kind: Option<Kind>) -> String {
+    match kind {
+        Some(Kind::Float) => "f32".into(),
+        Some(Kind::BFloat16) => "bf16".into(),
+        Some(other) => format!("{other:?}").to_lowercase(),
+        None => "none".into(),
     }
 }

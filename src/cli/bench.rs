@@ -202,6 +202,7 @@ fn bench_optimizer(
             batch,
             history: style.lbfgs_history,
             memory_limit_mib: style.lbfgs_memory_mib,
+            pair_precision: style.lbfgs_pairs,
             warmup: args.warmup,
             iterations: args.iterations,
         };

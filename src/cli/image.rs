@@ -8,7 +8,7 @@ use clap::Args;
 use impasto::model::LayerId;
 use impasto::profile::Profile;
 use impasto::style::color::ColorMode;
-use impasto::style::optim::OptimizerKind;
+use impasto::style::optim::{OptimizerKind, PairPrecision};
 use impasto::style::{Init, ScaleStep, StyleImage, StyleSettings, Stylizer};
 use impasto::{Error, imageio};
 use serde_json::json;
@@ -71,6 +71,9 @@ pub struct LossFlags {
     /// Optimiser: lbfgs or adam.
     #[arg(long)]
     pub optimizer: Option<OptimizerKind>,
+    /// How L-BFGS stores its curvature pairs: auto (bf16 on the CPU), f32 or bf16 (half the memory).
+    #[arg(long)]
+    pub lbfgs_pairs: Option<PairPrecision>,
     /// Adam learning rate.
     #[arg(long)]
     pub learning_rate: Option<f64>,
@@ -98,7 +101,7 @@ impl LossFlags {
     /// The profile's style settings with these flags applied.
     pub fn apply(&self, mut s: StyleSettings) -> StyleSettings {
         apply_flags!(self => s; ratio, layer_balance, tv_weight, content_layers, style_layers, style_layer_weights);
-        apply_flags!(self => s; optimizer);
+        apply_flags!(self => s; optimizer, lbfgs_pairs);
         apply_flags!(self => s; learning_rate, style_scale, style_blend, color, tile_size, tile_overlap);
         apply_flags!(self => s; loss_read_interval);
         s

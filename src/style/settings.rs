@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::color::ColorMode;
-use super::optim::OptimizerKind;
+use super::optim::{OptimizerKind, PairPrecision};
 use crate::error::{Error, Result};
 use crate::model::LayerId;
 
@@ -102,9 +102,14 @@ pub struct StyleSettings {
     pub lbfgs_history: usize,
     /// The most memory, MiB, L-BFGS's pairs may take per image (0: no limit): fewer pairs are kept
     /// where `lbfgs_history` of them would take more. Each pair is two images in f32: 100 pairs take
-    /// 600 MiB at 512², 4.6 GiB at 1080p and 18.5 GiB at 4K, where the default keeps 26. A batch
-    /// of B images holds B times as much.
+    /// 600 MiB at 512², 4.6 GiB at 1080p and 18.5 GiB at 4K, where the default keeps 26; in bf16
+    /// (`lbfgs_pairs`) half that, and 4K keeps 53. A batch of B images holds B times as much.
     pub lbfgs_memory_mib: u64,
+    /// How L-BFGS stores its pairs: `f32`, `bf16` (half the memory and the reads; the steps are
+    /// those of the rounded pairs), or `auto`: bf16 for f32 images on the CPU (as fast or faster at
+    /// the same quality, BENCHMARKS.md), f32 on a GPU until measured there. In bf16, 100 pairs take
+    /// 2.3 GiB at 1080p, and 4K keeps 53 within the default limit.
+    pub lbfgs_pairs: PairPrecision,
     /// Adam's learning rate (image in 0..1); L-BFGS uses 1.
     pub learning_rate: f64,
     /// Stop early when the relative loss change stays below this for `patience` iterations (0 = never).
@@ -150,6 +155,7 @@ impl Default for StyleSettings {
             optimizer: OptimizerKind::Lbfgs,
             lbfgs_history: 100,
             lbfgs_memory_mib: 5120,
+            lbfgs_pairs: PairPrecision::Auto,
             learning_rate: 0.02,
             tolerance: 0.0,
             patience: 10,

@@ -1,0 +1,167 @@
+//! Rows stored in bf16 read against f32 vectors on the CPU, for L-BFGS's curvature pairs kept in
+//! half the bytes (`lbfgs_pairs = "bf16"`). Reading the pairs is bound by memory bandwidth, and
+//! libtorch offers no fitting product: its bf16 matrix-vector product rounds the result to bf16, and
+//! widening a chunk to f32 first writes and reads it again. So a small C++ layer (`bf16_rows.cpp`,
+//! built with the others against libtorch's headers) widens the rows as they stream past, on
+//! libtorch's own threads: the dot products of the rows with a vector (summed in f32 lanes per block
+//! of 4,096 columns and in f64 across blocks, in a fixed order), and a vector plus a combination of the
+//! rows. Where the layer was not built, [`available`] is false and the callers widen chunks instead.
+
+use tch::{Device, Kind, Tensor};
+
+#[cfg(impasto_cpp_layer)]
+unsafe extern "C" {
+    fn impasto_bf16_rows_times_vector(
+        rows: *const u16,
+        row_count: i64,
+        width: i64,
+        vector: *const f32,
+        products: *mut f64,
+    ) -> std::ffi::c_int;
+    fn impasto_add_bf16_rows(
+        sum: *mut f32,
+        coefficients: *const f32,
+        rows: *const u16,
+        row_count: i64,
+        width: i64,
+    ) -> std::ffi::c_int;
+}
+
+/// Whether this build reads bf16 rows on the CPU without widening them first.
+pub const fn available() -> bool {
+    cfg!(impasto_cpp_layer)
+}
+
+/// Checks that `rows` is a `[R, n]` bf16 matrix and `vector` an `[n]` f32 one on the CPU.
+fn check(rows: &Tensor, vector: &Tensor) {
+    assert_eq!((rows.kind(), vector.kind()), (Kind::BFloat16, Kind::Float), "bf16 rows against an f32 vector");
+    assert_eq!((rows.device(), vector.device()), (Device::Cpu, Device::Cpu), "bf16 rows are read on the CPU");
+    assert_eq!(rows.dim(), 2, "rows [R, n]");
+    assert_eq!(vector.size(), [rows.size()[1]], "a vector as long as the rows");
+}
+
+/// The dot product of each row of `rows` (`[R, n]` bf16) with `vector` (`[n]` f32): `[R]` f64.
+pub fn times_vector(rows: &Tensor, vector: &Tensor) -> Tensor {
+    check(rows, vector);
+    let (rows, vector) = (rows.contiguous(), vector.contiguous());
+    let products = Tensor::zeros([rows.size()[0]], (Kind::Double, Device::Cpu));
+    #[cfg(impasto_cpp_layer)]
+    {
+        let [row_count, width] = [rows.size()[0], rows.size()[1]];
+        // SAFETY: both inputs are contiguous CPU tensors of the checked kinds and shapes, alive for
+        // the call, and `products` is a fresh contiguous [R] f64 tensor; the C++ side writes only
+        // products[0..R) and catches every exception.
+        let status = unsafe {
+            impasto_bf16_rows_times_vector(
+                rows.data_ptr() as *const u16,
+                row_count,
+                width,
+                vector.data_ptr() as *const f32,
+                products.data_ptr() as *mut f64,
+            )
+        };
+        assert_eq!(status, 0, "libtorch's thread pool failed reading bf16 rows");
+        products
+    }
+    #[cfg(not(impasto_cpp_layer))]
+    {
+        let _ = products;
+        rows.to_kind(Kind::Double).mv(&vector.to_kind(Kind::Double))
+    }
+}
+
+/// `sum` (`[n]` f32, contiguous) += Σᵣ `coefficients`ᵣ · row r of `rows` (`[R, n]` bf16), in place;
+/// rows whose coefficient is zero are skipped.
+pub fn add_combination(sum: &Tensor, coefficients: &Tensor, rows: &Tensor) {
+    check(rows, sum);
+    assert!(sum.is_contiguous(), "the sum is written in place, so it must be contiguous");
+    assert_eq!(coefficients.size(), [rows.size()[0]], "a coefficient per row");
+    let coefficients = coefficients.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let rows = rows.contiguous();
+    #[cfg(impasto_cpp_layer)]
+    {
+        let [row_count, width] = [rows.size()[0], rows.size()[1]];
+        // SAFETY: `sum` is a contiguous [n] f32 CPU tensor that this call alone writes (the caller
+        // holds it), the rows and coefficients contiguous tensors of the checked kinds and shapes,
+        // alive for the call; the C++ side catches every exception.
+        let status = unsafe {
+            impasto_add_bf16_rows(
+                sum.data_ptr() as *mut f32,
+                coefficients.data_ptr() as *const f32,
+                rows.data_ptr() as *const u16,
+                row_count,
+                width,
+            )
+        };
+        assert_eq!(status, 0, "libtorch's thread pool failed combining bf16 rows");
+    }
+    #[cfg(not(impasto_cpp_layer))]
+    {
+        let mut sum = sum.shallow_clone();
+        let _ = sum.addmv_(&rows.to_kind(Kind::Float).tr(), &coefficients);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seeded::Draws;
+
+    /// Random `[R, n]` rows rounded to bf16 and an `[n]` f32 vector.
+    fn operands(draws: &mut Draws, row_count: i64, width: i64) -> (Tensor, Tensor) {
+        let rows = draws.normal(&[row_count, width], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        (rows, draws.normal(&[width], (Kind::Float, Device::Cpu)))
+    }
+
+    #[test]
+    fn dot_products_match_f64_ones_of_the_widened_rows() {
+        let mut draws = Draws::new(3);
+        // widths: within one block, a block and a tail, several tasks and a ragged last one
+        for width in [1, 15, 17, 4096, 5000, 70_001, 300_000] {
+            let (rows, vector) = operands(&mut draws, 5, width);
+            let expected = rows.to_kind(Kind::Double).mv(&vector.to_kind(Kind::Double));
+            let products = times_vector(&rows, &vector);
+            assert_eq!(products.kind(), Kind::Double);
+            let error = (&products - &expected).abs().max().double_value(&[]);
+            // f32 lanes over at most a block of 4,096 terms of about unit size
+            let bound = 1e-5 * (width as f64).sqrt() * 4.0;
+            assert!(error < bound, "width {width}: error {error} against {bound}");
+        }
+    }
+
+    #[test]
+    fn the_products_do_not_depend_on_the_thread_count() {
+        let mut draws = Draws::new(4);
+        let (rows, vector) = operands(&mut draws, 3, 200_000);
+        // (this thread's count only: the process's is left to the other tests)
+        let alone = crate::device::threads::with_threads(1, || times_vector(&rows, &vector));
+        let shared = crate::device::threads::with_threads(2, || times_vector(&rows, &vector));
+        assert!(alone.equal(&shared), "{alone:?} against {shared:?}");
+    }
+
+    #[test]
+    fn a_combination_adds_the_widened_rows_and_skips_zero_coefficients() {
+        let mut draws = Draws::new(5);
+        for width in [7, 4096, 70_001] {
+            let (rows, start) = operands(&mut draws, 4, width);
+            let coefficients = Tensor::from_slice(&[0.5f64, 0.0, -2.0, 1e-3]);
+            // a zero coefficient's row holds NaN: skipped, it leaves no trace
+            let _ = rows.get(1).fill_(f64::NAN);
+            let sum = start.copy();
+            add_combination(&sum, &coefficients, &rows);
+            let mut expected = start.to_kind(Kind::Double);
+            for (row, coefficient) in [(0, 0.5), (2, -2.0), (3, 1e-3)] {
+                expected += rows.get(row).to_kind(Kind::Double) * coefficient;
+            }
+            let error = (sum.to_kind(Kind::Double) - expected).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "width {width}: error {error}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "bf16 rows against an f32 vector")]
+    fn rows_of_another_kind_are_refused() {
+        let rows = Tensor::zeros([2, 4], (Kind::Float, Device::Cpu));
+        let _ = times_vector(&rows, &Tensor::zeros([4], (Kind::Float, Device::Cpu)));
+    }
+}
