@@ -40,14 +40,15 @@ fn compile_cpp_layer(lib_dir: &Path) {
     let Some(include) = lib_dir.parent().map(|root| root.join("include")) else { return };
     if !include.join("ATen/Context.h").is_file() {
         println!(
-            "cargo:warning=libtorch headers not found at {}; --precision tf32 will be refused and CUDA peaks unknown",
+            "cargo:warning=libtorch headers not found at {}; --precision tf32 will be refused, CUDA peaks unknown, and L-BFGS's bf16 pairs widened chunk by chunk",
             include.display()
         );
         return;
     }
     // the same ABI switch torch-sys compiles its own C++ layer with
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -56,15 +57,34 @@ fn compile_cpp_layer(lib_dir: &Path) {
         .flag(include.display().to_string())
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        // at::parallel_for is inline OpenMP: without it, bf16_rows.cpp would run on one thread
+        // bf16_rows.cpp splits its loops among OpenMP's threads, and fuses their multiply-adds
         .flag("-fopenmp")
-        // bf16_rows.cpp's loops: fused multiply-adds and whole AVX-512 registers where the CPU has them
-        .flag("-ffp-contract=fast")
-        .flag("-mprefer-vector-width=512")
-        .files(CPP_SOURCES)
-        .compile("impasto_cpp");
-    // the OpenMP runtime libtorch ships and itself runs on, so that the process has only one
-    println!("cargo:rustc-link-search=native={}", lib_dir.display());
-    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+        .flag("-ffp-contract=fast");
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        // whole AVX-512 registers in the loops' AVX-512 versions
+        build.flag("-mprefer-vector-width=512");
+    }
+    build.files(CPP_SOURCES).compile("impasto_cpp");
+    link_libtorch_openmp(lib_dir);
     println!("cargo:rustc-cfg=impasto_cpp_layer");
+}
+
+/// Links the OpenMP runtime libtorch ships beside itself and runs its own kernels on, so that the
+/// process has one: `libgomp.so.1` in a pip wheel, `libgomp-<hash>.so.1` in some other builds;
+/// the system's where libtorch has none of its own.
+fn link_libtorch_openmp(lib_dir: &Path) {
+    let shipped = std::fs::read_dir(lib_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("libgomp") && name.ends_with(".so.1"))
+        .min_by_key(|name| name != "libgomp.so.1");
+    match shipped {
+        Some(name) => {
+            println!("cargo:rustc-link-search=native={}", lib_dir.display());
+            println!("cargo:rustc-link-lib=dylib:+verbatim={name}");
+        }
+        None => println!("cargo:rustc-link-lib=gomp"),
+    }
 }

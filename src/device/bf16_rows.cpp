@@ -8,14 +8,15 @@
 // the L2 cache while the rows pass it, eight rows at a time: eight streams from memory at once keep
 // more reads in flight than one. One row at a time read half as many bytes per second as the BLAS's
 // float32 product, which reads several rows at once; four at a time was 5–20 % slower than eight.
-// The blocks are split among libtorch's own threads (at::parallel_for, so the file is compiled with
-// OpenMP, whose runtime libtorch ships), so they do not fight its pool. Products sum in float32 lanes
-// within a block and in double across blocks, in a fixed order: the result does not depend on the
-// thread count. The loops are compiled for AVX-512, AVX2 with FMA and baseline x86-64, and the
-// loader picks one at start.
+// The blocks are split among the threads of OpenMP, the runtime libtorch ships and runs its own
+// kernels on, so they do not fight its pool, and the calling thread's OpenMP thread count holds as
+// for libtorch's kernels (`device::threads` limits it per thread; at::parallel_for, compiled in here,
+// would reset it to the process's count at its first call on a thread). Products sum in float32
+// lanes within a block and in double across blocks, in a fixed order: the result does not depend on
+// the thread count. The loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 and FMA) and
+// baseline x86-64, and the loader picks by the CPU's features at start.
 
-#include <ATen/Parallel.h>
-
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -25,7 +26,7 @@ namespace {
 // Columns per block: 128 KiB of float32, well inside any L2 cache.
 constexpr int64_t kBlock = 32768;
 // Rows read at once: a chunk of L-BFGS's memory holds 8 s and 8 y. The kernels spell them out.
-constexpr int kRows = 8;
+constexpr int64_t kRows = 8;
 // Float32 lanes of each row's partial sums: a whole AVX-512 register, two AVX2 ones.
 constexpr int64_t kLanes = 16;
 
@@ -37,7 +38,7 @@ inline float widen(uint16_t bits) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define IMPASTO_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define IMPASTO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define IMPASTO_CLONES
 #endif
@@ -109,7 +110,7 @@ int64_t blocks_for(int64_t width) {
 }  // namespace
 
 // products[r] = Σⱼ rows[r·width + j] · vector[j] for r < row_count, rows in bf16 (raw bits),
-// vector float32, products double. Returns 0, or -1 where libtorch's thread pool threw.
+// vector float32, products double. Returns 0, or -1 where the partial sums could not be allocated.
 extern "C" int impasto_bf16_rows_times_vector(const uint16_t* rows, int64_t row_count, int64_t width,
                                               const float* vector, double* products) {
   try {
@@ -117,18 +118,17 @@ extern "C" int impasto_bf16_rows_times_vector(const uint16_t* rows, int64_t row_
     // rows padded to whole groups (repeating the last row), so every group reads eight
     const int64_t padded = (row_count + kRows - 1) / kRows * kRows;
     std::vector<double> partial(size_t(blocks * padded), 0.0);
-    at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t end) {
-      for (int64_t block = first; block < end; ++block) {
-        const int64_t begin = block * kBlock, count = std::min(kBlock, width - begin);
-        for (int64_t group = 0; group < padded; group += kRows) {
-          const uint16_t* row[kRows];
-          for (int r = 0; r < kRows; ++r) {
-            row[r] = rows + std::min(group + r, row_count - 1) * width + begin;
-          }
-          block_dots(row, vector + begin, count, &partial[size_t(block * padded + group)]);
+#pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t begin = block * kBlock, count = std::min(kBlock, width - begin);
+      for (int64_t group = 0; group < padded; group += kRows) {
+        const uint16_t* row[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          row[r] = rows + std::min(group + r, row_count - 1) * width + begin;
         }
+        block_dots(row, vector + begin, count, &partial[size_t(block * padded + group)]);
       }
-    });
+    }
     for (int64_t row = 0; row < row_count; ++row) {
       double sum = 0.0;
       for (int64_t block = 0; block < blocks; ++block) {
@@ -143,8 +143,8 @@ extern "C" int impasto_bf16_rows_times_vector(const uint16_t* rows, int64_t row_
 }
 
 // sum[j] += Σᵣ coefficients[r] · rows[r·width + j] for j < width, rows in bf16 (raw bits), sum and
-// coefficients float32; rows whose coefficient is zero are skipped. Returns 0, or -1 where libtorch's
-// thread pool threw.
+// coefficients float32; rows whose coefficient is zero are skipped. Returns 0, or -1 where the list
+// of rows could not be allocated.
 extern "C" int impasto_add_bf16_rows(float* sum, const float* coefficients, const uint16_t* rows, int64_t row_count,
                                      int64_t width) {
   try {
@@ -157,22 +157,22 @@ extern "C" int impasto_add_bf16_rows(float* sum, const float* coefficients, cons
     if (used.empty()) {
       return 0;
     }
-    at::parallel_for(0, blocks_for(width), 1, [&](int64_t first, int64_t end) {
-      for (int64_t block = first; block < end; ++block) {
-        const int64_t begin = block * kBlock, count = std::min(kBlock, width - begin);
-        for (size_t group = 0; group < used.size(); group += kRows) {
-          // a group short of eight rows repeats its first with a zero coefficient
-          const uint16_t* row[kRows];
-          float c[kRows];
-          for (size_t r = 0; r < size_t(kRows); ++r) {
-            const bool real = group + r < used.size();
-            row[r] = rows + used[real ? group + r : group] * width + begin;
-            c[r] = real ? coefficients[used[group + r]] : 0.0f;
-          }
-          block_adds(sum + begin, c, row, count);
+    const int64_t blocks = blocks_for(width);
+#pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t begin = block * kBlock, count = std::min(kBlock, width - begin);
+      for (size_t group = 0; group < used.size(); group += kRows) {
+        // a group short of eight rows repeats its first with a zero coefficient
+        const uint16_t* row[kRows];
+        float c[kRows];
+        for (size_t r = 0; r < size_t(kRows); ++r) {
+          const bool real = group + r < used.size();
+          row[r] = rows + used[real ? group + r : group] * width + begin;
+          c[r] = real ? coefficients[used[group + r]] : 0.0f;
         }
+        block_adds(sum + begin, c, row, count);
       }
-    });
+    }
     return 0;
   } catch (...) {
     return -1;

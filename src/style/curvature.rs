@@ -45,6 +45,9 @@ use crate::device::{bf16_rows, tf32};
 /// many enough that the memory is read in a handful of matrix products.
 const CHUNK_PAIRS: usize = 8;
 
+/// A pair shows curvature where yᵀs > this · ‖y‖‖s‖ (scale-free).
+pub(super) const CURVATURE_TEST: f64 = 1e-10;
+
 /// `[B]` values shaped to broadcast over rows `[B, n]`.
 fn per_row(values: &Tensor) -> Tensor {
     values.unsqueeze(1)
@@ -136,9 +139,9 @@ impl Curvature {
 
     /// Stores the pair (s, y) of rows `[B, n]`, zero for the items that refused it, with its yᵀs
     /// and yᵀy per item (`[B]` f64, zero where refused; taken again from the stored values where
-    /// the memory's kind rounds them); the oldest pair goes if the memory is full. Where an item
-    /// takes the pair, y must be the change from the gradient of the last [`Curvature::direction`]
-    /// to the next one's.
+    /// the memory's kind rounds them, and the pair refused where those fail the curvature test);
+    /// the oldest pair goes if the memory is full. Where an item takes the pair, y must be the
+    /// change from the gradient of the last [`Curvature::direction`] to the next one's.
     pub fn push(&mut self, s: &Tensor, y: &Tensor, mut ys: Tensor, mut yy: Tensor, serial: u64) {
         assert!(self.pending.is_none(), "a pair was pushed before the last one's products were taken");
         if self.len() == self.history {
@@ -151,8 +154,7 @@ impl Curvature {
         s_row.copy_(&s.unsqueeze(1));
         y_row.copy_(&y.unsqueeze(1));
         if self.kind != s.kind() {
-            let [s, y] = [s_row, y_row].map(|row| row.squeeze_dim(1).to_kind(s.kind()));
-            (ys, yy) = (row_dots(&y, &s), row_dots(&y, &y));
+            (ys, yy) = products_as_stored(&mut s_row, &mut y_row, s.kind());
         }
         self.serials.push_back(serial);
         self.pending = Some(Pending { ys, yy });
@@ -325,7 +327,8 @@ impl Curvature {
                 }
                 Reading::MatrixVectorProducts => add_matrix_vector_products(&sum, &coefficients, &widened(chunk, kind)),
                 Reading::Bf16Rows => (0..chunk.size()[0]).for_each(|item| {
-                    bf16_rows::add_combination(&sum.get(item).get(0), &coefficients.get(item).get(0), &chunk.get(item))
+                    let mut row = sum.get(item).get(0);
+                    bf16_rows::add_combination(&mut row, &coefficients.get(item).get(0), &chunk.get(item))
                 }),
             }
             offset += pairs;
@@ -345,6 +348,20 @@ impl Curvature {
         let padding = Tensor::zeros([oldest_first.size()[0], free], (oldest_first.kind(), oldest_first.device()));
         Tensor::cat(&[oldest_first, &padding], 1).roll([self.start as i64], [1])
     }
+}
+
+/// yᵀs and yᵀy (`[B]` f64) of a pair as stored in rows `[B, 1, n]` of a kind that rounds it,
+/// computed in `kind`; an item whose stored pair fails the curvature test (its unrounded one
+/// passed, but rounding can take yᵀs of a pair nearly orthogonal to zero or below) is zeroed, as
+/// refused.
+fn products_as_stored(s_row: &mut Tensor, y_row: &mut Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let [s, y] = [&*s_row, &*y_row].map(|row| row.squeeze_dim(1).to_kind(kind));
+    let (ys, yy, ss) = (row_dots(&y, &s), row_dots(&y, &y), row_dots(&s, &s));
+    let curved = ys.gt_tensor(&((&yy * &ss).sqrt() * CURVATURE_TEST));
+    let kept = curved.view([-1, 1, 1]).to_kind(s_row.kind());
+    *s_row *= &kept;
+    *y_row *= &kept;
+    (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
 }
 
 /// Pairs a chunk `[B, 2k, n]` holds: k.
@@ -377,9 +394,7 @@ impl Reading {
     /// the gradients' are widened to it as they are read.
     fn for_memory(kind: Kind, grad: &Tensor) -> Reading {
         match grad.device() {
-            Device::Cpu if kind == Kind::BFloat16 && grad.kind() == Kind::Float && bf16_rows::available() => {
-                Reading::Bf16Rows
-            }
+            Device::Cpu if kind == Kind::BFloat16 && bf16_rows::read_against(grad) => Reading::Bf16Rows,
             Device::Cuda(_) if !tf32::current().is_ok_and(|allowed| allowed.matmuls) => Reading::MatrixProducts,
             _ => Reading::MatrixVectorProducts,
         }
@@ -750,6 +765,29 @@ mod tests {
         // the path a GPU takes: each chunk widened to f32, then matrix products
         bf16_pairs_match_two_loop(Some(Reading::MatrixProducts));
         bf16_pairs_match_two_loop(Some(Reading::MatrixVectorProducts));
+    }
+
+    #[test]
+    fn a_pair_whose_curvature_rounds_away_in_bf16_is_refused() {
+        let options = (Kind::Float, Device::Cpu);
+        let mut memory = Curvature::new(4, 2, Device::Cpu, Kind::BFloat16);
+        // item 0: yᵀs = 2⁻⁹ in f32, but 1 + 2⁻⁹ rounds to 1 in bf16, so the stored yᵀs is 0;
+        // item 1: a plain pair, kept
+        let s = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 0.5]).view([2, 2]);
+        let y = Tensor::from_slice(&[1.0f32 + 1.0 / 512.0, -1.0, 2.0, 1.0]).view([2, 2]);
+        memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
+        let gradient = Tensor::ones([2, 2], options);
+        let _ = memory.direction(&gradient, &Tensor::ones([2], (Kind::Double, Device::Cpu)));
+        let [s_row, y_row] = memory.pair_at(0);
+        assert_eq!(
+            (
+                s_row.get(0).abs().sum(Kind::Double).double_value(&[]),
+                y_row.get(0).abs().sum(Kind::Double).double_value(&[])
+            ),
+            (0.0, 0.0)
+        );
+        assert_eq!((memory.s_y.double_value(&[0, 0, 0]), memory.y_y.double_value(&[0, 0, 0])), (0.0, 0.0));
+        assert_eq!((memory.s_y.double_value(&[1, 0, 0]), memory.y_y.double_value(&[1, 0, 0])), (2.5, 5.0));
     }
 
     #[test]

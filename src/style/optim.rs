@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::curvature::{Curvature, row_dots};
+use super::curvature::{CURVATURE_TEST, Curvature, row_dots};
 use crate::device::{bf16_rows, products};
 
 /// Which optimiser, as the user asks for it.
@@ -55,10 +55,8 @@ pub enum PairPrecision {
 impl PairPrecision {
     /// The kind to store the pairs of gradients `grad` in.
     pub fn kind_for(self, grad: &Tensor) -> Kind {
-        let bf16_rows_read_here =
-            grad.device() == tch::Device::Cpu && grad.kind() == Kind::Float && bf16_rows::available();
         match self {
-            PairPrecision::Auto if bf16_rows_read_here => Kind::BFloat16,
+            PairPrecision::Auto if bf16_rows::read_against(grad) => Kind::BFloat16,
             PairPrecision::Auto | PairPrecision::F32 => grad.kind(),
             PairPrecision::Bf16 => Kind::BFloat16,
         }
@@ -275,7 +273,7 @@ impl Lbfgs {
         self.serials += 1;
         let items = self.items(grad);
         let accept = ys
-            .gt_tensor(&(length_product * 1e-10))
+            .gt_tensor(&(length_product * CURVATURE_TEST))
             .logical_and(&yy.gt(0.0))
             .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not())
