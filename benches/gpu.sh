@@ -149,7 +149,7 @@ CARD="$card" COMMIT="$commit" python3 benches/gpu_tables.py flow "$flow_jsonl" >
 # L-BFGS's proposals alone, with its full memory of 100 pairs (as from a frame's 100th iteration on;
 # at 4K the 26 that lbfgs_memory_mib allows in f32, 53 in bf16): what the optimiser adds to each
 # iteration, in a few launches per 8 pairs, and the memory the pairs take; the pairs in f32 (what
-# `auto` keeps on a GPU) and in bf16 (widened chunk by chunk as they are read).
+# `auto` keeps on a GPU) and in bf16 (on a GPU widened chunk by chunk as they are read).
 optimizer_jsonl="$out/gpu-optimizer.jsonl"
 optimizer_md="$out/gpu-optimizer.md"
 : >"$optimizer_jsonl"

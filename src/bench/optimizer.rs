@@ -113,6 +113,7 @@ fn kind_name(kind: Option<Kind>) -> String {
     match kind {
         Some(Kind::Float) => "f32".into(),
         Some(Kind::BFloat16) => "bf16".into(),
+        Some(Kind::Double) => "f64".into(),
         Some(other) => format!("{other:?}").to_lowercase(),
         None => "none".into(),
     }

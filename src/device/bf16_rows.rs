@@ -5,12 +5,14 @@
 //! built with the others against libtorch's headers) widens the rows as they stream past, eight at a
 //! time, on the OpenMP threads libtorch's own kernels run on: the dot products of the rows with a
 //! vector (summed in f32 lanes per block of 32,768 columns and in f64 across blocks, in a fixed
-//! order), and a vector plus a combination of the rows. Where the layer was not built, [`available`]
-//! is false and the callers widen chunks instead.
+//! order), and a vector plus a combination of the rows. The build script leaves the kernels out
+//! where libtorch ships no GNU OpenMP runtime of its own or the compiler refuses them: then
+//! [`available`] is false, `lbfgs_pairs = "auto"` keeps the pairs in f32, and asked-for bf16 pairs
+//! are widened chunk by chunk.
 
 use tch::{Device, Kind, Tensor};
 
-#[cfg(impasto_cpp_layer)]
+#[cfg(impasto_bf16_rows)]
 unsafe extern "C" {
     fn impasto_bf16_rows_times_vector(
         rows: *const u16,
@@ -30,7 +32,7 @@ unsafe extern "C" {
 
 /// Whether this build reads bf16 rows on the CPU without widening them first.
 pub const fn available() -> bool {
-    cfg!(impasto_cpp_layer)
+    cfg!(impasto_bf16_rows)
 }
 
 /// Whether bf16 rows are read here against vectors like `vector`: f32 on the CPU, in a build that
@@ -51,7 +53,7 @@ fn check(rows: &Tensor, vector: &Tensor) {
 pub fn times_vector(rows: &Tensor, vector: &Tensor) -> Tensor {
     check(rows, vector);
     let (rows, vector) = (rows.contiguous(), vector.contiguous());
-    #[cfg(impasto_cpp_layer)]
+    #[cfg(impasto_bf16_rows)]
     {
         let products = Tensor::zeros([rows.size()[0]], (Kind::Double, Device::Cpu));
         let [row_count, width] = [rows.size()[0], rows.size()[1]];
@@ -70,7 +72,7 @@ pub fn times_vector(rows: &Tensor, vector: &Tensor) -> Tensor {
         assert_eq!(status, 0, "no memory for the partial sums of bf16 rows");
         products
     }
-    #[cfg(not(impasto_cpp_layer))]
+    #[cfg(not(impasto_bf16_rows))]
     {
         rows.to_kind(Kind::Double).mv(&vector.to_kind(Kind::Double))
     }
@@ -84,7 +86,7 @@ pub fn add_combination(sum: &mut Tensor, coefficients: &Tensor, rows: &Tensor) {
     assert_eq!(coefficients.size(), [rows.size()[0]], "a coefficient per row");
     let coefficients = coefficients.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let rows = rows.contiguous();
-    #[cfg(impasto_cpp_layer)]
+    #[cfg(impasto_bf16_rows)]
     {
         let [row_count, width] = [rows.size()[0], rows.size()[1]];
         // SAFETY: `sum` is a contiguous [n] f32 CPU tensor that this call alone writes (borrowed
@@ -101,7 +103,7 @@ pub fn add_combination(sum: &mut Tensor, coefficients: &Tensor, rows: &Tensor) {
         };
         assert_eq!(status, 0, "no memory for the list of bf16 rows to combine");
     }
-    #[cfg(not(impasto_cpp_layer))]
+    #[cfg(not(impasto_bf16_rows))]
     {
         let _ = sum.addmv_(&rows.to_kind(Kind::Float).tr(), &coefficients);
     }
@@ -136,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    #[cfg(impasto_cpp_layer)]
+    #[cfg(impasto_bf16_rows)]
     fn the_products_do_not_depend_on_the_thread_count() {
         let mut draws = Draws::new(4);
         let (rows, vector) = operands(&mut draws, 3, 200_000);
@@ -154,20 +156,20 @@ mod tests {
     }
 
     #[test]
-    #[cfg(impasto_cpp_layer)]
+    #[cfg(impasto_bf16_rows)]
     fn a_combination_adds_the_widened_rows_and_skips_zero_coefficients() {
         let mut draws = Draws::new(5);
-        // nine rows with a zero among them: a whole group of eight and a ragged one; widths within
-        // one block, and blocks with a ragged last one
+        // eleven rows with a zero among them: a whole group of eight and one of two padded to eight;
+        // widths within one block, and blocks with a ragged last one
         for width in [7, 32_768, 70_001] {
-            let (rows, start) = operands(&mut draws, 9, width);
-            let coefficients = Tensor::from_slice(&[0.5f64, 0.0, -2.0, 1e-3, 1.0, -1.0, 0.25, 3.0, -0.5]);
+            let (rows, start) = operands(&mut draws, 11, width);
+            let coefficients = Tensor::from_slice(&[0.5f64, 0.0, -2.0, 1e-3, 1.0, -1.0, 0.25, 3.0, -0.5, 2.0, 0.75]);
             // the zero coefficient's row holds NaN: skipped, it leaves no trace
             let _ = rows.get(1).fill_(f64::NAN);
             let mut sum = start.copy();
             add_combination(&mut sum, &coefficients, &rows);
             let mut expected = start.to_kind(Kind::Double);
-            for row in (0..9).filter(|&row| row != 1) {
+            for row in (0..11).filter(|&row| row != 1) {
                 expected += rows.get(row).to_kind(Kind::Double) * coefficients.double_value(&[row]);
             }
             let error = (sum.to_kind(Kind::Double) - expected).abs().max().double_value(&[]);

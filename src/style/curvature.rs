@@ -32,8 +32,9 @@
 //! rows are widened as they are read (`device::bf16_rows`), elsewhere chunk by chunk, and a pair's
 //! own sᵀy and yᵀy are taken again from its stored values, so R, D and YᵀY describe the very
 //! pairs the step combines. Only the newest y's products with the older pairs come from the
-//! gradients' change, whose rounding to bf16 they do not see: at 4096 values they were within
-//! 1.2·10⁻⁴ of the largest product, and the steps within 1.1·10⁻⁴ of the rounded pairs' (tested).
+//! gradients' change, whose rounding to bf16 they do not see: at 4096 values they were seen within
+//! 1.2·10⁻⁴ of the largest product, and the steps within 1.1·10⁻⁴ of the rounded pairs' (the tests
+//! hold 10⁻³).
 
 use std::collections::VecDeque;
 
@@ -141,8 +142,9 @@ impl Curvature {
     /// and yᵀy per item (`[B]` f64, zero where refused; taken again from the stored values where
     /// the memory's kind rounds them, and the pair refused where those fail the curvature test);
     /// the oldest pair goes if the memory is full. Where an item takes the pair, y must be the
-    /// change from the gradient of the last [`Curvature::direction`] to the next one's.
-    pub fn push(&mut self, s: &Tensor, y: &Tensor, mut ys: Tensor, mut yy: Tensor, serial: u64) {
+    /// change from the gradient of the last [`Curvature::direction`] to the next one's. Returns
+    /// which items took it (`[B]` booleans).
+    pub fn push(&mut self, s: &Tensor, y: &Tensor, mut ys: Tensor, mut yy: Tensor, serial: u64) -> Tensor {
         assert!(self.pending.is_none(), "a pair was pushed before the last one's products were taken");
         if self.len() == self.history {
             self.drop_oldest();
@@ -157,7 +159,9 @@ impl Curvature {
             (ys, yy) = products_as_stored(&mut s_row, &mut y_row, s.kind());
         }
         self.serials.push_back(serial);
+        let taken = yy.ne(0.0);
         self.pending = Some(Pending { ys, yy });
+        taken
     }
 
     /// Forgets the oldest pair.
@@ -352,15 +356,17 @@ impl Curvature {
 
 /// yᵀs and yᵀy (`[B]` f64) of a pair as stored in rows `[B, 1, n]` of a kind that rounds it,
 /// computed in `kind`; an item whose stored pair fails the curvature test (its unrounded one
-/// passed, but rounding can take yᵀs of a pair nearly orthogonal to zero or below) is zeroed, as
-/// refused.
+/// passed, but rounding can take yᵀs of a pair nearly orthogonal to zero or below, or overflow a
+/// value) is zeroed, as refused.
 fn products_as_stored(s_row: &mut Tensor, y_row: &mut Tensor, kind: Kind) -> (Tensor, Tensor) {
     let [s, y] = [&*s_row, &*y_row].map(|row| row.squeeze_dim(1).to_kind(kind));
     let (ys, yy, ss) = (row_dots(&y, &s), row_dots(&y, &y), row_dots(&s, &s));
-    let curved = ys.gt_tensor(&((&yy * &ss).sqrt() * CURVATURE_TEST));
-    let kept = curved.view([-1, 1, 1]).to_kind(s_row.kind());
-    *s_row *= &kept;
-    *y_row *= &kept;
+    // NaN-safe: a NaN or infinite product fails every comparison
+    let curved =
+        ys.gt_tensor(&((&yy * &ss).sqrt() * CURVATURE_TEST)).logical_and(&yy.gt(0.0)).logical_and(&yy.isfinite());
+    let refused = curved.logical_not().view([-1, 1, 1]);
+    let _ = s_row.masked_fill_(&refused, 0.0);
+    let _ = y_row.masked_fill_(&refused, 0.0);
     (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
 }
 
@@ -489,7 +495,7 @@ mod tests {
                 let _ = taken.get(item).fill_(0i64);
             }
             let (s, y) = (where_rows(s, &taken), where_rows(y, &taken));
-            self.memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
+            let _ = self.memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
             if self.kept.len() == self.history {
                 self.kept.pop_front();
             }
@@ -638,7 +644,7 @@ mod tests {
             };
             let push = |memory: &mut Curvature, serial: u64| {
                 let (s, y) = pair(serial);
-                memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
+                let _ = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
                 let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
             };
             // fill `history - 8` slots, drop `start` of them, fill the ring: it starts at `start`
@@ -775,7 +781,8 @@ mod tests {
         // item 1: a plain pair, kept
         let s = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 0.5]).view([2, 2]);
         let y = Tensor::from_slice(&[1.0f32 + 1.0 / 512.0, -1.0, 2.0, 1.0]).view([2, 2]);
-        memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
+        let taken = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
+        assert_eq!(Vec::<bool>::try_from(&taken).unwrap(), [false, true]);
         let gradient = Tensor::ones([2, 2], options);
         let _ = memory.direction(&gradient, &Tensor::ones([2], (Kind::Double, Device::Cpu)));
         let [s_row, y_row] = memory.pair_at(0);
@@ -797,7 +804,7 @@ mod tests {
         // 1 + 2⁻¹⁰ rounds to 1 in bf16: the stored yᵀs is 3·1·1, not 3·(1 + 2⁻¹⁰)
         let s = Tensor::ones([1, 3], options);
         let y = Tensor::full([1, 3], 1.0 + 1.0 / 1024.0, options);
-        memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
+        let _ = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
         let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
         assert_eq!(memory.s_y.double_value(&[0, 0, 0]), 3.0);
         assert_eq!(memory.y_y.double_value(&[0, 0, 0]), 3.0);

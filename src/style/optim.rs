@@ -42,13 +42,15 @@ impl std::str::FromStr for OptimizerKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PairPrecision {
-    /// bf16 for f32 gradients on the CPU, where this build reads bf16 rows as they are (measured
+    /// bf16 for f32 gradients on the CPU where this build reads bf16 rows as they are (measured
     /// faster there, at the same quality); the gradients' own kind elsewhere, until measured.
     #[default]
     Auto,
     /// The gradients' own kind (f32 for images).
+    #[serde(alias = "float32")]
     F32,
     /// bf16: half the memory and half the reads; the steps are those of the pairs as rounded.
+    #[serde(alias = "bfloat16")]
     Bf16,
 }
 
@@ -279,11 +281,12 @@ impl Lbfgs {
             .logical_and(&items.fresh.logical_not())
             .logical_and(&items.crossing.logical_not())
             .logical_and(&items.waiting.logical_not());
+        let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
+        let (stored_ys, stored_yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
+        // a pair stored in bf16 may lose its curvature to rounding, and is then refused after all
+        let accept = items.memory.push(&s, &y, stored_ys, stored_yy, serial);
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
         items.learnt = items.learnt.logical_or(&accept);
-        let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
-        let (ys, yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
-        items.memory.push(&s, &y, ys, yy, serial);
     }
 
     /// Drops the oldest pairs while every item has been reset since they were remembered (they hold
@@ -740,6 +743,8 @@ mod tests {
             }
             (loss(&x), lbfgs.pair_kind())
         };
+        // seen: from 309 to 0.0066 with f32 pairs and 0.0059 with bf16 ones, far above f32's
+        // rounding floor (about 10⁻¹¹ here), so the two runs still differ in how well they converge
         let ((f32_loss, f32_kind), (bf16_loss, bf16_kind)) = (run(PairPrecision::F32), run(PairPrecision::Bf16));
         assert_eq!((f32_kind, bf16_kind), (Some(Kind::Float), Some(Kind::BFloat16)));
         let start_loss = loss(&start);
@@ -748,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_stores_pairs_in_bf16_for_f32_images_on_the_cpu_only() {
+    fn auto_stores_pairs_in_bf16_for_f32_images_on_the_cpu() {
         let f32_cpu = Tensor::zeros([1, 4], (Kind::Float, Device::Cpu));
         let f64_cpu = Tensor::zeros([1, 4], (Kind::Double, Device::Cpu));
         let auto = if bf16_rows::available() { Kind::BFloat16 } else { Kind::Float };

@@ -106,9 +106,10 @@ pub struct StyleSettings {
     /// (`lbfgs_pairs`) half that, and 4K keeps 53. A batch of B images holds B times as much.
     pub lbfgs_memory_mib: u64,
     /// How L-BFGS stores its pairs: `f32`, `bf16` (half the memory and the reads; the steps are
-    /// those of the rounded pairs), or `auto`: bf16 for f32 images on the CPU (as fast or faster at
-    /// the same quality, BENCHMARKS.md), f32 on a GPU until measured there. In bf16, 100 pairs take
-    /// 2.3 GiB at 1080p, and 4K keeps 53 within the default limit.
+    /// those of the rounded pairs), or `auto`: bf16 for f32 images on the CPU where this build has
+    /// the kernel that reads them (`device::bf16_rows`; faster at the same quality, BENCHMARKS.md),
+    /// f32 elsewhere and on a GPU until measured there. In bf16, 100 pairs take 2.3 GiB at 1080p,
+    /// and 4K keeps 53 within the default limit (26 in f32).
     pub lbfgs_pairs: PairPrecision,
     /// Adam's learning rate (image in 0..1); L-BFGS uses 1.
     pub learning_rate: f64,
