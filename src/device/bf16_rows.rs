@@ -1,12 +1,12 @@
 //! Rows stored in bf16 read against f32 vectors on the CPU, for L-BFGS's curvature pairs kept in
 //! half the bytes (`lbfgs_pairs = "bf16"`). Reading the pairs is bound by memory bandwidth, and
 //! libtorch offers no fitting product: its bf16 matrix-vector product rounds the result to bf16, and
-//! widening a chunk to f32 first writes and reads it again. So a small C++ layer (`bf16_rows.cpp`,
-//! built with the others against libtorch's headers) widens the rows as they stream past, eight at a
-//! time, on the OpenMP threads libtorch's own kernels run on: the dot products of the rows with a
-//! vector (summed in f32 lanes per block of 32,768 columns and in f64 across blocks, in a fixed
-//! order), and a vector plus a combination of the rows. The build script leaves the kernels out
-//! where libtorch ships no GNU OpenMP runtime of its own or the compiler refuses them: then
+//! widening a chunk to f32 first writes and reads it again. So a small C++ kernel (`bf16_rows.cpp`,
+//! built apart from the rest of the C++ layer, with OpenMP) widens the rows as they stream past,
+//! eight at a time, on the OpenMP threads libtorch's own kernels run on: the dot products of the
+//! rows with a vector (summed in f32 lanes per block of 32,768 columns and in f64 across blocks, in
+//! a fixed order), and a vector plus a combination of the rows. The build script leaves the kernels
+//! out where libtorch ships no GNU OpenMP runtime of its own or the compiler refuses them: then
 //! [`available`] is false, `lbfgs_pairs = "auto"` keeps the pairs in f32, and asked-for bf16 pairs
 //! are widened chunk by chunk.
 
