@@ -43,18 +43,22 @@ inline float widen(uint16_t bits) {
 #define IMPASTO_CLONES
 #endif
 
+// Declares r0 … r7, the kRows rows of a group, one by one as restricted pointers, so that the
+// compiler vectorises the loops over them.
+#define IMPASTO_GROUP_ROWS(rows)                 \
+  const uint16_t* __restrict r0 = (rows)[0]; \
+  const uint16_t* __restrict r1 = (rows)[1]; \
+  const uint16_t* __restrict r2 = (rows)[2]; \
+  const uint16_t* __restrict r3 = (rows)[3]; \
+  const uint16_t* __restrict r4 = (rows)[4]; \
+  const uint16_t* __restrict r5 = (rows)[5]; \
+  const uint16_t* __restrict r6 = (rows)[6]; \
+  const uint16_t* __restrict r7 = (rows)[7]
+
 // sums[r] += the dot product of `count` bf16 values of row r with `count` float32 ones, r < kRows.
-// The rows are spelt out one by one, as restricted pointers, so that the compiler vectorises.
 IMPASTO_CLONES
 void block_dots(const uint16_t* const* rows, const float* __restrict vector, int64_t count, double* sums) {
-  const uint16_t* __restrict r0 = rows[0];
-  const uint16_t* __restrict r1 = rows[1];
-  const uint16_t* __restrict r2 = rows[2];
-  const uint16_t* __restrict r3 = rows[3];
-  const uint16_t* __restrict r4 = rows[4];
-  const uint16_t* __restrict r5 = rows[5];
-  const uint16_t* __restrict r6 = rows[6];
-  const uint16_t* __restrict r7 = rows[7];
+  IMPASTO_GROUP_ROWS(rows);
   float lanes[kRows][kLanes] = {};
   int64_t column = 0;
   for (; column + kLanes <= count; column += kLanes) {
@@ -86,14 +90,7 @@ void block_dots(const uint16_t* const* rows, const float* __restrict vector, int
 // sum[0..count) += Σᵣ coefficients[r] · row r [0..count), r < kRows; spelt out as `block_dots`.
 IMPASTO_CLONES
 void block_adds(float* __restrict sum, const float* coefficients, const uint16_t* const* rows, int64_t count) {
-  const uint16_t* __restrict r0 = rows[0];
-  const uint16_t* __restrict r1 = rows[1];
-  const uint16_t* __restrict r2 = rows[2];
-  const uint16_t* __restrict r3 = rows[3];
-  const uint16_t* __restrict r4 = rows[4];
-  const uint16_t* __restrict r5 = rows[5];
-  const uint16_t* __restrict r6 = rows[6];
-  const uint16_t* __restrict r7 = rows[7];
+  IMPASTO_GROUP_ROWS(rows);
   const float c0 = coefficients[0], c1 = coefficients[1], c2 = coefficients[2], c3 = coefficients[3];
   const float c4 = coefficients[4], c5 = coefficients[5], c6 = coefficients[6], c7 = coefficients[7];
   for (int64_t at = 0; at < count; ++at) {

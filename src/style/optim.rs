@@ -241,24 +241,23 @@ impl Lbfgs {
 
     /// The per-item state, created for `grad` (`[B, …]`) at the first call.
     fn items(&mut self, grad: &Tensor) -> &mut LbfgsItems {
-        let pair_kind = self.pair_precision.kind_for(grad);
         if self.items.is_none() {
+            // the pairs' kind and the history within the memory limit are settled once, here
+            let pair_kind = self.pair_precision.kind_for(grad);
             let elements = grad.numel() as i64 / grad.size()[0].max(1);
             self.history = self.pairs_within_limit(elements, pair_kind.elt_size_in_bytes());
-        }
-        let history = self.history;
-        self.items.get_or_insert_with(|| {
             let count = grad.size()[0];
-            LbfgsItems {
+            self.items = Some(LbfgsItems {
                 hessian_diagonal: Tensor::ones([count], (Kind::Double, grad.device())),
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 waiting: Tensor::zeros([count], (Kind::Bool, grad.device())),
-                memory: Curvature::new(history, count, grad.device(), pair_kind),
+                memory: Curvature::new(self.history, count, grad.device(), pair_kind),
                 layout: RowLayout::of(grad),
-            }
-        })
+            });
+        }
+        self.items.as_mut().expect("created above")
     }
 
     /// Adds the pair from the previous proposal to this gradient (rows `[B, n]`). The scale-free
