@@ -4,8 +4,9 @@
 //! context; `src/device/allocator.cpp`: the CUDA caching allocator's peak statistics;
 //! `src/device/bf16.cpp`: whether the GPU runs bf16 convolutions natively; `src/device/products.cpp`:
 //! the precision of float32 matrix products on the CPU) against the same libtorch headers tch itself
-//! is built with, and apart from it `src/device/bf16_rows.cpp` (bf16 rows read against float32
-//! vectors on the CPU, for L-BFGS's pairs), which needs OpenMP.
+//! is built with, and apart from it L-BFGS's kernels on the CPU, which need OpenMP:
+//! `src/device/bf16_rows.cpp` (bf16 rows read against float32 vectors) and
+//! `src/device/pair_rows.cpp` (the passes over a new pair and over a proposal, each one read).
 //! torch-sys (a direct dependency for this reason) exports the directory as `DEP_TCH_LIBTORCH_LIB`.
 
 use std::path::Path;
@@ -14,18 +15,18 @@ use std::path::Path;
 const CPP_SOURCES: [&str; 4] =
     ["src/device/tf32.cpp", "src/device/allocator.cpp", "src/device/bf16.cpp", "src/device/products.cpp"];
 
-/// The kernels for L-BFGS's pairs in bf16, built apart: they need OpenMP and a compiler that takes
+/// L-BFGS's kernels on the CPU, built apart: they need OpenMP and a compiler that takes
 /// `target_clones`, and without them only they are left out.
-const BF16_ROWS_SOURCE: &str = "src/device/bf16_rows.cpp";
+const ROW_KERNEL_SOURCES: [&str; 2] = ["src/device/bf16_rows.cpp", "src/device/pair_rows.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    for source in CPP_SOURCES.iter().chain([&BF16_ROWS_SOURCE]) {
+    for source in CPP_SOURCES.iter().chain(&ROW_KERNEL_SOURCES) {
         println!("cargo:rerun-if-changed={source}");
     }
     println!("cargo::rustc-check-cfg=cfg(impasto_cpp_layer)");
-    println!("cargo::rustc-check-cfg=cfg(impasto_bf16_rows)");
+    println!("cargo::rustc-check-cfg=cfg(impasto_row_kernels)");
     if let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
         println!("cargo:rustc-env=IMPASTO_LIBTORCH_LIB={lib_dir}");
@@ -47,7 +48,7 @@ fn compile_cpp_layer(lib_dir: &Path) {
     }
     cpp_build(&include).files(CPP_SOURCES).compile("impasto_cpp");
     println!("cargo:rustc-cfg=impasto_cpp_layer");
-    compile_bf16_rows(&include, lib_dir);
+    compile_row_kernels(&include, lib_dir);
 }
 
 /// A C++ build against libtorch's headers in `include`.
@@ -67,10 +68,11 @@ fn cpp_build(include: &Path) -> cc::Build {
     build
 }
 
-/// Compiles the bf16 rows' kernels where libtorch ships its own OpenMP runtime (GNU's, as in the pip
+/// Compiles L-BFGS's kernels where libtorch ships its own OpenMP runtime (GNU's, as in the pip
 /// wheels) and the compiler takes them, linking that runtime so that the process has one. Else
-/// L-BFGS's bf16 pairs are widened chunk by chunk and `auto` keeps them in f32.
-fn compile_bf16_rows(include: &Path, lib_dir: &Path) {
+/// L-BFGS keeps to libtorch's operations: its bf16 pairs are widened chunk by chunk and `auto`
+/// keeps them in f32.
+fn compile_row_kernels(include: &Path, lib_dir: &Path) {
     let Some(runtime) = libtorch_openmp(lib_dir) else {
         println!("cargo:warning=no GNU OpenMP runtime beside libtorch: L-BFGS's pairs stay f32 on the CPU");
         return;
@@ -82,13 +84,13 @@ fn compile_bf16_rows(include: &Path, lib_dir: &Path) {
         // whole AVX-512 registers in the loops' AVX-512 versions
         build.flag("-mprefer-vector-width=512");
     }
-    if let Err(error) = build.file(BF16_ROWS_SOURCE).try_compile("impasto_bf16_rows") {
-        println!("cargo:warning=bf16 rows' kernels not built ({error}): L-BFGS's pairs stay f32 on the CPU");
+    if let Err(error) = build.files(ROW_KERNEL_SOURCES).try_compile("impasto_row_kernels") {
+        println!("cargo:warning=L-BFGS's kernels not built ({error}): its pairs stay f32 on the CPU");
         return;
     }
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib:+verbatim={runtime}");
-    println!("cargo:rustc-cfg=impasto_bf16_rows");
+    println!("cargo:rustc-cfg=impasto_row_kernels");
 }
 
 /// The GNU OpenMP runtime libtorch ships beside itself and runs its own kernels on: `libgomp.so.1`

@@ -5,12 +5,14 @@
 //! `memory` the device-memory reading, `bf16` the hardware check and CPU measurement behind `auto`,
 //! `threads` the per-thread CPU thread count, `heap` the process heap's settings for CPU tensors,
 //! `products` the precision of the CPU's f32 matrix products (bf16 inputs for a bf16 network's Grams),
-//! `bf16_rows` the CPU's reads of L-BFGS's pairs kept in bf16.
+//! `bf16_rows` the CPU's reads of L-BFGS's pairs kept in bf16, `pair_rows` L-BFGS's other passes over
+//! whole images on the CPU, fused.
 
 pub mod bf16;
 pub mod bf16_rows;
 pub mod heap;
 pub mod memory;
+pub mod pair_rows;
 pub mod products;
 pub mod tf32;
 pub mod threads;

@@ -12,7 +12,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-#[cfg(impasto_bf16_rows)]
+#[cfg(impasto_row_kernels)]
 unsafe extern "C" {
     fn impasto_bf16_rows_times_vector(
         rows: *const u16,
@@ -32,7 +32,7 @@ unsafe extern "C" {
 
 /// Whether this build reads bf16 rows on the CPU without widening them first.
 pub const fn available() -> bool {
-    cfg!(impasto_bf16_rows)
+    cfg!(impasto_row_kernels)
 }
 
 /// Whether bf16 rows are read here against vectors like `vector`: f32 on the CPU, in a build that
@@ -53,7 +53,7 @@ fn check(rows: &Tensor, vector: &Tensor) {
 pub fn times_vector(rows: &Tensor, vector: &Tensor) -> Tensor {
     check(rows, vector);
     let (rows, vector) = (rows.contiguous(), vector.contiguous());
-    #[cfg(impasto_bf16_rows)]
+    #[cfg(impasto_row_kernels)]
     {
         let products = Tensor::zeros([rows.size()[0]], (Kind::Double, Device::Cpu));
         let [row_count, width] = [rows.size()[0], rows.size()[1]];
@@ -72,7 +72,7 @@ pub fn times_vector(rows: &Tensor, vector: &Tensor) -> Tensor {
         assert_eq!(status, 0, "no memory for the partial sums of bf16 rows");
         products
     }
-    #[cfg(not(impasto_bf16_rows))]
+    #[cfg(not(impasto_row_kernels))]
     {
         rows.to_kind(Kind::Double).mv(&vector.to_kind(Kind::Double))
     }
@@ -86,7 +86,7 @@ pub fn add_combination(sum: &mut Tensor, coefficients: &Tensor, rows: &Tensor) {
     assert_eq!(coefficients.size(), [rows.size()[0]], "a coefficient per row");
     let coefficients = coefficients.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let rows = rows.contiguous();
-    #[cfg(impasto_bf16_rows)]
+    #[cfg(impasto_row_kernels)]
     {
         let [row_count, width] = [rows.size()[0], rows.size()[1]];
         // SAFETY: `sum` is a contiguous [n] f32 CPU tensor that this call alone writes (borrowed
@@ -103,7 +103,7 @@ pub fn add_combination(sum: &mut Tensor, coefficients: &Tensor, rows: &Tensor) {
         };
         assert_eq!(status, 0, "no memory for the list of bf16 rows to combine");
     }
-    #[cfg(not(impasto_bf16_rows))]
+    #[cfg(not(impasto_row_kernels))]
     {
         let _ = sum.addmv_(&rows.to_kind(Kind::Float).tr(), &coefficients);
     }
@@ -138,7 +138,7 @@ mod tests {
     }
 
     #[test]
-    #[cfg(impasto_bf16_rows)]
+    #[cfg(impasto_row_kernels)]
     fn the_products_do_not_depend_on_the_thread_count() {
         let mut draws = Draws::new(4);
         let (rows, vector) = operands(&mut draws, 3, 200_000);
@@ -156,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    #[cfg(impasto_bf16_rows)]
+    #[cfg(impasto_row_kernels)]
     fn a_combination_adds_the_widened_rows_and_skips_zero_coefficients() {
         let mut draws = Draws::new(5);
         // eleven rows with a zero among them: a whole group of eight and one of two padded to eight;

@@ -35,12 +35,18 @@
 //! gradients' change, whose rounding to bf16 they do not see: at 4096 values they were seen within
 //! 1.2·10⁻⁴ of the largest product, and the steps within 1.1·10⁻⁴ of the rounded pairs' (the tests
 //! hold 10⁻³).
+//!
+//! A new pair is written into its slot by whole-batch operations on a GPU (masks for the items
+//! that refused it, and in bf16 the products of the rounded pair from widened copies). On the CPU
+//! it goes item by item: copied, or rounded to bf16 with the rounded pair's products in the same
+//! pass (`device::pair_rows`), and the rows of an item that refused it are cleared.
 
 use std::collections::VecDeque;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::device::{bf16_rows, tf32};
+use super::optim::where_items;
+use crate::device::{bf16_rows, pair_rows, tf32};
 
 /// Pairs per chunk of the memory's storage: few enough that the last chunk wastes little room,
 /// many enough that the memory is read in a handful of matrix products.
@@ -138,13 +144,26 @@ impl Curvature {
         unreachable!("slot beyond the memory's capacity")
     }
 
-    /// Stores the pair (s, y) of rows `[B, n]`, zero for the items that refused it, with its yᵀs
-    /// and yᵀy per item (`[B]` f64, zero where refused; taken again from the stored values where
-    /// the memory's kind rounds them, and the pair refused where those fail the curvature test);
-    /// the oldest pair goes if the memory is full. Where an item takes the pair, y must be the
-    /// change from the gradient of the last [`Curvature::direction`] to the next one's. Returns
-    /// which items took it (`[B]` booleans).
-    pub fn push(&mut self, s: &Tensor, y: &Tensor, mut ys: Tensor, mut yy: Tensor, serial: u64) -> Tensor {
+    /// Stores the pair (s, y) of rows `[B, n]` for the items where `accept` (`[B]` booleans) holds,
+    /// zeros for the others, with its yᵀs and yᵀy per item (`[B]` f64, zero where refused; taken
+    /// again from the stored values where the memory's kind rounds them, and the pair refused where
+    /// those fail the curvature test); the oldest pair goes if the memory is full. Where an item
+    /// takes the pair, y must be the change from the gradient of the last [`Curvature::direction`]
+    /// to the next one's. Returns which items took it (`[B]` booleans).
+    pub fn push(&mut self, s: &Tensor, y: &Tensor, accept: &Tensor, ys: Tensor, yy: Tensor, serial: u64) -> Tensor {
+        self.push_storing(s, y, accept, (ys, yy), serial, Storing::for_pair(s))
+    }
+
+    /// [`Curvature::push`], writing the pair as `storing` says.
+    fn push_storing(
+        &mut self,
+        s: &Tensor,
+        y: &Tensor,
+        accept: &Tensor,
+        products: (Tensor, Tensor),
+        serial: u64,
+        storing: Storing,
+    ) -> Tensor {
         assert!(self.pending.is_none(), "a pair was pushed before the last one's products were taken");
         if self.len() == self.history {
             self.drop_oldest();
@@ -152,16 +171,74 @@ impl Curvature {
         if self.len() == self.capacity() {
             self.grow(s);
         }
-        let [mut s_row, mut y_row] = self.pair_at((self.start + self.len()) % self.capacity());
-        s_row.copy_(&s.unsqueeze(1));
-        y_row.copy_(&y.unsqueeze(1));
-        if self.kind != s.kind() {
-            (ys, yy) = products_as_stored(&mut s_row, &mut y_row, s.kind());
-        }
+        let rows = self.pair_at((self.start + self.len()) % self.capacity());
+        let (ys, yy) = match storing {
+            Storing::Kernels => self.store_by_kernels(s, y, accept, rows, products),
+            Storing::Operations => self.store_by_operations(s, y, accept, rows, products),
+        };
         self.serials.push_back(serial);
         let taken = yy.ne(0.0);
         self.pending = Some(Pending { ys, yy });
         taken
+    }
+
+    /// Writes the accepted items' pairs into `rows` (the slot's s and y, `[B, 1, n]` each) and
+    /// clears the others' by whole-batch operations: masks, copies and, where the memory rounds the
+    /// pair, products of the stored values. Gives the pair's yᵀs and yᵀy as stored.
+    fn store_by_operations(
+        &self,
+        s: &Tensor,
+        y: &Tensor,
+        accept: &Tensor,
+        [mut s_row, mut y_row]: [Tensor; 2],
+        (ys, yy): (Tensor, Tensor),
+    ) -> (Tensor, Tensor) {
+        s_row.copy_(&where_items(s, accept).unsqueeze(1));
+        y_row.copy_(&where_items(y, accept).unsqueeze(1));
+        if self.kind == s.kind() {
+            return (ys, yy);
+        }
+        let [rounded_s, rounded_y] = [&s_row, &y_row].map(|row| row.squeeze_dim(1).to_kind(s.kind()));
+        let (ys, yy, ss) =
+            (row_dots(&rounded_y, &rounded_s), row_dots(&rounded_y, &rounded_y), row_dots(&rounded_s, &rounded_s));
+        let curved = curvature_holds(&ys, &yy, &ss);
+        // NaN-safe: a refused item's rows are filled, not multiplied, with zeros
+        let refused = curved.logical_not().view([-1, 1, 1]);
+        let _ = s_row.masked_fill_(&refused, 0.0);
+        let _ = y_row.masked_fill_(&refused, 0.0);
+        (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
+    }
+
+    /// [`Curvature::store_by_operations`] item by item on the CPU: an accepted item's rows copied,
+    /// or rounded to bf16 with their products in one pass (`device::pair_rows`), the others' rows
+    /// cleared, with no temporary image.
+    fn store_by_kernels(
+        &self,
+        s: &Tensor,
+        y: &Tensor,
+        accept: &Tensor,
+        [s_row, y_row]: [Tensor; 2],
+        (ys, yy): (Tensor, Tensor),
+    ) -> (Tensor, Tensor) {
+        let (s_rows, y_rows) = (s_row.squeeze_dim(1), y_row.squeeze_dim(1));
+        let mut stored = Vec::<bool>::try_from(accept).expect("[B] booleans on the CPU");
+        let (ys, yy) = if self.kind == s.kind() {
+            for item in (0..stored.len()).filter(|&item| stored[item]) {
+                s_rows.get(item as i64).copy_(&s.get(item as i64));
+                y_rows.get(item as i64).copy_(&y.get(item as i64));
+            }
+            (ys, yy)
+        } else {
+            let [ys, yy, ss] = pair_rows::store_bf16(s, y, &stored, &s_rows, &y_rows);
+            let curved = curvature_holds(&ys, &yy, &ss);
+            stored = Vec::<bool>::try_from(&curved).expect("[B] booleans on the CPU");
+            (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
+        };
+        for item in (0..stored.len()).filter(|&item| !stored[item]) {
+            let _ = s_rows.get(item as i64).fill_(0.0);
+            let _ = y_rows.get(item as i64).fill_(0.0);
+        }
+        (ys, yy)
     }
 
     /// Forgets the oldest pair.
@@ -354,20 +431,28 @@ impl Curvature {
     }
 }
 
-/// yᵀs and yᵀy (`[B]` f64) of a pair as stored in rows `[B, 1, n]` of a kind that rounds it,
-/// computed in `kind`; an item whose stored pair fails the curvature test (its unrounded one
-/// passed, but rounding can take yᵀs of a pair nearly orthogonal to zero or below, or overflow a
-/// value) is zeroed, as refused.
-fn products_as_stored(s_row: &mut Tensor, y_row: &mut Tensor, kind: Kind) -> (Tensor, Tensor) {
-    let [s, y] = [&*s_row, &*y_row].map(|row| row.squeeze_dim(1).to_kind(kind));
-    let (ys, yy, ss) = (row_dots(&y, &s), row_dots(&y, &y), row_dots(&s, &s));
-    // NaN-safe: a NaN or infinite product fails every comparison
-    let curved =
-        ys.gt_tensor(&((&yy * &ss).sqrt() * CURVATURE_TEST)).logical_and(&yy.gt(0.0)).logical_and(&yy.isfinite());
-    let refused = curved.logical_not().view([-1, 1, 1]);
-    let _ = s_row.masked_fill_(&refused, 0.0);
-    let _ = y_row.masked_fill_(&refused, 0.0);
-    (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
+/// `[B]` booleans: where a pair with products yᵀs, yᵀy and sᵀs (`[B]` f64) shows curvature. A pair
+/// that passed the test unrounded can fail it as stored: rounding can take yᵀs of a pair nearly
+/// orthogonal to zero or below, or overflow a value. NaN-safe: a NaN or infinite product fails.
+fn curvature_holds(ys: &Tensor, yy: &Tensor, ss: &Tensor) -> Tensor {
+    ys.gt_tensor(&((yy * ss).sqrt() * CURVATURE_TEST)).logical_and(&yy.gt(0.0)).logical_and(&yy.isfinite())
+}
+
+/// How a new pair is written into the memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Storing {
+    /// Item by item, by the CPU's fused passes (`device::pair_rows`): for f32 gradients on the CPU
+    /// where the build has them.
+    Kernels,
+    /// By libtorch's operations on the whole batch: on a GPU, where no host decision may wait for
+    /// the device, and without the kernels.
+    Operations,
+}
+
+impl Storing {
+    fn for_pair(s: &Tensor) -> Storing {
+        if pair_rows::applies_to(s) { Storing::Kernels } else { Storing::Operations }
+    }
 }
 
 /// Pairs a chunk `[B, 2k, n]` holds: k.
@@ -471,6 +556,8 @@ mod tests {
         kept: VecDeque<(Tensor, Tensor)>,
         history: usize,
         grad: Tensor,
+        /// How pairs are written: `None` as [`Curvature::push`] chooses.
+        storing: Option<Storing>,
     }
 
     impl Checked {
@@ -483,7 +570,7 @@ mod tests {
         /// [`Checked::new`] with the pairs stored in `kind`.
         fn stored_in(kind: Kind, history: usize, grad: Tensor) -> Self {
             let memory = Curvature::new(history, grad.size()[0], Device::Cpu, kind);
-            Checked { memory, kept: VecDeque::new(), history, grad }
+            Checked { memory, kept: VecDeque::new(), history, grad, storing: None }
         }
 
         /// Moves the gradient by y (rows `[B, n]`) and pushes (s, y) into both, as zeros for the
@@ -494,8 +581,11 @@ mod tests {
             for &item in refusing {
                 let _ = taken.get(item).fill_(0i64);
             }
+            let storing = self.storing.unwrap_or(Storing::for_pair(s));
+            let products =
+                (row_dots(y, s).where_scalarother(&taken, 0.0), row_dots(y, y).where_scalarother(&taken, 0.0));
+            let _ = self.memory.push_storing(s, y, &taken, products, serial, storing);
             let (s, y) = (where_rows(s, &taken), where_rows(y, &taken));
-            let _ = self.memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
             if self.kept.len() == self.history {
                 self.kept.pop_front();
             }
@@ -555,6 +645,11 @@ mod tests {
                 assert!(error <= tolerance * scale, "{name}: {error} against {scale}");
             }
         }
+    }
+
+    /// `[B]` booleans, all true: every item accepts the pair.
+    fn all(batch: i64) -> Tensor {
+        Tensor::ones([batch], (Kind::Bool, Device::Cpu))
     }
 
     /// Rows `[B, n]` where `taken` `[B]` holds, zeros elsewhere.
@@ -644,7 +739,7 @@ mod tests {
             };
             let push = |memory: &mut Curvature, serial: u64| {
                 let (s, y) = pair(serial);
-                let _ = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), serial);
+                let _ = memory.push(&s, &y, &all(1), row_dots(&y, &s), row_dots(&y, &y), serial);
                 let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
             };
             // fill `history - 8` slots, drop `start` of them, fill the ring: it starts at `start`
@@ -730,16 +825,19 @@ mod tests {
     }
 
     /// Pushes 25 pairs of a 4096-wide f32 quadratic (curvatures 10⁻³…1) into a memory of 10 pairs
-    /// stored in bf16 and read as `reading` says; each step must be the two-loop recursion's over
-    /// the pairs as rounded, up to f32 rounding and the newest y's rounding, which its products
-    /// with the older pairs do not see (seen: 1.1·10⁻⁴; a pair misplaced gives errors of order 1).
-    /// A forgotten item and refused pairs ride along.
-    fn bf16_pairs_match_two_loop(reading: Option<Reading>) {
+    /// stored in `kind`, written as `storing` says (`None`: as `push` chooses) and read as
+    /// `reading` says; each step must be the two-loop recursion's over the pairs as stored, up to
+    /// f32 rounding and, in bf16, the newest y's rounding, which its products with the older pairs
+    /// do not see (seen: 1.1·10⁻⁴; a pair misplaced gives errors of order 1). A forgotten item and
+    /// refused pairs ride along.
+    fn pairs_match_two_loop(kind: Kind, storing: Option<Storing>, reading: Option<Reading>) {
         let _ieee = crate::device::products::hold_ieee(Device::Cpu);
         let mut draws = crate::seeded::Draws::new(13);
         let options = (Kind::Float, Device::Cpu);
         let hessian = (draws.uniform(&[2, 4096], options) * -3.0 * 10f64.ln()).exp();
-        let mut checked = Checked::stored_in(Kind::BFloat16, 10, draws.normal(&[2, 4096], options));
+        let mut checked = Checked::stored_in(kind, 10, draws.normal(&[2, 4096], options));
+        checked.storing = storing;
+        let bound = if kind == Kind::BFloat16 { 1e-3 } else { 1e-4 };
         for serial in 0..25u64 {
             if serial == 12 {
                 checked.forget(1);
@@ -751,9 +849,26 @@ mod tests {
             let gamma = Tensor::from_slice(&[0.3f64, 1.7]);
             let (compact, reference) = checked.directions(&gamma, reading);
             let error = (&compact - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
-            assert!(error < 1e-3, "push {serial}: relative error {error}");
+            assert!(error < bound, "push {serial}: relative error {error}");
         }
-        assert_eq!(checked.memory.chunks[0].kind(), Kind::BFloat16);
+        assert_eq!(checked.memory.chunks[0].kind(), kind);
+    }
+
+    /// [`pairs_match_two_loop`] in bf16.
+    fn bf16_pairs_match_two_loop(storing: Option<Storing>, reading: Option<Reading>) {
+        pairs_match_two_loop(Kind::BFloat16, storing, reading);
+    }
+
+    #[test]
+    fn f32_pairs_written_item_by_item_or_by_masks_give_the_same_steps() {
+        assert_eq!(Storing::for_pair(&Tensor::zeros([1, 4], (Kind::Float, Device::Cpu))), expected_storing());
+        pairs_match_two_loop(Kind::Float, Some(Storing::Operations), None);
+        pairs_match_two_loop(Kind::Float, None, None);
+    }
+
+    /// How the CPU writes f32 pairs in this build.
+    fn expected_storing() -> Storing {
+        if pair_rows::available() { Storing::Kernels } else { Storing::Operations }
     }
 
     #[test]
@@ -763,26 +878,61 @@ mod tests {
         let expected = if bf16_rows::available() { Reading::Bf16Rows } else { Reading::MatrixVectorProducts };
         assert_eq!(Reading::for_memory(Kind::BFloat16, &f32_grad), expected);
         assert_eq!(Reading::for_memory(Kind::Float, &f32_grad), Reading::MatrixVectorProducts);
-        bf16_pairs_match_two_loop(None);
+        assert_eq!(Storing::for_pair(&f32_grad), expected_storing());
+        bf16_pairs_match_two_loop(None, None);
     }
 
     #[test]
     fn pairs_stored_in_bf16_read_by_widened_chunks_give_the_same_steps() {
         // the path a GPU takes: each chunk widened to f32, then matrix products
-        bf16_pairs_match_two_loop(Some(Reading::MatrixProducts));
-        bf16_pairs_match_two_loop(Some(Reading::MatrixVectorProducts));
+        bf16_pairs_match_two_loop(Some(Storing::Operations), Some(Reading::MatrixProducts));
+        bf16_pairs_match_two_loop(Some(Storing::Operations), Some(Reading::MatrixVectorProducts));
+    }
+
+    /// Both ways of writing a pair.
+    const STORINGS: [Storing; 2] = [Storing::Kernels, Storing::Operations];
+
+    /// Pushes (s, y) accepted by every item, written as `storing` says.
+    fn push_by(memory: &mut Curvature, s: &Tensor, y: &Tensor, storing: Storing) -> Tensor {
+        let products = (row_dots(y, s), row_dots(y, y));
+        memory.push_storing(s, y, &all(s.size()[0]), products, 0, storing)
+    }
+
+    #[test]
+    fn an_item_refusing_a_pair_leaves_zeros_where_an_older_pair_lay() {
+        for (kind, storing) in [Kind::Float, Kind::BFloat16].into_iter().flat_map(|kind| STORINGS.map(|s| (kind, s))) {
+            // a memory of one pair: the second pair takes the first one's slot
+            let mut memory = Curvature::new(1, 2, Device::Cpu, kind);
+            let s = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+            let _ = push_by(&mut memory, &s, &(&s * 2.0), storing);
+            let _ = memory.direction(&s, &Tensor::ones([2], (Kind::Double, Device::Cpu)));
+            let accept = Tensor::from_slice(&[false, true]);
+            let (ys, yy) = (Tensor::from_slice(&[0.0, 75.0]), Tensor::from_slice(&[0.0, 225.0]));
+            let taken = memory.push_storing(&s, &(&s * 3.0), &accept, (ys, yy), 1, storing);
+            assert_eq!(Vec::<bool>::try_from(&taken).unwrap(), [false, true], "{kind:?} by {storing:?}");
+            let [s_row, y_row] = memory.pair_at(0);
+            let stored = Tensor::cat(&[s_row, y_row], 1).to_kind(Kind::Float);
+            let expected = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 3.0, 4.0, 9.0, 12.0]).view([2, 2, 2]);
+            assert!(stored.equal(&expected), "{kind:?} by {storing:?}: {stored:?}");
+        }
     }
 
     #[test]
     fn a_pair_whose_curvature_rounds_away_in_bf16_is_refused() {
+        for storing in STORINGS {
+            a_pair_rounded_away_is_refused(storing);
+        }
+    }
+
+    fn a_pair_rounded_away_is_refused(storing: Storing) {
         let options = (Kind::Float, Device::Cpu);
         let mut memory = Curvature::new(4, 2, Device::Cpu, Kind::BFloat16);
         // item 0: yᵀs = 2⁻⁹ in f32, but 1 + 2⁻⁹ rounds to 1 in bf16, so the stored yᵀs is 0;
         // item 1: a plain pair, kept
         let s = Tensor::from_slice(&[1.0f32, 1.0, 1.0, 0.5]).view([2, 2]);
         let y = Tensor::from_slice(&[1.0f32 + 1.0 / 512.0, -1.0, 2.0, 1.0]).view([2, 2]);
-        let taken = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
-        assert_eq!(Vec::<bool>::try_from(&taken).unwrap(), [false, true]);
+        let taken = push_by(&mut memory, &s, &y, storing);
+        assert_eq!(Vec::<bool>::try_from(&taken).unwrap(), [false, true], "by {storing:?}");
         let gradient = Tensor::ones([2, 2], options);
         let _ = memory.direction(&gradient, &Tensor::ones([2], (Kind::Double, Device::Cpu)));
         let [s_row, y_row] = memory.pair_at(0);
@@ -800,13 +950,15 @@ mod tests {
     #[test]
     fn a_bf16_pair_keeps_the_products_of_its_rounded_values() {
         let options = (Kind::Float, Device::Cpu);
-        let mut memory = Curvature::new(4, 1, Device::Cpu, Kind::BFloat16);
-        // 1 + 2⁻¹⁰ rounds to 1 in bf16: the stored yᵀs is 3·1·1, not 3·(1 + 2⁻¹⁰)
-        let s = Tensor::ones([1, 3], options);
-        let y = Tensor::full([1, 3], 1.0 + 1.0 / 1024.0, options);
-        let _ = memory.push(&s, &y, row_dots(&y, &s), row_dots(&y, &y), 0);
-        let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
-        assert_eq!(memory.s_y.double_value(&[0, 0, 0]), 3.0);
-        assert_eq!(memory.y_y.double_value(&[0, 0, 0]), 3.0);
+        for storing in STORINGS {
+            let mut memory = Curvature::new(4, 1, Device::Cpu, Kind::BFloat16);
+            // 1 + 2⁻¹⁰ rounds to 1 in bf16: the stored yᵀs is 3·1·1, not 3·(1 + 2⁻¹⁰)
+            let s = Tensor::ones([1, 3], options);
+            let y = Tensor::full([1, 3], 1.0 + 1.0 / 1024.0, options);
+            let _ = push_by(&mut memory, &s, &y, storing);
+            let _ = memory.direction(&s, &Tensor::ones([1], (Kind::Double, Device::Cpu)));
+            assert_eq!(memory.s_y.double_value(&[0, 0, 0]), 3.0, "by {storing:?}");
+            assert_eq!(memory.y_y.double_value(&[0, 0, 0]), 3.0, "by {storing:?}");
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! Optimisers over a batch of images, in the ask/tell form the stylizer's loop needs: given the
 //! gradient at the current points `[B, …]`, each proposes the steps to add. Every item of the batch
 //! is its own problem: products, curvature tests and step scales are taken per item, so a batch of
-//! frames optimises as the frames would one by one (up to rounding). Everything stays on the device
-//! (per-item decisions are masks, not branches), so a GPU runs iteration after iteration without
-//! waiting for the host. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
+//! frames optimises as the frames would one by one (up to rounding). On a GPU everything stays on
+//! the device (per-item decisions are masks, not branches), so it runs iteration after iteration
+//! without waiting for the host. On the CPU, where reading a decision back costs nothing, L-BFGS's
+//! passes over whole images go item by item through fused kernels (`device::pair_rows`): each
+//! reads its images once and makes no temporary image. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
 //! search, history ~100, first step scaled by 1/‖g‖₁), with its memory's product taken in the
 //! compact form (`curvature`) rather than by the two-loop recursion: the same steps from a few
 //! products per chunk of the memory instead of about eleven small operations per pair. Adam is the
@@ -14,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::curvature::{CURVATURE_TEST, Curvature, row_dots};
-use crate::device::{bf16_rows, products};
+use crate::device::{bf16_rows, pair_rows, products};
 
 /// Which optimiser, as the user asks for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +128,41 @@ pub(crate) fn where_items(value: &Tensor, condition: &Tensor) -> Tensor {
     let mut shape = vec![-1i64];
     shape.resize(value.dim(), 1);
     value.where_scalarother(&condition.reshape(shape.as_slice()), 0.0)
+}
+
+/// yᵀs, yᵀy, sᵀs and gᵀg per item of rows `[B, n]` (`[B]` f64 each): on the CPU in one read
+/// (`device::pair_rows`), elsewhere one product at a time.
+fn pair_products(s: &Tensor, y: &Tensor, g: &Tensor) -> [Tensor; 4] {
+    if pair_rows::applies_to(s) {
+        pair_rows::pair_products(s, y, g)
+    } else {
+        [(y, s), (y, y), (s, s), (g, g)].map(|(a, b)| row_dots(a, b))
+    }
+}
+
+/// gᵀd and ‖g‖₁ per item of rows `[B, n]` (`[B]` f64 each), as [`pair_products`].
+fn descent_products(g: &Tensor, d: &Tensor) -> [Tensor; 2] {
+    if pair_rows::applies_to(g) {
+        pair_rows::descent_products(g, d)
+    } else {
+        [row_dots(g, d), g.abs().sum_dim_intlist(1, false, Kind::Double)]
+    }
+}
+
+/// Rows `[B, n]` times `scale` (`[B]` f64) where `condition` (`[B]`) holds, zeros elsewhere (NaN-safe).
+/// On the CPU in place, item by item; elsewhere by masks, without waiting for the device.
+fn scaled_where(rows: Tensor, scale: &Tensor, condition: &Tensor) -> Tensor {
+    if rows.device() != tch::Device::Cpu {
+        let factor = per_item(scale, &rows);
+        return where_items(&(rows * factor), condition);
+    }
+    let scale = Vec::<f64>::try_from(scale).expect("[B] f64 on the CPU");
+    let condition = Vec::<bool>::try_from(condition).expect("[B] booleans on the CPU");
+    for (item, (&scale, &holds)) in scale.iter().zip(&condition).enumerate() {
+        let mut row = rows.get(item as i64);
+        let _ = if holds { row.g_mul_scalar_(scale) } else { row.fill_(0.0) };
+    }
+    rows
 }
 
 /// Zeroes item `item` of `tensor` in place.
@@ -266,9 +303,9 @@ impl Lbfgs {
     fn remember(&mut self, grad: &Tensor) {
         let Some((old_grad, old_step)) = self.previous.take() else { return };
         let y = grad - &old_grad;
-        let (ys, yy, ss) = (row_dots(&y, &old_step), row_dots(&y, &y), row_dots(&old_step, &old_step));
+        let [ys, yy, ss, old_gg] = pair_products(&old_step, &y, &old_grad);
         let length_product = (&yy * &ss).sqrt();
-        let least_change = row_dots(&old_grad, &old_grad) * (LEAST_GRADIENT_CHANGE * LEAST_GRADIENT_CHANGE);
+        let least_change = old_gg * (LEAST_GRADIENT_CHANGE * LEAST_GRADIENT_CHANGE);
         let noise = yy.le_tensor(&least_change).logical_and(&ys.le_tensor(&(&length_product * NOISE_ALIGNMENT)));
         let serial = self.serials;
         self.serials += 1;
@@ -280,10 +317,9 @@ impl Lbfgs {
             .logical_and(&items.fresh.logical_not())
             .logical_and(&items.crossing.logical_not())
             .logical_and(&items.waiting.logical_not());
-        let (s, y) = (where_items(&old_step, &accept), where_items(&y, &accept));
         let (stored_ys, stored_yy) = (ys.where_scalarother(&accept, 0.0), yy.where_scalarother(&accept, 0.0));
         // a pair stored in bf16 may lose its curvature to rounding, and is then refused after all
-        let accept = items.memory.push(&s, &y, stored_ys, stored_yy, serial);
+        let accept = items.memory.push(&old_step, &y, &accept, stored_ys, stored_yy, serial);
         items.hessian_diagonal = (&ys / &yy).where_self(&accept, &items.hessian_diagonal);
         items.learnt = items.learnt.logical_or(&accept);
     }
@@ -353,11 +389,11 @@ impl Optimizer for Lbfgs {
         self.remember(&grad);
         let items = self.items.as_mut().expect("created above");
         let direction = items.memory.direction(&grad, &items.hessian_diagonal);
-        let descent = row_dots(&grad, &direction).lt(0.0);
-        let l1 = grad.abs().sum_dim_intlist(1, false, Kind::Double);
+        let [slope, l1] = descent_products(&grad, &direction);
+        let descent = slope.lt(0.0);
         let first_scale = l1.clamp_min(f64::MIN_POSITIVE).reciprocal().clamp_max(1.0);
         let scale = first_scale.where_scalarother(&items.fresh, 1.0) * self.learning_rate;
-        let step = where_items(&(direction * per_item(&scale, &grad)), &descent);
+        let step = scaled_where(direction, &scale, &descent);
         items.fresh = items.fresh.zeros_like();
         items.crossing = items.crossing.zeros_like();
         let proposal = Proposal { step: items.layout.restore(&step), stalled: descent.logical_not() };
