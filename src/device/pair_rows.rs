@@ -89,10 +89,11 @@ pub fn pair_products(s: &Tensor, y: &Tensor, g: &Tensor) -> [Tensor; 4] {
 }
 
 /// Stores rows `s` and `y` (`[B, n]` f32) rounded to bf16 into the bf16 rows `s_rows` and `y_rows`
-/// (`[B, n]`, views into L-BFGS's memory, each item's row contiguous) for the items where `store`
-/// holds, and gives yᵀs, yᵀy and sᵀs of the rounded pair (zero for the others, whose rows are left
-/// as they were).
-pub fn store_bf16(s: &Tensor, y: &Tensor, store: &[bool], s_rows: &Tensor, y_rows: &Tensor) -> [Tensor; 3] {
+/// (`[B, n]`, views into L-BFGS's memory, each item's row contiguous, the two apart) for the items
+/// where `store` holds, and gives yᵀs, yᵀy and sᵀs of the rounded pair (zero for the others, whose
+/// rows are left as they were). Writes through the views: the caller must hold no other reference
+/// to those rows while it runs (L-BFGS's memory calls it on a slot it is filling).
+pub(crate) fn store_bf16(s: &Tensor, y: &Tensor, store: &[bool], s_rows: &Tensor, y_rows: &Tensor) -> [Tensor; 3] {
     let [s, y] = checked([s, y]);
     assert_eq!(store.len() as i64, s.size()[0], "a choice per item");
     for rows in [s_rows, y_rows] {
@@ -106,12 +107,15 @@ pub fn store_bf16(s: &Tensor, y: &Tensor, store: &[bool], s_rows: &Tensor, y_row
             }
             let [s, y, s_row, y_row] = [&s, &y, s_rows, y_rows].map(|rows| rows.get(item));
             assert!(s_row.is_contiguous() && y_row.is_contiguous(), "each item's row is written in place");
+            let (s_at, y_at) = (s_row.data_ptr() as usize, y_row.data_ptr() as usize);
+            assert!(s_at.abs_diff(y_at) >= 2 * s.size()[0] as usize, "the s and y rows must not overlap");
             #[cfg(impasto_row_kernels)]
             {
                 let mut products = [0.0f64; 3];
-                // SAFETY: contiguous [n] f32 sources and contiguous [n] bf16 destinations (views into
-                // the memory's chunk, which this call alone writes: the rows are borrowed mutably
-                // here), alive for the call; three f64 to write; the C++ side catches every exception.
+                // SAFETY: contiguous [n] f32 sources and contiguous [n] bf16 destinations that do not
+                // overlap each other (checked above) nor the sources (f32 tensors, not bf16 ones),
+                // alive for the call, and written by no one else meanwhile (the caller's contract);
+                // three f64 to write; the C++ side catches every exception.
                 let status = unsafe {
                     impasto_store_bf16_pair(
                         s.data_ptr() as *const f32,
@@ -260,7 +264,11 @@ mod tests {
         let [s, y, g] = [(); 3].map(|_| draws.normal(&[1, 200_000], (Kind::Float, Device::Cpu)));
         let on = |threads: usize| {
             crate::device::threads::with_threads(threads, || {
-                let products = pair_products(&s, &y, &g);
+                let chunk = Tensor::zeros([1, 2, 200_000], (Kind::BFloat16, Device::Cpu));
+                let mut products = Vec::from(pair_products(&s, &y, &g));
+                products.extend(store_bf16(&s, &y, &[true], &chunk.select(1, 0), &chunk.select(1, 1)));
+                products.extend(descent_products(&g, &s));
+                // the kernels left the thread's count as they found it
                 assert_eq!(tch::get_num_threads(), threads as i32);
                 Tensor::stack(&products, 0)
             })

@@ -37,9 +37,10 @@
 //! hold 10⁻³).
 //!
 //! A new pair is written into its slot by whole-batch operations on a GPU (masks for the items
-//! that refused it, and in bf16 the products of the rounded pair from widened copies). On the CPU
-//! it goes item by item: copied, or rounded to bf16 with the rounded pair's products in the same
-//! pass (`device::pair_rows`), and the rows of an item that refused it are cleared.
+//! that refused it, and in bf16 the products of the rounded pair from widened copies), and so on
+//! the CPU where the build has no kernels of its own. Where it has them, it goes item by item:
+//! copied, or rounded to bf16 with the rounded pair's products in the same pass
+//! (`device::pair_rows`), and the rows of an item that refused it are cleared.
 
 use std::collections::VecDeque;
 
@@ -863,7 +864,7 @@ mod tests {
     fn f32_pairs_written_item_by_item_or_by_masks_give_the_same_steps() {
         assert_eq!(Storing::for_pair(&Tensor::zeros([1, 4], (Kind::Float, Device::Cpu))), expected_storing());
         pairs_match_two_loop(Kind::Float, Some(Storing::Operations), None);
-        pairs_match_two_loop(Kind::Float, None, None);
+        pairs_match_two_loop(Kind::Float, Some(Storing::Kernels), None);
     }
 
     /// How the CPU writes f32 pairs in this build.

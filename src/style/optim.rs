@@ -4,8 +4,8 @@
 //! frames optimises as the frames would one by one (up to rounding). On a GPU everything stays on
 //! the device (per-item decisions are masks, not branches), so it runs iteration after iteration
 //! without waiting for the host. On the CPU, where reading a decision back costs nothing, L-BFGS's
-//! passes over whole images go item by item through fused kernels (`device::pair_rows`): each
-//! reads its images once and makes no temporary image. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
+//! passes over whole images go item by item, through fused kernels where the build has them
+//! (`device::pair_rows`): each reads its images once and makes no temporary image. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
 //! search, history ~100, first step scaled by 1/‖g‖₁), with its memory's product taken in the
 //! compact form (`curvature`) rather than by the two-loop recursion: the same steps from a few
 //! products per chunk of the memory instead of about eleven small operations per pair. Adam is the
@@ -659,6 +659,40 @@ mod tests {
                 let row = together.narrow(0, item as i64, 1);
                 assert!(row.allclose(&alone, 1e-9, 1e-12, false), "item {item}: {row:?} vs {alone:?}");
             }
+        }
+    }
+
+    #[test]
+    fn in_f32_a_batch_runs_each_item_as_if_alone() {
+        // on the CPU, the fused passes item by item (where the build has them)
+        let starts = [[-1.2, 1.0], [0.5, -0.5], [2.0, 3.0]];
+        let in_f32 = |rows: &[[f64; 2]]| points(rows).to_kind(Kind::Float);
+        let together = minimise(&mut Lbfgs::new(20, 1.0), &in_f32(&starts), 60, rosenbrock);
+        for (item, start) in starts.iter().enumerate() {
+            let alone = minimise(&mut Lbfgs::new(20, 1.0), &in_f32(&[*start]), 60, rosenbrock);
+            let row = together.narrow(0, item as i64, 1);
+            assert!(row.allclose(&alone, 1e-6, 1e-8, false), "item {item}: {row:?} vs {alone:?}");
+        }
+    }
+
+    #[test]
+    fn an_item_whose_gradient_is_nan_stalls_with_a_zero_step_and_leaves_the_other_alone() {
+        // f32 takes the CPU's item-by-item passes (where the build has them), f64 the masks
+        for kind in [Kind::Float, Kind::Double] {
+            let mut lbfgs = Lbfgs::new(10, 1.0);
+            let grad = Tensor::from_slice(&[1.0f64, -2.0, f64::NAN, 1.0]).view([2, 2]).to_kind(kind);
+            let proposal = lbfgs.propose(&grad);
+            assert_eq!(Vec::<bool>::try_from(&proposal.stalled).unwrap(), [false, true], "{kind:?}");
+            assert_eq!(proposal.step.get(1).abs().sum(Kind::Double).double_value(&[]), 0.0, "{kind:?}");
+            let alone = Lbfgs::new(10, 1.0).propose(&grad.narrow(0, 0, 1)).step;
+            assert!(proposal.step.narrow(0, 0, 1).equal(&alone), "{kind:?}: the other item moved as alone");
+            // next: item 1's pair spans the NaN and is refused; it steps afresh, finite
+            let grad = Tensor::from_slice(&[0.5f64, -1.0, 0.25, 1.0]).view([2, 2]).to_kind(kind);
+            let proposal = lbfgs.propose(&grad);
+            assert_eq!(Vec::<bool>::try_from(&proposal.stalled).unwrap(), [false, false], "{kind:?}");
+            let step = proposal.step.get(1);
+            assert!(bool::try_from(step.isfinite().all()).unwrap(), "{kind:?}: {step:?}");
+            assert!(step.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{kind:?}");
         }
     }
 
