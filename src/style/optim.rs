@@ -5,12 +5,12 @@
 //! the device (per-item decisions are masks, not branches), so it runs iteration after iteration
 //! without waiting for the host. On the CPU, where reading a decision back costs nothing, L-BFGS's
 //! passes over whole images go item by item, through fused kernels where the build has them
-//! (`device::pair_rows`): each reads its images once and makes no temporary image. L-BFGS follows the reference tools (torch's `optim.LBFGS` without line
-//! search, history ~100, first step scaled by 1/‖g‖₁), with its memory's product taken in the
-//! compact form (`curvature`) rather than by the two-loop recursion: the same steps from a few
-//! products per chunk of the memory instead of about eleven small operations per pair. Adam is the
-//! usual bias-corrected one. Curvature pairs are accepted by a scale-free test, so the loss needs
-//! no particular magnitude.
+//! (`device::pair_rows`): each reads its images once and makes no temporary image. L-BFGS follows
+//! the reference tools (torch's `optim.LBFGS` without line search, history ~100, first step scaled
+//! by 1/‖g‖₁), with its memory's product taken in the compact form (`curvature`) rather than by the
+//! two-loop recursion: the same steps from a few products per chunk of the memory instead of about
+//! eleven small operations per pair. Adam is the usual bias-corrected one. Curvature pairs are
+//! accepted by a scale-free test, so the loss needs no particular magnitude.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
