@@ -5,7 +5,7 @@
 //! of one pair they made a proposal take 53 ms with bf16 pairs, 28 ms with f32 ones (BENCHMARKS.md).
 //! Sums run in f32 lanes flushed to f64 every 256 columns and in f64 across blocks, in a fixed order.
 //! The functions take rows `[B, n]` of f32 on the CPU and answer per item; where the build has no
-//! kernels ([`available`] false) L-BFGS keeps to libtorch's operations.
+//! kernels ([`applies_to`] false) L-BFGS keeps to libtorch's operations.
 
 use tch::{Device, Kind, Tensor};
 
@@ -29,14 +29,10 @@ unsafe extern "C" {
     fn impasto_descent_dots(g: *const f32, d: *const f32, width: i64, products: *mut f64) -> std::ffi::c_int;
 }
 
-/// Whether this build has the fused passes.
-pub const fn available() -> bool {
-    cfg!(impasto_row_kernels)
-}
-
-/// Whether the fused passes take rows like `rows`: f32 on the CPU, in a build that has them.
+/// Whether the fused passes take rows like `rows`: f32 on the CPU, in a build that has L-BFGS's
+/// kernels (these are built with the bf16 rows' ones, so exactly where those read such rows).
 pub fn applies_to(rows: &Tensor) -> bool {
-    available() && rows.device() == Device::Cpu && rows.kind() == Kind::Float
+    super::bf16_rows::read_against(rows)
 }
 
 /// Checks that every tensor is an f32 `[B, n]` matrix on the CPU, of one shape, and gives them with
@@ -51,41 +47,39 @@ fn checked<const N: usize>(rows: [&Tensor; N]) -> [Tensor; N] {
     })
 }
 
-/// `[B]` f64 tensors, one per product, from each item's products.
-fn per_item<const P: usize>(items: Vec<[f64; P]>) -> [Tensor; P] {
+/// `[B]` f64 tensors, one per product, from `products` of each of `batch` items.
+fn per_item<const P: usize>(batch: i64, products: impl FnMut(i64) -> [f64; P]) -> [Tensor; P] {
+    let items: Vec<[f64; P]> = (0..batch).map(products).collect();
     std::array::from_fn(|product| Tensor::from_slice(&items.iter().map(|item| item[product]).collect::<Vec<_>>()))
 }
 
 /// yᵀs, yᵀy, sᵀs and gᵀg per item of rows `[B, n]` (`[B]` f64 each).
 pub fn pair_products(s: &Tensor, y: &Tensor, g: &Tensor) -> [Tensor; 4] {
     let [s, y, g] = checked([s, y, g]);
-    let items = (0..s.size()[0])
-        .map(|item| {
-            let [s, y, g] = [&s, &y, &g].map(|rows| rows.get(item));
-            #[cfg(impasto_row_kernels)]
-            {
-                let mut products = [0.0f64; 4];
-                // SAFETY: three contiguous [n] f32 CPU tensors alive for the call (rows of checked
-                // contiguous matrices), and four f64 to write; the C++ side catches every exception.
-                let status = unsafe {
-                    impasto_pair_dots(
-                        s.data_ptr() as *const f32,
-                        y.data_ptr() as *const f32,
-                        g.data_ptr() as *const f32,
-                        s.size()[0],
-                        products.as_mut_ptr(),
-                    )
-                };
-                assert_eq!(status, 0, "no memory for the partial sums of a curvature pair");
-                products
-            }
-            #[cfg(not(impasto_row_kernels))]
-            {
-                [(&y, &s), (&y, &y), (&s, &s), (&g, &g)].map(|(a, b)| double_dot(a, b))
-            }
-        })
-        .collect();
-    per_item(items)
+    per_item(s.size()[0], |item| {
+        let [s, y, g] = [&s, &y, &g].map(|rows| rows.get(item));
+        #[cfg(impasto_row_kernels)]
+        {
+            let mut products = [0.0f64; 4];
+            // SAFETY: three contiguous [n] f32 CPU tensors alive for the call (rows of checked
+            // contiguous matrices), and four f64 to write; the C++ side catches every exception.
+            let status = unsafe {
+                impasto_pair_dots(
+                    s.data_ptr() as *const f32,
+                    y.data_ptr() as *const f32,
+                    g.data_ptr() as *const f32,
+                    s.size()[0],
+                    products.as_mut_ptr(),
+                )
+            };
+            assert_eq!(status, 0, "no memory for the partial sums of a curvature pair");
+            products
+        }
+        #[cfg(not(impasto_row_kernels))]
+        {
+            [(&y, &s), (&y, &y), (&s, &s), (&g, &g)].map(|(a, b)| double_dot(a, b))
+        }
+    })
 }
 
 /// Stores rows `s` and `y` (`[B, n]` f32) rounded to bf16 into the bf16 rows `s_rows` and `y_rows`
@@ -100,77 +94,71 @@ pub(crate) fn store_bf16(s: &Tensor, y: &Tensor, store: &[bool], s_rows: &Tensor
         assert_eq!((rows.kind(), rows.device()), (Kind::BFloat16, Device::Cpu), "bf16 rows on the CPU");
         assert_eq!(rows.size(), s.size(), "rows as large as the pair's");
     }
-    let items = (0..s.size()[0])
-        .map(|item| {
-            if !store[item as usize] {
-                return [0.0; 3];
-            }
-            let [s, y, s_row, y_row] = [&s, &y, s_rows, y_rows].map(|rows| rows.get(item));
-            assert!(s_row.is_contiguous() && y_row.is_contiguous(), "each item's row is written in place");
-            let (s_at, y_at) = (s_row.data_ptr() as usize, y_row.data_ptr() as usize);
-            assert!(s_at.abs_diff(y_at) >= 2 * s.size()[0] as usize, "the s and y rows must not overlap");
-            #[cfg(impasto_row_kernels)]
-            {
-                let mut products = [0.0f64; 3];
-                // SAFETY: contiguous [n] f32 sources and contiguous [n] bf16 destinations that do not
-                // overlap each other (checked above) nor the sources (f32 tensors, not bf16 ones),
-                // alive for the call, and written by no one else meanwhile (the caller's contract);
-                // three f64 to write; the C++ side catches every exception.
-                let status = unsafe {
-                    impasto_store_bf16_pair(
-                        s.data_ptr() as *const f32,
-                        y.data_ptr() as *const f32,
-                        s.size()[0],
-                        s_row.data_ptr() as *mut u16,
-                        y_row.data_ptr() as *mut u16,
-                        products.as_mut_ptr(),
-                    )
-                };
-                assert_eq!(status, 0, "no memory for the partial sums of a curvature pair");
-                products
-            }
-            #[cfg(not(impasto_row_kernels))]
-            {
-                let (mut s_row, mut y_row) = (s_row, y_row);
-                s_row.copy_(&s);
-                y_row.copy_(&y);
-                let [s, y] = [&s_row, &y_row].map(|row| row.to_kind(Kind::Float));
-                [(&y, &s), (&y, &y), (&s, &s)].map(|(a, b)| double_dot(a, b))
-            }
-        })
-        .collect();
-    per_item(items)
+    per_item(s.size()[0], |item| {
+        if !store[item as usize] {
+            return [0.0; 3];
+        }
+        let [s, y, s_row, y_row] = [&s, &y, s_rows, y_rows].map(|rows| rows.get(item));
+        assert!(s_row.is_contiguous() && y_row.is_contiguous(), "each item's row is written in place");
+        let (s_at, y_at) = (s_row.data_ptr() as usize, y_row.data_ptr() as usize);
+        assert!(s_at.abs_diff(y_at) >= 2 * s.size()[0] as usize, "the s and y rows must not overlap");
+        #[cfg(impasto_row_kernels)]
+        {
+            let mut products = [0.0f64; 3];
+            // SAFETY: contiguous [n] f32 sources and contiguous [n] bf16 destinations that do not
+            // overlap each other (checked above) nor the sources (f32 tensors, not bf16 ones),
+            // alive for the call, and written by no one else meanwhile (the caller's contract);
+            // three f64 to write; the C++ side catches every exception.
+            let status = unsafe {
+                impasto_store_bf16_pair(
+                    s.data_ptr() as *const f32,
+                    y.data_ptr() as *const f32,
+                    s.size()[0],
+                    s_row.data_ptr() as *mut u16,
+                    y_row.data_ptr() as *mut u16,
+                    products.as_mut_ptr(),
+                )
+            };
+            assert_eq!(status, 0, "no memory for the partial sums of a curvature pair");
+            products
+        }
+        #[cfg(not(impasto_row_kernels))]
+        {
+            let (mut s_row, mut y_row) = (s_row, y_row);
+            s_row.copy_(&s);
+            y_row.copy_(&y);
+            let [s, y] = [&s_row, &y_row].map(|row| row.to_kind(Kind::Float));
+            [(&y, &s), (&y, &y), (&s, &s)].map(|(a, b)| double_dot(a, b))
+        }
+    })
 }
 
 /// gᵀd and ‖g‖₁ per item of rows `[B, n]` (`[B]` f64 each).
 pub fn descent_products(g: &Tensor, d: &Tensor) -> [Tensor; 2] {
     let [g, d] = checked([g, d]);
-    let items = (0..g.size()[0])
-        .map(|item| {
-            let [g, d] = [&g, &d].map(|rows| rows.get(item));
-            #[cfg(impasto_row_kernels)]
-            {
-                let mut products = [0.0f64; 2];
-                // SAFETY: two contiguous [n] f32 CPU tensors alive for the call, two f64 to write; the
-                // C++ side catches every exception.
-                let status = unsafe {
-                    impasto_descent_dots(
-                        g.data_ptr() as *const f32,
-                        d.data_ptr() as *const f32,
-                        g.size()[0],
-                        products.as_mut_ptr(),
-                    )
-                };
-                assert_eq!(status, 0, "no memory for the partial sums of a proposal");
-                products
-            }
-            #[cfg(not(impasto_row_kernels))]
-            {
-                [double_dot(&g, &d), g.abs().sum(Kind::Double).double_value(&[])]
-            }
-        })
-        .collect();
-    per_item(items)
+    per_item(g.size()[0], |item| {
+        let [g, d] = [&g, &d].map(|rows| rows.get(item));
+        #[cfg(impasto_row_kernels)]
+        {
+            let mut products = [0.0f64; 2];
+            // SAFETY: two contiguous [n] f32 CPU tensors alive for the call, two f64 to write; the
+            // C++ side catches every exception.
+            let status = unsafe {
+                impasto_descent_dots(
+                    g.data_ptr() as *const f32,
+                    d.data_ptr() as *const f32,
+                    g.size()[0],
+                    products.as_mut_ptr(),
+                )
+            };
+            assert_eq!(status, 0, "no memory for the partial sums of a proposal");
+            products
+        }
+        #[cfg(not(impasto_row_kernels))]
+        {
+            [double_dot(&g, &d), g.abs().sum(Kind::Double).double_value(&[])]
+        }
+    })
 }
 
 /// aᵀb of two `[n]` f32 vectors, summed in f64.

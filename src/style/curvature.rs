@@ -54,7 +54,7 @@ use crate::device::{bf16_rows, pair_rows, tf32};
 const CHUNK_PAIRS: usize = 8;
 
 /// A pair shows curvature where yᵀs > this · ‖y‖‖s‖ (scale-free).
-pub(super) const CURVATURE_TEST: f64 = 1e-10;
+const CURVATURE_TEST: f64 = 1e-10;
 
 /// `[B]` values shaped to broadcast over rows `[B, n]`.
 fn per_row(values: &Tensor) -> Tensor {
@@ -200,14 +200,14 @@ impl Curvature {
             return (ys, yy);
         }
         let [rounded_s, rounded_y] = [&s_row, &y_row].map(|row| row.squeeze_dim(1).to_kind(s.kind()));
-        let (ys, yy, ss) =
-            (row_dots(&rounded_y, &rounded_s), row_dots(&rounded_y, &rounded_y), row_dots(&rounded_s, &rounded_s));
-        let curved = curvature_holds(&ys, &yy, &ss);
+        let [ys, yy, ss] =
+            [(&rounded_y, &rounded_s), (&rounded_y, &rounded_y), (&rounded_s, &rounded_s)].map(|(a, b)| row_dots(a, b));
+        let (ys, yy, curved) = as_stored(ys, yy, &ss);
         // NaN-safe: a refused item's rows are filled, not multiplied, with zeros
         let refused = curved.logical_not().view([-1, 1, 1]);
         let _ = s_row.masked_fill_(&refused, 0.0);
         let _ = y_row.masked_fill_(&refused, 0.0);
-        (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
+        (ys, yy)
     }
 
     /// [`Curvature::store_by_operations`] item by item on the CPU: an accepted item's rows copied,
@@ -231,9 +231,9 @@ impl Curvature {
             (ys, yy)
         } else {
             let [ys, yy, ss] = pair_rows::store_bf16(s, y, &stored, &s_rows, &y_rows);
-            let curved = curvature_holds(&ys, &yy, &ss);
+            let (ys, yy, curved) = as_stored(ys, yy, &ss);
             stored = Vec::<bool>::try_from(&curved).expect("[B] booleans on the CPU");
-            (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0))
+            (ys, yy)
         };
         for item in (0..stored.len()).filter(|&item| !stored[item]) {
             let _ = s_rows.get(item as i64).fill_(0.0);
@@ -432,11 +432,19 @@ impl Curvature {
     }
 }
 
-/// `[B]` booleans: where a pair with products yᵀs, yᵀy and sᵀs (`[B]` f64) shows curvature. A pair
-/// that passed the test unrounded can fail it as stored: rounding can take yᵀs of a pair nearly
-/// orthogonal to zero or below, or overflow a value. NaN-safe: a NaN or infinite product fails.
-fn curvature_holds(ys: &Tensor, yy: &Tensor, ss: &Tensor) -> Tensor {
+/// `[B]` booleans: where a pair with products yᵀs, yᵀy and sᵀs (`[B]` f64) shows curvature
+/// (yᵀs > [`CURVATURE_TEST`]·‖y‖‖s‖, y ≠ 0). A pair that passed the test unrounded can fail it as
+/// stored: rounding can take yᵀs of a pair nearly orthogonal to zero or below, or overflow a value.
+/// NaN-safe: a NaN or infinite product fails.
+pub(super) fn curvature_holds(ys: &Tensor, yy: &Tensor, ss: &Tensor) -> Tensor {
     ys.gt_tensor(&((yy * ss).sqrt() * CURVATURE_TEST)).logical_and(&yy.gt(0.0)).logical_and(&yy.isfinite())
+}
+
+/// The stored pair's yᵀs and yᵀy from the products of its stored values (`[B]` f64 each), zero
+/// where it fails the curvature test, and which items it passed (`[B]` booleans).
+fn as_stored(ys: Tensor, yy: Tensor, ss: &Tensor) -> (Tensor, Tensor, Tensor) {
+    let curved = curvature_holds(&ys, &yy, ss);
+    (ys.where_scalarother(&curved, 0.0), yy.where_scalarother(&curved, 0.0), curved)
 }
 
 /// How a new pair is written into the memory.
@@ -869,7 +877,7 @@ mod tests {
 
     /// How the CPU writes f32 pairs in this build.
     fn expected_storing() -> Storing {
-        if pair_rows::available() { Storing::Kernels } else { Storing::Operations }
+        if bf16_rows::available() { Storing::Kernels } else { Storing::Operations }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::curvature::{CURVATURE_TEST, Curvature, row_dots};
+use super::curvature::{Curvature, curvature_holds, row_dots};
 use crate::device::{bf16_rows, pair_rows, products};
 
 /// Which optimiser, as the user asks for it.
@@ -310,9 +310,7 @@ impl Lbfgs {
         let serial = self.serials;
         self.serials += 1;
         let items = self.items(grad);
-        let accept = ys
-            .gt_tensor(&(length_product * CURVATURE_TEST))
-            .logical_and(&yy.gt(0.0))
+        let accept = curvature_holds(&ys, &yy, &ss)
             .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not())
             .logical_and(&items.crossing.logical_not())
