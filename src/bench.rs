@@ -21,7 +21,7 @@ use image::RgbImage;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::device::{device_name, memory};
+use crate::device::{device_name, memory, threads};
 use crate::error::{Result, panic_error};
 use crate::flow::FlowSettings;
 use crate::model::{LayerId, Vgg};
@@ -464,6 +464,8 @@ pub fn run_at_once<J: Send, T: Send>(
 ) -> Result<Vec<T>> {
     let count = jobs.len();
     let run = &run;
+    // the calling thread only waits from here on; its parked OpenMP workers would slow the painting
+    threads::release_this_thread();
     std::thread::scope(|scope| {
         let threads: Vec<_> = jobs
             .into_iter()

@@ -76,6 +76,11 @@ impl MotionTracker {
         }
     }
 
+    /// The libtorch threads it measures with on the CPU (0: as they are).
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// The motion from the frame before into `frame` (frame `index`): `None` on the first frame and
     /// where no motion is wanted.
     pub fn next(&mut self, index: u64, frame: &Tensor) -> Result<Option<Motion>> {

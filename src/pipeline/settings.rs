@@ -102,8 +102,8 @@ pub struct VideoSettings {
     /// Frames in flight in each queue between the decoder, the stylizer and the encoder (the optical
     /// flow is measured one frame ahead of the stylizer, whatever this is).
     pub queue: usize,
-    /// libtorch intra-op threads while the flow runs on the CPU (its many small operations run
-    /// fastest on one thread); 0 leaves the thread count alone.
+    /// libtorch intra-op threads of the flow on the CPU (its many small operations run fastest on
+    /// one thread), and of the whole motion stage of a video job; 0 leaves the thread count alone.
     pub flow_threads: usize,
     /// The optical-flow solver and scene-cut detection.
     pub flow: FlowSettings,

@@ -151,7 +151,12 @@ async fn serve(config: ServiceConfig) -> Result<(), ServiceError> {
     let metrics = Arc::new(Metrics::default());
     let bell = Arc::new(Bell::default());
     let shutdown_flag = Arc::new(AtomicBool::new(false));
-    let (slots, runners) = tokio::task::block_in_place(|| load_slots(&config, &watches, &metrics))?;
+    let (slots, runners) = tokio::task::block_in_place(|| {
+        let loaded = load_slots(&config, &watches, &metrics);
+        // the slots and batch runners paint from here on; this thread's parked OpenMP workers would slow them
+        crate::device::threads::release_this_thread();
+        loaded
+    })?;
     let shared = Arc::new(Shared {
         store: store.clone(),
         node: node.clone(),

@@ -129,6 +129,8 @@ fn run_job(shared: &Shared, slot: &mut Slot, job: Job) {
         tracing::error!(%error, "could not record the job's outcome; it will be taken back when stale");
     }
     crate::device::heap::give_back_freed_memory();
+    // while the slot waits for its next job, its parked OpenMP workers would slow the other slots' painting
+    crate::device::threads::release_this_thread();
 }
 
 /// Prepares and runs the video job with the slot's network.

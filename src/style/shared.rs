@@ -19,6 +19,7 @@ use tch::Tensor;
 use super::batch::{BatchFeed, BatchItem, Optimised};
 use super::settings::StyleSettings;
 use super::stylizer::{Losses, Stylizer};
+use crate::device::threads;
 use crate::error::{Error, Result};
 use crate::model::Vgg;
 
@@ -200,6 +201,8 @@ impl SharedBatch {
             in_flight += self.hand_in(model, settings, lane, feed, &job)?;
         }
         while in_flight > 0 && !feed.cancelled() {
+            // the runner's thread paints; this one's OpenMP workers, parked, would slow it
+            threads::release_this_thread();
             match received.recv_timeout(POLL) {
                 Ok(Reply::Iteration { lane, done, losses, point }) => feed.iteration(lane, done, losses, &point),
                 Ok(Reply::Finished { lane, outcome }) => {
@@ -456,6 +459,7 @@ mod tests {
 
     use super::*;
     use crate::device::Precision;
+    use crate::device::threads::tests::{name_this_thread, parallel_work, settle_threads_named};
     use crate::imageio;
     use crate::style::stylizer::tests::{QueuedItems, assert_as_if_alone, network, network_in, picture, targets};
     use crate::style::{Stopping, Targets};
@@ -642,6 +646,46 @@ mod tests {
         let carried: Vec<bool> = feeds[0].items.outcomes.values().map(|outcome| outcome.curvature_carried).collect();
         assert_eq!(carried, [false, true, true]);
         assert_eq!(batch.stats().batches, 1, "{:?}", batch.stats());
+    }
+
+    /// A job's items, handed in after parallel libtorch work on the job's thread (as a frame's
+    /// content targets are), which counts its own OpenMP workers while the batch paints.
+    struct CountsWorkers {
+        items: QueuedItems,
+        /// The job thread's OpenMP workers at each iteration the batch reported.
+        workers: Vec<usize>,
+    }
+
+    /// The name the job's thread takes, and its workers with it.
+    const JOB_THREAD: &str = "shared-job";
+
+    impl BatchFeed for CountsWorkers {
+        fn next(&mut self, slot: usize) -> Option<BatchItem> {
+            name_this_thread(JOB_THREAD);
+            assert!(threads::limit_this_thread(2), "libtorch's OpenMP runtime was not found");
+            assert!(parallel_work() > 0.0);
+            self.items.next(slot)
+        }
+        fn finished(&mut self, slot: usize, outcome: Optimised) {
+            self.items.finished(slot, outcome);
+        }
+        fn iteration(&mut self, slot: usize, done: usize, losses: Losses, point: &Tensor) {
+            self.workers.push(settle_threads_named(JOB_THREAD, 1) - 1);
+            self.items.iteration(slot, done, losses, point);
+        }
+    }
+
+    #[test]
+    fn a_job_leaves_no_openmp_workers_parked_while_the_shared_batch_paints_its_frames() {
+        let vgg = network();
+        let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
+        let first = targets(&stylizer, 32, 24);
+        let frames = lane(&[(0, &first, 0.2, 2), (1, &first, 0.4, 2)], (32, 24));
+        let job = CountsWorkers { items: QueuedItems::new(vec![frames]), workers: Vec::new() };
+        let feeds = run_jobs(&SharedBatch::new(1), &vgg, vec![job]);
+        assert_eq!(feeds[0].items.outcomes.len(), 2);
+        assert!(!feeds[0].workers.is_empty(), "the batch reported no iteration");
+        assert!(feeds[0].workers.iter().all(|&workers| workers == 0), "parked workers: {:?}", feeds[0].workers);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use image::RgbImage;
 use tch::{Device, Tensor};
 
 use super::decode::Decoded;
+use crate::device::threads;
 use crate::error::{Error, Result};
 use crate::imageio;
 use crate::media::Frame;
@@ -50,11 +51,13 @@ impl MotionStage {
         sender: Sender<Item<Arrived>>,
         errors: &FirstError,
     ) -> Result<Option<()>> {
+        self.limit_threads();
         let mut resuming = true;
         loop {
             if errors.stopped() {
                 return Ok(None);
             }
+            threads::release_this_thread();
             let decoded = match receiver.recv() {
                 Ok(Item::Next(decoded)) => decoded,
                 Ok(Item::End) => break,
@@ -68,6 +71,16 @@ impl MotionStage {
             }
         }
         Ok(sender.send(Item::End).ok())
+    }
+
+    /// Holds the calling thread's libtorch work, the frames' conversion as well as the flow, to the
+    /// tracker's threads on the CPU, so that the stage starts no OpenMP workers of its own beside
+    /// the painting thread's (see [`threads::release_this_thread`]; where the count is left as it
+    /// is, the stage lets its workers go before it waits for the next frame).
+    fn limit_threads(&self) {
+        if self.device == Device::Cpu && self.tracker.threads() > 0 {
+            threads::limit_this_thread(self.tracker.threads());
+        }
     }
 
     /// The decoded frame on the device, with its motion unless it is `stored`.
@@ -92,4 +105,60 @@ fn frame_tensor(frame: &mut Frame) -> Result<Tensor> {
     let picture = RgbImage::from_raw(frame.width, frame.height, std::mem::take(&mut frame.rgb))
         .ok_or_else(|| Error::Internal(format!("frame {} has a short pixel buffer", frame.index)))?;
     Ok(imageio::rgb_to_tensor(&picture))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::threads::tests::threads_named;
+    use crate::pipeline::VideoSettings;
+
+    /// Decoded frame `index`: 160×90 (above libtorch's grain for splitting work), a pattern moved
+    /// `index` pixels to the right.
+    fn decoded(index: u64) -> Decoded {
+        let (width, height) = (160u32, 90u32);
+        let pixel = |x: u32, y: u32| {
+            let v = ((x + 2 * index as u32) * 7 + y * 3) as u8;
+            [v, v / 2, 255 - v]
+        };
+        let rgb = (0..height).flat_map(|y| (0..width).flat_map(move |x| pixel(x, y))).collect();
+        let frame = Frame { rgb, width, height, pts: index as i64, duration: 1, time_base: (1, 25), index };
+        Decoded { frame, seconds: 0.0 }
+    }
+
+    #[test]
+    fn the_motion_stage_measures_without_openmp_workers_of_its_own() {
+        let name = "motion-stage";
+        let (arrived, workers) = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // as a thread that libtorch gives two threads: the stage is to hold itself to the flow's one
+                assert!(threads::limit_this_thread(2), "libtorch's OpenMP runtime was not found");
+                let (decoded_sender, decoded_receiver) = crossbeam_channel::unbounded();
+                let (arrived_sender, arrived_receiver) = crossbeam_channel::unbounded();
+                for index in 0..3 {
+                    decoded_sender.send(Item::Next(decoded(index))).unwrap();
+                }
+                decoded_sender.send(Item::End).unwrap();
+                let video = VideoSettings::default();
+                assert_eq!(video.flow_threads, 1);
+                let stage = MotionStage::new(MotionTracker::new(&video, false), Device::Cpu, BTreeSet::new());
+                let errors = FirstError::default();
+                assert_eq!(stage.run(decoded_receiver, arrived_sender, &errors).unwrap(), Some(()));
+                let workers = threads_named(name) - 1;
+                let arrived: Vec<Option<u64>> = arrived_receiver
+                    .try_iter()
+                    .filter_map(|item| match item {
+                        Item::Next(arrived) => Some(arrived.motion.map(|motion| motion.from)),
+                        Item::End => None,
+                    })
+                    .collect();
+                (arrived, workers)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(arrived, [None, Some(0), Some(1)], "the motion into each frame from the one before");
+        assert_eq!(workers, 0, "the motion stage left OpenMP workers parked beside the painting");
+    }
 }
