@@ -46,60 +46,50 @@ pub fn with_threads<T>(threads: usize, work: impl FnOnce() -> T) -> T {
 /// Lets go of the OpenMP workers that the calling thread's libtorch work started. libgomp parks a
 /// thread's workers for its next parallel work, and while the threads it manages outnumber the
 /// cores, every one of them gives up spinning at a barrier almost at once and sleeps until woken.
-/// A network iteration crosses hundreds of barriers: on a 2-core machine, with the workers of the
-/// thread that loaded the network parked beside the painting thread's, an iteration at 160×90 took
-/// 37 ms instead of 30. A thread that hands its libtorch work on to another and waits calls this;
-/// its next parallel work starts workers afresh (a thread start, microseconds). Returns false,
-/// doing nothing, where libtorch runs without libgomp's `omp_pause_resource`, or inside a parallel
-/// region.
+/// A network iteration crosses hundreds of barriers: on a 2-core machine, with a video job's motion
+/// stage's workers parked beside the painting thread's, an iteration at 160×90 took 38 ms instead
+/// of 29. A thread that hands its libtorch work on to another and waits calls this; its next
+/// parallel work starts workers afresh (a thread start, microseconds). Returns false, doing nothing,
+/// where libtorch's OpenMP runtime is not libgomp (elsewhere a pause may reach every thread's
+/// workers), or inside a parallel region.
 pub fn release_this_thread() -> bool {
-    let Some(pause) = omp_pause_host() else { return false };
-    // SAFETY: the OpenMP runtime libtorch loaded; pausing the host frees only the calling thread's
-    // parked workers (the others keep theirs), and fails harmlessly inside a parallel region.
-    unsafe { pause.run() }
+    let Some(pause) = libgomp_pause_host() else { return false };
+    // SAFETY: libgomp's `omp_pause_resource_all` pauses the host by freeing the calling thread's
+    // parked workers only (the others keep theirs); inside a parallel region it fails, doing nothing.
+    unsafe { pause(PAUSE_SOFT) == 0 }
 }
 
-/// libgomp's `omp_pause_resource` and `omp_get_initial_device`: together, a pause of the host's
-/// threads (the workers of the calling thread; OpenMP 5.0).
-#[derive(Clone, Copy)]
-struct PauseHost {
-    pause_resource: unsafe extern "C" fn(c_int, c_int) -> c_int,
-    initial_device: unsafe extern "C" fn() -> c_int,
-}
+/// OpenMP 5.0's `int omp_pause_resource_all(omp_pause_resource_t)`, the enum passed as an int.
+type PauseResourceAll = unsafe extern "C" fn(c_int) -> c_int;
 
-impl PauseHost {
-    /// `omp_pause_soft`: the runtime may keep what it needs to start threads again.
-    const SOFT: c_int = 1;
+/// `omp_pause_soft`: the runtime may keep what it needs to start threads again.
+const PAUSE_SOFT: c_int = 1;
 
-    /// Pauses the calling thread's OpenMP workers; whether they were let go.
-    ///
-    /// # Safety
-    /// Both functions must be the loaded OpenMP runtime's.
-    unsafe fn run(self) -> bool {
-        // SAFETY: the caller's contract; both take and return plain integers.
-        unsafe { (self.pause_resource)(Self::SOFT, (self.initial_device)()) == 0 }
-    }
-}
-
-/// The OpenMP runtime's pause of the host, found among the libraries already loaded.
-fn omp_pause_host() -> Option<PauseHost> {
-    static FOUND: OnceLock<Option<PauseHost>> = OnceLock::new();
+/// libgomp's `omp_pause_resource_all`, where the loaded OpenMP runtime is libgomp.
+fn libgomp_pause_host() -> Option<PauseResourceAll> {
+    static FOUND: OnceLock<Option<PauseResourceAll>> = OnceLock::new();
     *FOUND.get_or_init(|| {
-        let pause_resource = loaded_symbol(c"omp_pause_resource")?;
-        let initial_device = loaded_symbol(c"omp_get_initial_device")?;
-        // SAFETY: OpenMP 5.0 declares `int omp_pause_resource(omp_pause_resource_t, int)` (an enum
-        // passed as an int) and `int omp_get_initial_device(void)`.
-        Some(unsafe {
-            PauseHost {
-                pause_resource: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn(c_int, c_int) -> c_int>(
-                    pause_resource,
-                ),
-                initial_device: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> c_int>(
-                    initial_device,
-                ),
-            }
-        })
+        let address = loaded_symbol(c"omp_pause_resource_all")?;
+        if !defined_in_libgomp(address) {
+            tracing::debug!("the OpenMP runtime is not libgomp; parked workers are left as they are");
+            return None;
+        }
+        // SAFETY: the symbol's declared type.
+        Some(unsafe { std::mem::transmute::<*mut libc::c_void, PauseResourceAll>(address) })
     })
+}
+
+/// Whether `address` lies in a library whose file name says libgomp.
+fn defined_in_libgomp(address: *mut libc::c_void) -> bool {
+    // SAFETY: dladdr only reads `address` and fills `info`; an all-zero Dl_info is a valid start.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `info` outlives the call.
+    if unsafe { libc::dladdr(address, &mut info) } == 0 || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: dladdr gives a NUL-terminated path owned by the loader, valid while the library is loaded.
+    let file = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    file.to_bytes().windows(b"libgomp".len()).any(|name| name == b"libgomp")
 }
 
 /// The address of `name` among the libraries the program has loaded, if any has it.
@@ -107,7 +97,7 @@ fn loaded_symbol(name: &std::ffi::CStr) -> Option<*mut libc::c_void> {
     // SAFETY: a valid C string; RTLD_DEFAULT searches the libraries the program has loaded.
     let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
     if address.is_null() {
-        tracing::debug!(symbol = ?name, "not found in the OpenMP runtime");
+        tracing::debug!(symbol = ?name, "no OpenMP runtime loaded has it; thread counts and parked workers are left as they are");
         return None;
     }
     Some(address)
@@ -160,9 +150,9 @@ pub(crate) mod tests {
             .count()
     }
 
-    /// Waits (up to a minute) until `name` has `count` threads; the count it ended at.
+    /// Waits (up to 10 s; libgomp joins released workers at once) until `name` has `count` threads; the count it ended at.
     pub fn settle_threads_named(name: &str, count: usize) -> usize {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while threads_named(name) != count && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

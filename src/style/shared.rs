@@ -255,6 +255,8 @@ impl SharedBatch {
 
     /// The key of the oldest waiting item, once there is one; `None` when closed.
     fn next_key(&self) -> Option<BatchKey> {
+        // the jobs' threads may compute their frames' targets while this one waits
+        threads::release_this_thread();
         let mut waiting = self.waiting();
         loop {
             if waiting.closed {
@@ -329,6 +331,8 @@ impl SharedBatch {
     /// [`CHAIN_GRACE`] at most.
     fn await_item(&self, job: &JobLink) {
         let deadline = Instant::now() + CHAIN_GRACE;
+        // as in next_key: the job's thread computes the next frame's targets meanwhile
+        threads::release_this_thread();
         let mut waiting = self.waiting();
         while !waiting.closed && !job.withdrawn.load(Ordering::SeqCst) && waiting.oldest().is_none() {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -51,13 +51,15 @@ impl MotionStage {
         sender: Sender<Item<Arrived>>,
         errors: &FirstError,
     ) -> Result<Option<()>> {
-        self.limit_threads();
+        let limited = self.limit_threads();
         let mut resuming = true;
         loop {
             if errors.stopped() {
                 return Ok(None);
             }
-            threads::release_this_thread();
+            if !limited {
+                threads::release_this_thread();
+            }
             let decoded = match receiver.recv() {
                 Ok(Item::Next(decoded)) => decoded,
                 Ok(Item::End) => break,
@@ -75,12 +77,10 @@ impl MotionStage {
 
     /// Holds the calling thread's libtorch work, the frames' conversion as well as the flow, to the
     /// tracker's threads on the CPU, so that the stage starts no OpenMP workers of its own beside
-    /// the painting thread's (see [`threads::release_this_thread`]; where the count is left as it
-    /// is, the stage lets its workers go before it waits for the next frame).
-    fn limit_threads(&self) {
-        if self.device == Device::Cpu && self.tracker.threads() > 0 {
-            threads::limit_this_thread(self.tracker.threads());
-        }
+    /// the painting thread's (see [`threads::release_this_thread`]); whether it did. Where it did
+    /// not (the count left as it is), the stage lets its workers go before it waits for a frame.
+    fn limit_threads(&self) -> bool {
+        self.device == Device::Cpu && self.tracker.threads() > 0 && threads::limit_this_thread(self.tracker.threads())
     }
 
     /// The decoded frame on the device, with its motion unless it is `stored`.
@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn the_motion_stage_measures_without_openmp_workers_of_its_own() {
         let name = "motion-stage";
-        let (arrived, workers) = std::thread::Builder::new()
+        let (arrived, workers, libtorch_threads) = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 // as a thread that libtorch gives two threads: the stage is to hold itself to the flow's one
@@ -146,6 +146,7 @@ mod tests {
                 let errors = FirstError::default();
                 assert_eq!(stage.run(decoded_receiver, arrived_sender, &errors).unwrap(), Some(()));
                 let workers = threads_named(name) - 1;
+                let libtorch_threads = tch::get_num_threads();
                 let arrived: Vec<Option<u64>> = arrived_receiver
                     .try_iter()
                     .filter_map(|item| match item {
@@ -153,12 +154,13 @@ mod tests {
                         Item::End => None,
                     })
                     .collect();
-                (arrived, workers)
+                (arrived, workers, libtorch_threads)
             })
             .unwrap()
             .join()
             .unwrap();
         assert_eq!(arrived, [None, Some(0), Some(1)], "the motion into each frame from the one before");
         assert_eq!(workers, 0, "the motion stage left OpenMP workers parked beside the painting");
+        assert_eq!(libtorch_threads, 1, "the stage's libtorch work, the frames' conversion too, runs on flow_threads");
     }
 }
