@@ -97,7 +97,8 @@ fn loaded_symbol(name: &std::ffi::CStr) -> Option<*mut libc::c_void> {
     // SAFETY: a valid C string; RTLD_DEFAULT searches the libraries the program has loaded.
     let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
     if address.is_null() {
-        tracing::debug!(symbol = ?name, "no OpenMP runtime loaded has it; thread counts and parked workers are left as they are");
+        let effect = "thread counts and parked workers are left as they are";
+        tracing::debug!(symbol = ?name, "no OpenMP runtime loaded has it; {effect}");
         return None;
     }
     Some(address)
@@ -150,7 +151,8 @@ pub(crate) mod tests {
             .count()
     }
 
-    /// Waits (up to 10 s; libgomp joins released workers at once) until `name` has `count` threads; the count it ended at.
+    /// Waits until `name` has `count` threads (up to 10 s: libgomp joins released workers at once);
+    /// the count it ended at.
     pub fn settle_threads_named(name: &str, count: usize) -> usize {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while threads_named(name) != count && std::time::Instant::now() < deadline {
