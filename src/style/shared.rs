@@ -575,10 +575,18 @@ mod tests {
         let mut stayer = QueuedItems::new(vec![lane(&[(1, &first, 1.3, 5)], (64, 48))]);
         let shared = &batch;
         std::thread::scope(|scope| {
-            let runner = scope.spawn(move || shared.serve(&models));
             let quitting = scope.spawn(|| batch.optimise("m", &settings, 1, &mut quitter).unwrap());
-            batch.optimise("m", &settings, 1, &mut stayer).unwrap();
+            let staying = scope.spawn(|| batch.optimise("m", &settings, 1, &mut stayer).unwrap());
+            // both frames wait before the runner starts, so that they begin in one batch: a frame
+            // whose companions change between its first two evaluations may not end as it would alone
+            // (L-BFGS's first step, scaled by 1/‖g‖₁, hardly moves the image, and the rounding of
+            // another batch can outweigh the change it makes in the gradient)
+            while batch.waiting_items() < 2 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let runner = scope.spawn(move || shared.serve(&models));
             quitting.join().unwrap();
+            staying.join().unwrap();
             batch.close();
             runner.join().unwrap();
         });
