@@ -568,28 +568,17 @@ mod tests {
         let vgg = network();
         let stylizer = Stylizer::new(&vgg, StyleSettings::default()).unwrap();
         let first = targets(&stylizer, 64, 48);
-        let settings = StyleSettings::default();
         let batch = SharedBatch::new(2);
-        let models = HashMap::from([("m".to_string(), vgg.share())]);
-        let mut quitter = GivesUp { feed: QueuedItems::new(vec![lane(&[(0, &first, 0.2, 400)], (64, 48))]), after: 2 };
-        let mut stayer = QueuedItems::new(vec![lane(&[(1, &first, 1.3, 5)], (64, 48))]);
-        let shared = &batch;
-        std::thread::scope(|scope| {
-            let quitting = scope.spawn(|| batch.optimise("m", &settings, 1, &mut quitter).unwrap());
-            let staying = scope.spawn(|| batch.optimise("m", &settings, 1, &mut stayer).unwrap());
-            // both frames wait before the runner starts, so that they begin in one batch: a frame
-            // whose companions change between its first two evaluations may not end as it would alone
-            // (L-BFGS's first step, scaled by 1/‖g‖₁, hardly moves the image, and the rounding of
-            // another batch can outweigh the change it makes in the gradient)
-            while batch.waiting_items() < 2 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let runner = scope.spawn(move || shared.serve(&models));
-            quitting.join().unwrap();
-            staying.join().unwrap();
-            batch.close();
-            runner.join().unwrap();
-        });
+        let quitter = GivesUp { feed: QueuedItems::new(vec![lane(&[(0, &first, 0.2, 400)], (64, 48))]), after: 2 };
+        let stayer =
+            GivesUp { feed: QueuedItems::new(vec![lane(&[(1, &first, 1.3, 5)], (64, 48))]), after: usize::MAX };
+        // run_jobs starts the runner once both frames wait, so that they begin in one batch: a frame
+        // whose companions change between its first two evaluations may not end as it would alone
+        // (L-BFGS's first step, scaled by 1/‖g‖₁, hardly moves the image, and the rounding of
+        // another batch can outweigh the change it makes in the gradient)
+        let [quitter, stayer]: [GivesUp; 2] =
+            run_jobs(&batch, &vgg, vec![quitter, stayer]).try_into().ok().expect("two feeds");
+        let stayer = stayer.feed;
         assert!(quitter.feed.outcomes.is_empty());
         let start = imageio::rgb_to_tensor(&picture(64, 48, 1.3));
         assert_as_if_alone(&vgg, 1, (&stayer.seen[&1], &stayer.outcomes[&1]), (&first, &start, 5));
