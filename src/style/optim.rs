@@ -114,6 +114,13 @@ pub trait Optimizer {
     /// one ring for the whole batch and goes on turning, so a long wait still pushes out the item's
     /// oldest pairs (after `history` proposals it carries on only its γ).
     fn wait(&mut self, _item: usize) {}
+
+    /// The next gradients come from passes of another batch size than the last (an item joined or
+    /// left the passes). That changes their last bits, and an item whose last step was its first
+    /// (L-BFGS's, scaled by 1/‖g‖₁, moves the image by less than its float resolution, so alone the
+    /// gradient after it is the same to the bit) would take that rounding for curvature: such an
+    /// item refuses its next pair, as it would alone.
+    fn regroup(&mut self) {}
 }
 
 /// Per-item values `[B]` shaped to broadcast over `like` `[B, …]`, in `like`'s kind.
@@ -189,9 +196,12 @@ struct LbfgsItems {
     /// `[B]` booleans: items with nothing learnt yet (first step scaled by 1/‖g‖₁, no pair from the
     /// previous gradient).
     fresh: Tensor,
-    /// `[B]` booleans: items that took up a new problem since the last gradient (their next pair
-    /// spans two problems and is refused; the pairs before it are kept).
+    /// `[B]` booleans: items whose next pair is refused while the pairs before it are kept: they took
+    /// up a new problem since the last gradient (the pair would span two problems), or their last
+    /// step was their first and the passes were regrouped since ([`Optimizer::regroup`]).
     crossing: Tensor,
+    /// `[B]` booleans: items whose last proposal was their first step.
+    first_step: Tensor,
     /// `[B]` booleans: items that took a pair since they were last reset (so have something to carry on).
     learnt: Tensor,
     /// `[B]` booleans: items whose slot waits empty for their chain's next problem (they take no pair).
@@ -288,6 +298,7 @@ impl Lbfgs {
                 hessian_diagonal: Tensor::ones([count], (Kind::Double, grad.device())),
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
+                first_step: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 waiting: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(self.history, count, grad.device(), pair_kind),
@@ -375,6 +386,12 @@ impl Optimizer for Lbfgs {
         }
     }
 
+    fn regroup(&mut self) {
+        if let Some(items) = &mut self.items {
+            items.crossing = items.crossing.logical_or(&items.first_step);
+        }
+    }
+
     fn propose(&mut self, grad: &Tensor) -> Proposal {
         let grad = grad.detach();
         // the memory's dot products in IEEE float32, whatever a network beside this one allows
@@ -392,7 +409,8 @@ impl Optimizer for Lbfgs {
         let first_scale = l1.clamp_min(f64::MIN_POSITIVE).reciprocal().clamp_max(1.0);
         let scale = first_scale.where_scalarother(&items.fresh, 1.0) * self.learning_rate;
         let step = scaled_where(direction, &scale, &descent);
-        items.fresh = items.fresh.zeros_like();
+        let none = items.fresh.zeros_like();
+        items.first_step = std::mem::replace(&mut items.fresh, none);
         items.crossing = items.crossing.zeros_like();
         let proposal = Proposal { step: items.layout.restore(&step), stalled: descent.logical_not() };
         self.previous = Some((grad, step));
@@ -636,6 +654,42 @@ mod tests {
         assert!(second_step.get(0).allclose(&plain.get(0), 1e-5, 1e-7, false), "noise was taken for curvature");
         let scaled = (second_step.get(1) / plain.get(1)).mean(Kind::Float).double_value(&[]);
         assert!(scaled > 10.0, "a small change along the step is curvature (γ ≈ 38 here), got {scaled}");
+    }
+
+    #[test]
+    fn after_a_regrouping_the_pair_of_a_first_step_is_refused_and_later_pairs_are_kept() {
+        // The second gradient differs from the first by rounding-sized noise that leans along the
+        // first step (cosine about 0.7), as a change of the passes' batch size can make it: the
+        // noise rule alone takes that for curvature; after `regroup` the second step is the plain −g
+        // of an empty memory, as alone (where the first step leaves the gradient as it was).
+        let options = (Kind::Float, Device::Cpu);
+        let first = (Tensor::arange(4096, options) * 0.37).sin().view([1, 4096]);
+        let pattern = (Tensor::arange(4096, options) * 1.91).cos().view([1, 4096]);
+        let second_step = |regroup: bool| {
+            let mut lbfgs = Lbfgs::new(10, 1.0);
+            let first_step = lbfgs.propose(&first).step;
+            let along = &first_step / first_step.norm();
+            let second = &first + (&pattern / pattern.norm() + along) * (first.norm() * 3e-6);
+            if regroup {
+                lbfgs.regroup();
+            }
+            (lbfgs.propose(&second).step, -second)
+        };
+        let (taken, plain) = second_step(false);
+        assert!(!taken.allclose(&plain, 1e-3, 1e-7, false), "without a regrouping the noise is taken");
+        let (refused, plain) = second_step(true);
+        assert!(refused.allclose(&plain, 1e-5, 1e-7, false), "a first step's pair across a regrouping");
+
+        // past its first step an item takes its pairs across a regrouping: γ goes from the first
+        // pair's 1/0.026 to the second's 2
+        let mut lbfgs = Lbfgs::new(10, 1.0);
+        let first_step = lbfgs.propose(&first).step;
+        let second = &first + &first_step * 0.026;
+        let second_step = lbfgs.propose(&second).step;
+        lbfgs.regroup();
+        lbfgs.propose(&(&second + &second_step * 0.5));
+        let gamma = lbfgs.items.as_ref().expect("proposed").hessian_diagonal.double_value(&[0]);
+        assert!((gamma - 2.0).abs() < 1e-3, "γ {gamma}");
     }
 
     #[test]

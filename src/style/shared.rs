@@ -572,10 +572,9 @@ mod tests {
         let quitter = GivesUp { feed: QueuedItems::new(vec![lane(&[(0, &first, 0.2, 400)], (64, 48))]), after: 2 };
         let stayer =
             GivesUp { feed: QueuedItems::new(vec![lane(&[(1, &first, 1.3, 5)], (64, 48))]), after: usize::MAX };
-        // run_jobs starts the runner once both frames wait, so that they begin in one batch: a frame
-        // whose companions change between its first two evaluations may not end as it would alone
-        // (L-BFGS's first step, scaled by 1/‖g‖₁, hardly moves the image, and the rounding of
-        // another batch can outweigh the change it makes in the gradient)
+        // run_jobs starts the runner once both frames wait, so that they begin in one batch and the
+        // stayer's passes change size only when the quitter leaves: passes of another size change
+        // the gradients' last bits, which L-BFGS can amplify towards the tolerance of `as if alone`
         let [quitter, stayer]: [GivesUp; 2] =
             run_jobs(&batch, &vgg, vec![quitter, stayer]).try_into().ok().expect("two feeds");
         let stayer = stayer.feed;

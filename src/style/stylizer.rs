@@ -467,6 +467,7 @@ impl<'m> Stylizer<'m> {
         let grid = self.grid_for(&batch.image);
         let device = self.vgg.device();
         let interval = self.settings.loss_read_interval_on(device);
+        let mut last_pass_size = None;
         loop {
             batch.hand_over(self, feed);
             let remaining = batch.runs.iter().map(ItemRun::remaining).max().unwrap_or(0);
@@ -481,6 +482,11 @@ impl<'m> Stylizer<'m> {
             let active = Tensor::from_slice(&running).to_device(device);
             // slots with nothing to do (empty, or done before the others) are left out of the passes
             let subset = (grid.is_none() && running.contains(&false)).then(|| batch.subset(&running));
+            // the passes' batch size changes the gradients' last bits (not the other items' contents)
+            let pass_size = if subset.is_some() { running.iter().filter(|run| **run).count() } else { running.len() };
+            if last_pass_size.replace(pass_size).is_some_and(|last| last != pass_size) {
+                batch.optimizer.regroup();
+            }
             let mut queued = Vec::with_capacity(remaining.min(interval));
             for _ in 0..remaining.min(interval) {
                 let (point, values, gradient) = match &subset {
