@@ -116,10 +116,11 @@ pub trait Optimizer {
     fn wait(&mut self, _item: usize) {}
 
     /// The next gradients come from passes of another batch size than the last (an item joined or
-    /// left the passes). That changes their last bits, and an item whose last step was its first
-    /// (L-BFGS's, scaled by 1/‖g‖₁, moves the image by less than its float resolution, so alone the
-    /// gradient after it is the same to the bit) would take that rounding for curvature: such an
-    /// item refuses its next pair, as it would alone.
+    /// left the passes), which changes their last bits. L-BFGS's first step, scaled by 1/‖g‖₁, may
+    /// change the gradient by no more than that (from a start on the 8-bit grid the loss sees the
+    /// image in, not at all), and the rounding can lean along the step, where the noise rule would
+    /// take it for curvature: an item whose last step was its first refuses a pair of rounding size
+    /// whatever its direction. A larger change is real, and kept.
     fn regroup(&mut self) {}
 }
 
@@ -180,7 +181,7 @@ fn clear_item(tensor: &Tensor, item: usize) {
 /// A curvature pair is taken for rounding noise when the gradient changed by at most this share of
 /// itself (‖y‖ ≤ 10⁻⁴·‖g‖) and not along the step (yᵀs ≤ [`NOISE_ALIGNMENT`]·‖y‖‖s‖). A step too small
 /// to change the image the loss sees (it sees it in 8 bits) leaves the gradient as it was up to
-/// rounding, and in a batch that rounding depends on the other images. Seen: ‖y‖/‖g‖ = 2·10⁻⁶ at an
+/// rounding, and in a batch that rounding depends on the batch size of the passes. Seen: ‖y‖/‖g‖ = 2·10⁻⁶ at an
 /// angle cosine of 0.015 gave γ = 1077 where real pairs give 1–10 (cosines 0.35–0.8), and then a
 /// step some 100–1000 times too long. A small but real change lies along the step, as on a quadratic
 /// of any scale, and is kept.
@@ -196,12 +197,14 @@ struct LbfgsItems {
     /// `[B]` booleans: items with nothing learnt yet (first step scaled by 1/‖g‖₁, no pair from the
     /// previous gradient).
     fresh: Tensor,
-    /// `[B]` booleans: items whose next pair is refused while the pairs before it are kept: they took
-    /// up a new problem since the last gradient (the pair would span two problems), or their last
-    /// step was their first and the passes were regrouped since ([`Optimizer::regroup`]).
+    /// `[B]` booleans: items that took up a new problem since the last gradient (their next pair
+    /// spans two problems and is refused; the pairs before it are kept).
     crossing: Tensor,
-    /// `[B]` booleans: items whose last proposal was their first step.
+    /// `[B]` booleans: items whose last proposal was their first step (they were `fresh` at it).
     first_step: Tensor,
+    /// `[B]` booleans: items whose last step was their first and whose passes changed batch size
+    /// since ([`Optimizer::regroup`]): their next pair is rounding when small, whatever its direction.
+    regrouped: Tensor,
     /// `[B]` booleans: items that took a pair since they were last reset (so have something to carry on).
     learnt: Tensor,
     /// `[B]` booleans: items whose slot waits empty for their chain's next problem (they take no pair).
@@ -299,6 +302,7 @@ impl Lbfgs {
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 first_step: Tensor::zeros([count], (Kind::Bool, grad.device())),
+                regrouped: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 waiting: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(self.history, count, grad.device(), pair_kind),
@@ -310,17 +314,19 @@ impl Lbfgs {
 
     /// Adds the pair from the previous proposal to this gradient (rows `[B, n]`). The scale-free
     /// curvature test (yᵀs > 1e-10·‖y‖‖s‖) is taken per item, and a pair that looks like rounding
-    /// noise is refused too ([`LEAST_GRADIENT_CHANGE`]); a refused item's pair is stored as zeros.
+    /// noise is refused too ([`LEAST_GRADIENT_CHANGE`], and [`Optimizer::regroup`]); a refused
+    /// item's pair is stored as zeros.
     fn remember(&mut self, grad: &Tensor) {
         let Some((old_grad, old_step)) = self.previous.take() else { return };
         let y = grad - &old_grad;
         let [ys, yy, ss, old_gg] = pair_products(&old_step, &y, &old_grad);
         let length_product = (&yy * &ss).sqrt();
         let least_change = old_gg * (LEAST_GRADIENT_CHANGE * LEAST_GRADIENT_CHANGE);
-        let noise = yy.le_tensor(&least_change).logical_and(&ys.le_tensor(&(&length_product * NOISE_ALIGNMENT)));
+        let across_the_step = ys.le_tensor(&(&length_product * NOISE_ALIGNMENT));
         let serial = self.serials;
         self.serials += 1;
         let items = self.items(grad);
+        let noise = yy.le_tensor(&least_change).logical_and(&across_the_step.logical_or(&items.regrouped));
         let accept = curvature_holds(&ys, &yy, &ss)
             .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not())
@@ -388,7 +394,7 @@ impl Optimizer for Lbfgs {
 
     fn regroup(&mut self) {
         if let Some(items) = &mut self.items {
-            items.crossing = items.crossing.logical_or(&items.first_step);
+            items.regrouped = items.regrouped.logical_or(&items.first_step);
         }
     }
 
@@ -412,6 +418,7 @@ impl Optimizer for Lbfgs {
         let none = items.fresh.zeros_like();
         items.first_step = std::mem::replace(&mut items.fresh, none);
         items.crossing = items.crossing.zeros_like();
+        items.regrouped = items.regrouped.zeros_like();
         let proposal = Proposal { step: items.layout.restore(&step), stalled: descent.logical_not() };
         self.previous = Some((grad, step));
         proposal
@@ -657,15 +664,15 @@ mod tests {
     }
 
     #[test]
-    fn after_a_regrouping_the_pair_of_a_first_step_is_refused_and_later_pairs_are_kept() {
-        // The second gradient differs from the first by rounding-sized noise that leans along the
-        // first step (cosine about 0.7), as a change of the passes' batch size can make it: the
-        // noise rule alone takes that for curvature; after `regroup` the second step is the plain −g
-        // of an empty memory, as alone (where the first step leaves the gradient as it was).
+    fn after_a_regrouping_a_first_step_pair_of_rounding_size_is_refused_and_real_pairs_are_kept() {
+        // The second gradient differs from the first by rounding-sized noise (‖y‖/‖g‖ ≈ 4·10⁻⁶) that
+        // leans along the first step (cosine about 0.7), as a change of the passes' batch size can
+        // make it: the noise rule alone takes that for curvature (γ ≈ 64); after `regroup` the second
+        // step is the plain −g of an empty memory, as alone (where the step changed nothing).
         let options = (Kind::Float, Device::Cpu);
         let first = (Tensor::arange(4096, options) * 0.37).sin().view([1, 4096]);
         let pattern = (Tensor::arange(4096, options) * 1.91).cos().view([1, 4096]);
-        let second_step = |regroup: bool| {
+        let step_after_noise = |regroup: bool| {
             let mut lbfgs = Lbfgs::new(10, 1.0);
             let first_step = lbfgs.propose(&first).step;
             let along = &first_step / first_step.norm();
@@ -675,21 +682,23 @@ mod tests {
             }
             (lbfgs.propose(&second).step, -second)
         };
-        let (taken, plain) = second_step(false);
+        let (taken, plain) = step_after_noise(false);
         assert!(!taken.allclose(&plain, 1e-3, 1e-7, false), "without a regrouping the noise is taken");
-        let (refused, plain) = second_step(true);
-        assert!(refused.allclose(&plain, 1e-5, 1e-7, false), "a first step's pair across a regrouping");
+        let (refused, plain) = step_after_noise(true);
+        assert!(refused.allclose(&plain, 1e-5, 1e-7, false), "a first step's rounding across a regrouping");
 
-        // past its first step an item takes its pairs across a regrouping: γ goes from the first
-        // pair's 1/0.026 to the second's 2
+        // a first step's change well above rounding (‖y‖/‖g‖ ≈ 10⁻³) is kept across a regrouping
+        // (γ = 1/2.6), and so is a later pair (γ from 1/2.6 to 2)
         let mut lbfgs = Lbfgs::new(10, 1.0);
+        let gamma = |lbfgs: &Lbfgs| lbfgs.items.as_ref().expect("proposed").hessian_diagonal.double_value(&[0]);
         let first_step = lbfgs.propose(&first).step;
-        let second = &first + &first_step * 0.026;
+        let second = &first + &first_step * 2.6;
+        lbfgs.regroup();
         let second_step = lbfgs.propose(&second).step;
+        assert!((gamma(&lbfgs) - 1.0 / 2.6).abs() < 1e-4, "γ {}", gamma(&lbfgs));
         lbfgs.regroup();
         lbfgs.propose(&(&second + &second_step * 0.5));
-        let gamma = lbfgs.items.as_ref().expect("proposed").hessian_diagonal.double_value(&[0]);
-        assert!((gamma - 2.0).abs() < 1e-3, "γ {gamma}");
+        assert!((gamma(&lbfgs) - 2.0).abs() < 1e-3, "γ {}", gamma(&lbfgs));
     }
 
     #[test]

@@ -483,7 +483,7 @@ impl<'m> Stylizer<'m> {
             // slots with nothing to do (empty, or done before the others) are left out of the passes
             let subset = (grid.is_none() && running.contains(&false)).then(|| batch.subset(&running));
             // the passes' batch size changes the gradients' last bits (not the other items' contents)
-            let pass_size = if subset.is_some() { running.iter().filter(|run| **run).count() } else { running.len() };
+            let pass_size = subset.as_ref().map_or(running.len(), |subset| subset.slots.size()[0] as usize);
             if last_pass_size.replace(pass_size).is_some_and(|last| last != pass_size) {
                 batch.optimizer.regroup();
             }
