@@ -181,9 +181,9 @@ fn clear_item(tensor: &Tensor, item: usize) {
 /// A curvature pair is taken for rounding noise when the gradient changed by at most this share of
 /// itself (‖y‖ ≤ 10⁻⁴·‖g‖) and not along the step (yᵀs ≤ [`NOISE_ALIGNMENT`]·‖y‖‖s‖). A step too small
 /// to change the image the loss sees (it sees it in 8 bits) leaves the gradient as it was up to
-/// rounding, and in a batch that rounding depends on the batch size of the passes. Seen: ‖y‖/‖g‖ = 2·10⁻⁶ at an
-/// angle cosine of 0.015 gave γ = 1077 where real pairs give 1–10 (cosines 0.35–0.8), and then a
-/// step some 100–1000 times too long. A small but real change lies along the step, as on a quadratic
+/// rounding, and in a batch that rounding depends on the batch size of the passes. Seen:
+/// ‖y‖/‖g‖ = 2·10⁻⁶ at an angle cosine of 0.015 gave γ = 1077 where real pairs give 1–10 (cosines
+/// 0.35–0.8), and then a step some 100–1000 times too long. A small but real change lies along the step, as on a quadratic
 /// of any scale, and is kept.
 const LEAST_GRADIENT_CHANGE: f64 = 1e-4;
 
