@@ -183,8 +183,8 @@ fn clear_item(tensor: &Tensor, item: usize) {
 /// to change the image the loss sees (it sees it in 8 bits) leaves the gradient as it was up to
 /// rounding, and in a batch that rounding depends on the batch size of the passes. Seen:
 /// ‖y‖/‖g‖ = 2·10⁻⁶ at an angle cosine of 0.015 gave γ = 1077 where real pairs give 1–10 (cosines
-/// 0.35–0.8), and then a step some 100–1000 times too long. A small but real change lies along the step, as on a quadratic
-/// of any scale, and is kept.
+/// 0.35–0.8), and then a step some 100–1000 times too long. A small but real change lies along the
+/// step, as on a quadratic of any scale, and is kept.
 const LEAST_GRADIENT_CHANGE: f64 = 1e-4;
 
 /// See [`LEAST_GRADIENT_CHANGE`]: the cosine between `y` and `s` below which a tiny change is noise.
@@ -202,9 +202,6 @@ struct LbfgsItems {
     crossing: Tensor,
     /// `[B]` booleans: items whose last proposal was their first step (they were `fresh` at it).
     first_step: Tensor,
-    /// `[B]` booleans: items whose last step was their first and whose passes changed batch size
-    /// since ([`Optimizer::regroup`]): their next pair is rounding when small, whatever its direction.
-    regrouped: Tensor,
     /// `[B]` booleans: items that took a pair since they were last reset (so have something to carry on).
     learnt: Tensor,
     /// `[B]` booleans: items whose slot waits empty for their chain's next problem (they take no pair).
@@ -225,6 +222,9 @@ pub struct Lbfgs {
     learning_rate: f64,
     /// Pairs remembered so far.
     serials: u64,
+    /// The passes changed batch size since the last proposal ([`Optimizer::regroup`]): the next pair
+    /// of an item whose last step was its first is rounding when small, whatever its direction.
+    regrouped: bool,
     /// Per item: the serial of its first pair since it was last reset (earlier pairs hold zeros for it).
     since: Vec<u64>,
     /// (gradient, step) at the last proposal, as rows `[B, n]`.
@@ -241,6 +241,7 @@ impl Lbfgs {
             pair_precision: PairPrecision::Auto,
             learning_rate,
             serials: 0,
+            regrouped: false,
             since: Vec::new(),
             previous: None,
             items: None,
@@ -302,7 +303,6 @@ impl Lbfgs {
                 fresh: Tensor::ones([count], (Kind::Bool, grad.device())),
                 crossing: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 first_step: Tensor::zeros([count], (Kind::Bool, grad.device())),
-                regrouped: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 learnt: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 waiting: Tensor::zeros([count], (Kind::Bool, grad.device())),
                 memory: Curvature::new(self.history, count, grad.device(), pair_kind),
@@ -317,6 +317,7 @@ impl Lbfgs {
     /// noise is refused too ([`LEAST_GRADIENT_CHANGE`], and [`Optimizer::regroup`]); a refused
     /// item's pair is stored as zeros.
     fn remember(&mut self, grad: &Tensor) {
+        let regrouped = std::mem::take(&mut self.regrouped);
         let Some((old_grad, old_step)) = self.previous.take() else { return };
         let y = grad - &old_grad;
         let [ys, yy, ss, old_gg] = pair_products(&old_step, &y, &old_grad);
@@ -326,7 +327,10 @@ impl Lbfgs {
         let serial = self.serials;
         self.serials += 1;
         let items = self.items(grad);
-        let noise = yy.le_tensor(&least_change).logical_and(&across_the_step.logical_or(&items.regrouped));
+        // where a small change counts as rounding: across the step, or in any direction for an item
+        // whose last step was its first, after a regrouping
+        let rounding_if_small = if regrouped { across_the_step.logical_or(&items.first_step) } else { across_the_step };
+        let noise = yy.le_tensor(&least_change).logical_and(&rounding_if_small);
         let accept = curvature_holds(&ys, &yy, &ss)
             .logical_and(&noise.logical_not())
             .logical_and(&items.fresh.logical_not())
@@ -393,9 +397,7 @@ impl Optimizer for Lbfgs {
     }
 
     fn regroup(&mut self) {
-        if let Some(items) = &mut self.items {
-            items.regrouped = items.regrouped.logical_or(&items.first_step);
-        }
+        self.regrouped = true;
     }
 
     fn propose(&mut self, grad: &Tensor) -> Proposal {
@@ -418,7 +420,6 @@ impl Optimizer for Lbfgs {
         let none = items.fresh.zeros_like();
         items.first_step = std::mem::replace(&mut items.fresh, none);
         items.crossing = items.crossing.zeros_like();
-        items.regrouped = items.regrouped.zeros_like();
         let proposal = Proposal { step: items.layout.restore(&step), stalled: descent.logical_not() };
         self.previous = Some((grad, step));
         proposal
